@@ -1,0 +1,36 @@
+# The README's two set-up commands: `make demo` and `make test`.
+# Each creates or updates the virtual environment and installs what it needs.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint prometheus bench-xds clean
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test,bench]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/hybridlb demo
+
+# Debian's prometheus for the tests that need a real one; installed when root and missing.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends prometheus; \
+	  else echo "prometheus missing and not root: tests that need it will be skipped"; fi; }
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check xds_server tests
+	$(VENV)/bin/mypy
+
+test: $(STAMP) prometheus lint
+	$(VENV)/bin/pytest -q
+
+bench-xds: $(STAMP)
+	$(VENV)/bin/hybridlb bench xds --out bench/results
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

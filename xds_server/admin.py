@@ -1,0 +1,95 @@
+"""The admin HTTP server: /healthz, /readyz, /metrics, /debug/state. Read-only by design."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from xds_server.metrics import Metrics
+from xds_server.model import Load
+from xds_server.publisher import Published
+from xds_server.xds.server import StreamInfo
+
+
+def debug_state(
+    published: Published, loads: Mapping[str, Load], streams: Mapping[str, StreamInfo]
+) -> dict[str, Any]:
+    """The JSON document of /debug/state (documented in the README)."""
+    now = time.time()
+    pools = []
+    for pool in published.pools:
+        weights = published.weights.get(pool.name)
+        replicas = []
+        for r in pool.replicas:
+            load = loads.get(r.address)
+            replicas.append(
+                {
+                    "address": r.address,
+                    "node": r.node,
+                    "zone": r.zone,
+                    "capacity": r.capacity,
+                    "state": r.state.value,
+                    "origin": r.origin,
+                    "load": None
+                    if load is None
+                    else {
+                        "running": load.running,
+                        "waiting": load.waiting,
+                        "kv_cache_usage": load.kv_cache_usage,
+                        "age_s": round(now - load.read_at, 3),
+                    },
+                    "weight": weights.endpoints.get(r.address) if weights else None,
+                }
+            )
+        pools.append(
+            {
+                "name": pool.name,
+                "nodes": {
+                    node: (weights.localities.get(node) if weights else None)
+                    for node in pool.nodes
+                },
+                "replicas": replicas,
+            }
+        )
+    return {
+        "xds_version": published.xds_version,
+        "state_version": published.state_version,
+        "published_at": published.at,
+        "pools": pools,
+        "envoys": [s.as_dict() for s in streams.values()],
+    }
+
+
+def build_app(
+    *,
+    metrics: Metrics,
+    ready: Callable[[], bool],
+    state: Callable[[], dict[str, Any]],
+) -> web.Application:
+    async def healthz(request: web.Request) -> web.Response:
+        return web.Response(text="ok\n")
+
+    async def readyz(request: web.Request) -> web.Response:
+        if ready():
+            return web.Response(text="ready\n")
+        return web.Response(status=503, text="not ready: waiting for the first snapshot\n")
+
+    async def prometheus(request: web.Request) -> web.Response:
+        return web.Response(
+            body=generate_latest(metrics.registry),
+            headers={"Content-Type": CONTENT_TYPE_LATEST},
+        )
+
+    async def debug(request: web.Request) -> web.Response:
+        return web.json_response(state())
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", prometheus)
+    app.router.add_get("/debug/state", debug)
+    return app

@@ -1,0 +1,126 @@
+"""The composition root: builds the parts, runs the root tasks, stops gracefully.
+
+If any root task dies the whole process exits non-zero rather than serving a frozen view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import grpc
+from aiohttp import web
+
+from xds_server import admin
+from xds_server.metrics import Metrics
+from xds_server.publisher import Publisher
+from xds_server.settings import Settings
+from xds_server.sources.static_file import StaticFileSource
+from xds_server.state import State
+from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.server import AdsServer
+
+log = logging.getLogger(__name__)
+
+
+class App:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.state = State()
+        self.cache = SnapshotCache()
+        self.publisher = Publisher(
+            state=self.state, cache=self.cache, metrics=self.metrics, settings=settings.envoy
+        )
+        self.ads = AdsServer(cache=self.cache, metrics=self.metrics)
+        self.sources: list[Callable[[], Coroutine[Any, Any, None]]] = []
+        if settings.static.path is not None:
+            static = StaticFileSource(
+                path=settings.static.path,
+                state=self.state,
+                metrics=self.metrics,
+                poll_interval_s=settings.static.poll_interval_s,
+            )
+            static.load_once()  # a broken file at startup is an error, not an empty fleet
+            self.sources.append(static.run)
+        self.xds_port = 0
+        self.admin_port = 0
+        self._grpc: grpc.aio.Server | None = None
+        self._admin: web.AppRunner | None = None
+
+    def ready(self) -> bool:
+        return self.cache.ready and self.state.synced
+
+    def debug_state(self) -> dict[str, Any]:
+        return admin.debug_state(self.publisher.published, self.state.loads, self.ads.streams)
+
+    async def start(self) -> None:
+        s = self.settings
+        self.publisher.publish_now()
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", s.xds.max_receive_bytes),
+                ("grpc.max_connection_age_ms", int(s.xds.max_connection_age_s * 1000)),
+                ("grpc.max_connection_age_grace_ms", int(s.xds.stop_grace_s * 1000)),
+                ("grpc.keepalive_time_ms", int(s.xds.keepalive_s * 1000)),
+                ("grpc.http2.max_pings_without_data", 0),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        server.add_generic_rpc_handlers((self.ads.handler(),))
+        try:
+            self.xds_port = server.add_insecure_port(f"{s.xds.host}:{s.xds.port}")
+        except RuntimeError as exc:
+            raise SystemExit(f"cannot listen for xDS on {s.xds.host}:{s.xds.port}: {exc}") from exc
+        await server.start()
+        self._grpc = server
+        runner = web.AppRunner(
+            admin.build_app(metrics=self.metrics, ready=self.ready, state=self.debug_state),
+            access_log=None,
+        )
+        await runner.setup()
+        site = web.TCPSite(runner, s.admin.host, s.admin.port)
+        try:
+            await site.start()
+        except OSError as exc:
+            await self.stop()
+            raise SystemExit(
+                f"cannot listen for admin on {s.admin.host}:{s.admin.port}: {exc.strerror}"
+            ) from exc
+        self._admin = runner
+        self.admin_port = runner.addresses[0][1]
+        log.info("xDS (ADS) on %s:%d, admin on http://%s:%d", s.xds.host, self.xds_port,
+                 s.admin.host, self.admin_port)
+
+    async def stop(self) -> None:
+        if self._grpc is not None:
+            await self._grpc.stop(self.settings.xds.stop_grace_s)
+            self._grpc = None
+        if self._admin is not None:
+            await self._admin.cleanup()
+            self._admin = None
+
+    async def run(self) -> None:
+        """Run until SIGTERM/SIGINT; a dying root task ends the process with its error."""
+        await self.start()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            async with asyncio.TaskGroup() as group:
+                tasks: list[asyncio.Task[None]] = [
+                    group.create_task(run()) for run in self.sources
+                ]
+                tasks.append(group.create_task(self.publisher.run()))
+                await stop.wait()
+                log.info("stopping")
+                for task in tasks:
+                    task.cancel()
+        finally:
+            with contextlib.suppress(Exception):
+                await self.stop()

@@ -1,0 +1,54 @@
+"""The `hybridlb` command: parses arguments and hands them to the command that runs them.
+
+Each command lives in its own module exposing `add_arguments(parser)` and `run(args) -> int`,
+so that this file stays a table of contents.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+# command name -> (module, one-line help). Modules are imported lazily: `hybridlb status`
+# should not pay for grpc, and `hybridlb sim` should not pay for the xDS server.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("xds_server.commands.serve", "run the xDS control plane"),
+    "bootstrap": ("xds_server.commands.bootstrap", "print an Envoy bootstrap for this server"),
+    "status": ("xds_server.commands.status", "show pools, replicas, weights and Envoys"),
+    "sim": ("xds_server.sim.cli", "run simulated vLLM servers"),
+    "bench": ("xds_server.bench.cli", "run a benchmark"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hybridlb",
+        description="vLLM Hybrid LB: route each request to a vLLM replica with room, "
+        "node-local first, through Envoy.",
+    )
+    parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        command = sub.add_parser(name, help=help_text, description=module.__doc__)
+        command.set_defaults(_module=module)
+        module.add_arguments(command)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    code: int = args._module.run(args)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,73 @@
+"""Show the control plane's pools, replicas, weights and connected Envoys as tables.
+
+Reads the admin server's /debug/state; `--json` prints that document as it is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--admin", default="http://127.0.0.1:18080",
+                        help="the control plane's admin URL (default http://127.0.0.1:18080)")
+    parser.add_argument("--json", action="store_true", help="print the raw /debug/state JSON")
+
+
+def fetch_state(admin: str, timeout_s: float = 5.0) -> dict[str, Any]:
+    url = admin.rstrip("/") + "/debug/state"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as response:
+            doc: dict[str, Any] = json.load(response)
+            return doc
+    except (urllib.error.URLError, OSError) as exc:
+        raise SystemExit(f"cannot reach the control plane at {url}: {exc}") from exc
+
+
+def run(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    doc = fetch_state(args.admin)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    console = Console()
+    console.print(f"xDS version {doc.get('xds_version')}, state version {doc.get('state_version')}")
+    for pool in doc.get("pools", []):
+        table = Table(title=f"pool {pool['name']}")
+        for column in ("replica", "node", "capacity", "state", "running", "waiting",
+                       "kv", "age s", "weight"):
+            table.add_column(column, justify="left" if column in ("replica", "node", "state")
+                             else "right")
+        for r in pool["replicas"]:
+            load = r.get("load") or {}
+            table.add_row(
+                r["address"], r["node"], str(r["capacity"]), r["state"],
+                _fmt(load.get("running")), _fmt(load.get("waiting")),
+                _fmt(load.get("kv_cache_usage")), _fmt(load.get("age_s")),
+                _fmt(r.get("weight")),
+            )
+        console.print(table)
+    envoys = Table(title="connected Envoys")
+    for column in ("id", "node", "protocol", "listener", "acked", "nacked"):
+        envoys.add_column(column)
+    for e in doc.get("envoys", []):
+        acked = " ".join(f"{t}:{v[:8]}" for t, v in sorted(e.get("acked", {}).items()) if v)
+        nacked = " ".join(sorted(e.get("nacked", {})))
+        envoys.add_row(e["id"], e.get("node") or "(gateway)", e["protocol"],
+                       str(e.get("listener_port") or "default"), acked, nacked or "-")
+    console.print(envoys)
+    return 0
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    return str(value)

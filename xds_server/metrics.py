@@ -1,0 +1,56 @@
+"""The control plane's own Prometheus metrics (`hybridlb_*`).
+
+One registry per app, so that tests can run several control planes in one process.
+Metrics read *from* vLLM live with the load sources, not here.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.replicas = Gauge(
+            "hybridlb_replicas", "Discovered replicas by pool and state", ["pool", "state"],
+            registry=r,
+        )
+        self.source_errors = Counter(
+            "hybridlb_source_errors_total",
+            "Inputs a source could not use (kept the last good state)",
+            ["source", "reason"], registry=r,
+        )
+        self.snapshots = Counter(
+            "hybridlb_snapshots_total", "Snapshots built from a changed state", registry=r
+        )
+        self.snapshot_build_seconds = Histogram(
+            "hybridlb_snapshot_build_seconds", "Time to build and serialize a snapshot",
+            registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+        )
+        self.snapshot_version = Gauge(
+            "hybridlb_snapshot_version", "Version of the snapshot being served", registry=r
+        )
+        self.resources = Gauge(
+            "hybridlb_xds_resources", "Resources in the current snapshot", ["type"], registry=r
+        )
+        self.streams = Gauge(
+            "hybridlb_xds_streams", "Connected ADS streams", ["protocol"], registry=r
+        )
+        self.pushes = Counter(
+            "hybridlb_xds_pushes_total", "xDS responses sent", ["type", "protocol"], registry=r
+        )
+        self.push_bytes = Counter(
+            "hybridlb_xds_push_bytes_total", "Bytes of xDS responses sent", ["type"], registry=r
+        )
+        self.acks = Counter(
+            "hybridlb_xds_acks_total", "Responses Envoy accepted", ["type"], registry=r
+        )
+        self.nacks = Counter(
+            "hybridlb_xds_nacks_total", "Responses Envoy rejected", ["type"], registry=r
+        )
+        self.weight = Gauge(
+            "hybridlb_endpoint_weight", "Endpoint weight published to Envoy",
+            ["pool", "replica", "node"], registry=r,
+        )

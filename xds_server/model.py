@@ -1,0 +1,84 @@
+"""The project's vocabulary as plain data: no Kubernetes objects, no protobuf.
+
+Sources produce `Pool`s of `Replica`s and `Load`s; the policy turns them into `Weights`;
+the xDS builders turn those into Envoy resources. Every boundary between those stages
+is one of these frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+
+class ReplicaState(enum.Enum):
+    """Lifecycle of a replica as the balancer sees it."""
+
+    READY = "ready"
+    # Terminating: Envoy sends no new requests, in-flight ones finish (EDS DRAINING).
+    DRAINING = "draining"
+
+
+@dataclass(frozen=True, order=True)
+class Replica:
+    """One routable vLLM HTTP endpoint.
+
+    In external-LB mode a replica is one DP rank; in hybrid mode it is a node's API server
+    fronting `capacity` ranks.
+    """
+
+    host: str
+    port: int
+    node: str
+    capacity: int = 1
+    state: ReplicaState = ReplicaState.READY
+    zone: str = ""
+    # Where it came from (a pod name, a file): for logs and /debug/state only.
+    origin: str = ""
+
+    @property
+    def address(self) -> str:
+        """`IP:PORT`, or `[IPv6]:PORT`: the replica's identity within a pool."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Pool:
+    """The replicas that serve one model: one Envoy cluster family."""
+
+    name: str
+    replicas: tuple[Replica, ...] = ()
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        return tuple(sorted({r.node for r in self.replicas}))
+
+
+@dataclass(frozen=True)
+class Load:
+    """A replica's latest load reading and when it was read (seconds, wall clock)."""
+
+    running: float
+    waiting: float
+    kv_cache_usage: float | None = None
+    read_at: float = 0.0
+
+
+@dataclass(frozen=True)
+class Weights:
+    """What Envoy splits traffic by: per replica address, and per node (locality)."""
+
+    endpoints: dict[str, int] = field(default_factory=dict)
+    localities: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class View:
+    """Which Envoy a set of resources is for: its node and, if it set one, its listener port.
+
+    `node` is empty for an Envoy on no GPU node (a central gateway).
+    """
+
+    node: str = ""
+    listener_port: int | None = None

@@ -1,0 +1,65 @@
+"""One settings object for `hybridlb serve`, grouped by the part that reads it.
+
+Built once in the command (flags over an optional YAML config file over these defaults);
+nothing reads the environment at import time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class XdsSettings:
+    """The ADS gRPC server."""
+
+    host: str = "0.0.0.0"
+    #: ADS port Envoys connect to.
+    port: int = 18000
+    #: gRPC receive limit; a delta reconnect from a large Envoy exceeds gRPC's 4 MiB default.
+    max_receive_bytes: int = 64 * 1024 * 1024
+    #: Connections are closed after this age so Envoys spread over control-plane replicas.
+    max_connection_age_s: float = 1800.0
+    keepalive_s: float = 30.0
+    #: Grace for open streams on shutdown.
+    stop_grace_s: float = 2.0
+
+
+@dataclass(frozen=True)
+class EnvoySettings:
+    """What the resource builders put into every Envoy's view."""
+
+    #: Listener port for OpenAI-style traffic; an Envoy's node metadata may override it.
+    listener_port: int = 10000
+    listener_host: str = "0.0.0.0"
+    connect_timeout_s: float = 1.0
+    #: Whole-request timeout; generation can be long, so it is generous.
+    route_timeout_s: float = 600.0
+    #: Header whose value names the pool (model) a request goes to.
+    model_header: str = "x-model"
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """The admin HTTP server: health, metrics, debug state."""
+
+    host: str = "127.0.0.1"
+    port: int = 18080
+
+
+@dataclass(frozen=True)
+class StaticSettings:
+    """Static discovery from a YAML pool file."""
+
+    path: Path | None = None
+    #: How often the file is checked for changes (content, not just mtime).
+    poll_interval_s: float = 1.0
+
+
+@dataclass(frozen=True)
+class Settings:
+    xds: XdsSettings = field(default_factory=XdsSettings)
+    envoy: EnvoySettings = field(default_factory=EnvoySettings)
+    admin: AdminSettings = field(default_factory=AdminSettings)
+    static: StaticSettings = field(default_factory=StaticSettings)

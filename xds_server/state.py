@@ -1,0 +1,99 @@
+"""The hub: current pools and loads. Sources write here; everything else reads.
+
+Each source owns its own slice of pools (so a Kubernetes relist cannot erase pools from a
+static file); readers see the merge. A change bumps `version` and wakes `wait_change`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Mapping
+
+from xds_server.model import Load, Pool, Replica
+
+
+class State:
+    def __init__(self) -> None:
+        self._by_source: dict[str, tuple[Pool, ...]] = {}
+        self._loads: dict[str, Load] = {}
+        self._pools: tuple[Pool, ...] = ()
+        self._version = 0
+        self._changed = asyncio.Event()
+        #: Sources that have delivered their first full picture; readiness waits for them.
+        self._synced: set[str] = set()
+        self._expected: set[str] = set()
+
+    @property
+    def version(self) -> int:
+        return self._version
+
+    @property
+    def pools(self) -> tuple[Pool, ...]:
+        return self._pools
+
+    @property
+    def loads(self) -> Mapping[str, Load]:
+        """Latest load per replica address."""
+        return self._loads
+
+    def expect_source(self, source: str) -> None:
+        """Declare a source whose first sync readiness waits for."""
+        self._expected.add(source)
+
+    @property
+    def synced(self) -> bool:
+        return self._expected <= self._synced
+
+    def set_pools(self, source: str, pools: Iterable[Pool]) -> bool:
+        """Replace everything `source` knows; returns whether the merged view changed."""
+        pools = tuple(pools)
+        self._synced.add(source)
+        if self._by_source.get(source) == pools:
+            return False
+        self._by_source[source] = pools
+        merged = _merge(self._by_source.values())
+        if merged == self._pools:
+            return False
+        self._pools = merged
+        self._bump()
+        return True
+
+    def set_loads(self, loads: Mapping[str, Load]) -> None:
+        """Record new load readings (by replica address)."""
+        if not loads:
+            return
+        self._loads.update(loads)
+        self._bump()
+
+    def replica(self, pool_name: str, address: str) -> Replica | None:
+        for pool in self._pools:
+            if pool.name == pool_name:
+                for replica in pool.replicas:
+                    if replica.address == address:
+                        return replica
+        return None
+
+    async def wait_change(self, seen_version: int) -> int:
+        """Return the current version once it differs from `seen_version`."""
+        while self._version == seen_version:
+            await self._changed.wait()
+        return self._version
+
+    def _bump(self) -> None:
+        self._version += 1
+        self._changed.set()
+        self._changed = asyncio.Event()
+
+
+def _merge(slices: Iterable[tuple[Pool, ...]]) -> tuple[Pool, ...]:
+    """Merge pools of the same name across sources; order by first appearance."""
+    replicas: dict[str, dict[str, Replica]] = {}
+    for pools in slices:
+        for pool in pools:
+            into = replicas.setdefault(pool.name, {})
+            for replica in pool.replicas:
+                into.setdefault(replica.address, replica)
+    return tuple(
+        Pool(name=name, replicas=tuple(sorted(by_address.values())))
+        for name, by_address in replicas.items()
+    )
