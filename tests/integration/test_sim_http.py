@@ -22,6 +22,9 @@ from xds_server.sim.server import ServerSettings
 MODEL = "Qwen/Qwen3-0.6B"
 TIME_SCALE = 0.05
 
+# Tests that watch a queue form need requests that outlast their own submission.
+SLOW_STEPS = {"step_base_s": 0.05}
+
 StartSim = Callable[..., Awaitable[SimHost]]
 
 
@@ -166,7 +169,7 @@ async def test_bad_requests_are_refused_like_vllm(start_sim: StartSim) -> None:
 
 
 async def test_metrics_follow_the_queue(start_sim: StartSim) -> None:
-    host = await start_sim(engine={"max_num_seqs": 1}, start_rank=4)
+    host = await start_sim(engine={"max_num_seqs": 1, **SLOW_STEPS}, start_rank=4)
     url = base_url(host)
     async with aiohttp.ClientSession() as session:
         before = await metrics(session, url)
@@ -196,7 +199,7 @@ async def test_metrics_follow_the_queue(start_sim: StartSim) -> None:
 
 @pytest.mark.parametrize("max_num_seqs", [1, 3])
 async def test_max_num_seqs_bounds_concurrency(start_sim: StartSim, max_num_seqs: int) -> None:
-    host = await start_sim(engine={"max_num_seqs": max_num_seqs})
+    host = await start_sim(engine={"max_num_seqs": max_num_seqs, **SLOW_STEPS})
     url = base_url(host)
     async with aiohttp.ClientSession() as session:
         requests = [asyncio.create_task(complete(session, url, max_tokens=100))
@@ -210,7 +213,7 @@ async def test_max_num_seqs_bounds_concurrency(start_sim: StartSim, max_num_seqs
 
 async def test_kv_cache_budget_bounds_concurrency(start_sim: StartSim) -> None:
     # 256 tokens of KV = 16 blocks; each request holds 7-8 blocks (100 prompt + 20 output).
-    host = await start_sim(engine={"kv_cache_tokens": 256})
+    host = await start_sim(engine={"kv_cache_tokens": 256, "step_base_s": 0.2})
     url = base_url(host)
     async with aiohttp.ClientSession() as session:
         requests = [asyncio.create_task(complete(session, url, prompt=[7] * 100, max_tokens=20))
