@@ -236,3 +236,39 @@ def running(*procs: Process) -> Iterator[None]:
     finally:
         for p in reversed(started):
             p.stop()
+
+
+class Sim(Process):
+    """`hybridlb sim`: simulated vLLM servers on free ports; `addresses` once started."""
+
+    def __init__(self, workdir: Path, *, replicas: int, nodes: int = 1, ranks: int = 1,
+                 extra: list[str] | None = None, name: str = "sim") -> None:
+        self.pools = workdir / f"{name}-pools.yaml"
+        self.addresses: list[str] = []
+        self.nodes: dict[str, str] = {}
+        super().__init__(
+            [sys.executable, "-m", "xds_server", "sim", "--port", "0",
+             "--replicas", str(replicas), "--nodes", str(nodes), "--ranks", str(ranks),
+             "--pools-out", str(self.pools), *(extra or [])],
+            workdir / f"{name}.log",
+        )
+
+    def start(self) -> None:
+        self.pools.unlink(missing_ok=True)
+        super().start()
+
+        def loaded() -> bool:
+            doc = yaml.safe_load(self.pools.read_text())
+            replicas = doc["pools"][0]["replicas"]
+            self.addresses = [r["address"] for r in replicas]
+            self.nodes = {r["address"]: r["node"] for r in replicas}
+            return bool(self.addresses)
+
+        wait_for(loaded, 20, "simulator pools file")
+
+    def fault(self, address: str, **faults: Any) -> None:
+        httpx.post(f"http://{address}/sim/fault", json=faults).raise_for_status()
+
+    def queues(self, address: str) -> dict[str, Any]:
+        doc: dict[str, Any] = httpx.get(f"http://{address}/sim/state").json()
+        return doc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -43,6 +44,7 @@ def debug_state(
                         "age_s": round(now - load.read_at, 3),
                     },
                     "weight": weights.endpoints.get(r.address) if weights else None,
+                    "weight_inputs": _explain(published, pool.name, r.address),
                 }
             )
         pools.append(
@@ -62,6 +64,11 @@ def debug_state(
         "pools": pools,
         "envoys": [s.as_dict() for s in streams.values()],
     }
+
+
+def _explain(published: Published, pool: str, address: str) -> dict[str, float] | None:
+    explanation = published.explain.get(pool, {}).get(address)
+    return None if explanation is None else dataclasses.asdict(explanation)
 
 
 def build_app(

@@ -19,6 +19,7 @@ from xds_server import admin
 from xds_server.metrics import Metrics
 from xds_server.publisher import Publisher
 from xds_server.settings import Settings
+from xds_server.sources.loads import LoadLoop
 from xds_server.sources.static_file import StaticFileSource
 from xds_server.state import State
 from xds_server.xds.cache import SnapshotCache
@@ -34,7 +35,8 @@ class App:
         self.state = State()
         self.cache = SnapshotCache()
         self.publisher = Publisher(
-            state=self.state, cache=self.cache, metrics=self.metrics, settings=settings.envoy
+            state=self.state, cache=self.cache, metrics=self.metrics, settings=settings.envoy,
+            policy=settings.policy,
         )
         self.ads = AdsServer(cache=self.cache, metrics=self.metrics)
         self.sources: list[Callable[[], Coroutine[Any, Any, None]]] = []
@@ -47,6 +49,8 @@ class App:
             )
             static.load_once()  # a broken file at startup is an error, not an empty fleet
             self.sources.append(static.run)
+        self.loads = LoadLoop(state=self.state, metrics=self.metrics, settings=settings.loads)
+        self.sources.append(self.loads.run)
         self.xds_port = 0
         self.admin_port = 0
         self._grpc: grpc.aio.Server | None = None

@@ -6,7 +6,16 @@ Metrics read *from* vLLM live with the load sources, not here.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    disable_created_metrics,
+)
+
+# `*_created` series double every counter for no use on a dashboard.
+disable_created_metrics()
 
 
 class Metrics:
@@ -49,6 +58,19 @@ class Metrics:
         )
         self.nacks = Counter(
             "hybridlb_xds_nacks_total", "Responses Envoy rejected", ["type"], registry=r
+        )
+        self.load_errors = Counter(
+            "hybridlb_load_errors_total",
+            "Load readings that failed (per replica for the scrape, per query for Prometheus)",
+            ["source", "reason"], registry=r,
+        )
+        self.load_replicas = Gauge(
+            "hybridlb_load_replicas", "Replicas whose latest load came from each source",
+            ["source"], registry=r,
+        )
+        self.load_age = Gauge(
+            "hybridlb_load_age_seconds", "Age of the load reading behind each weight",
+            ["pool", "replica"], registry=r,
         )
         self.weight = Gauge(
             "hybridlb_endpoint_weight", "Endpoint weight published to Envoy",

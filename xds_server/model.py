@@ -35,12 +35,26 @@ class Replica:
     zone: str = ""
     # Where it came from (a pod name, a file): for logs and /debug/state only.
     origin: str = ""
+    #: Port of its Prometheus /metrics; 0 means the serving port (vLLM's default).
+    metrics_port: int = 0
+    metrics_path: str = "/metrics"
+    #: First global DP rank it fronts (vLLM's `engine` label): --data-parallel-start-rank in
+    #: hybrid mode, --data-parallel-rank in external-LB mode.
+    dp_rank: int = 0
 
     @property
     def address(self) -> str:
         """`IP:PORT`, or `[IPv6]:PORT`: the replica's identity within a pool."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return _join(self.host, self.port)
+
+    @property
+    def metrics_address(self) -> str:
+        """Where its metrics are scraped, as Prometheus' `instance` label spells it."""
+        return _join(self.host, self.metrics_port or self.port)
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from xds_server.policy.weights import PolicySettings
+from xds_server.sources.prometheus import PrometheusQueries
 
 
 @dataclass(frozen=True)
@@ -58,8 +62,64 @@ class StaticSettings:
 
 
 @dataclass(frozen=True)
+class KubernetesPool:
+    """One pool's pods: a label selector, in some namespaces."""
+
+    #: Pool name for its pods; a pod's `hybridlb.io/pool` wins, vLLM's
+    #: --served-model-name is used when this is empty.
+    name: str = ""
+    #: Label selector, as `kubectl -l` takes it (`app=vllm,tier in (gpu)`).
+    selector: str = ""
+    #: Namespaces to watch; empty: all namespaces (needs the ClusterRole).
+    namespaces: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class KubernetesSettings:
+    """Discovery of vLLM pods through the Kubernetes API (sources/kubernetes.py)."""
+
+    enabled: bool = False
+    #: Kubeconfig file; None: the pod's in-cluster service account.
+    kubeconfig: Path | None = None
+    pools: tuple[KubernetesPool, ...] = ()
+    #: Server-side end of each watch request (the watch then resumes where it was).
+    watch_timeout_s: int = 300
+    #: Full relist however quiet the watch: the safety net for a missed event.
+    resync_interval_s: float = 600.0
+    list_page_size: int = 500
+    list_timeout_s: float = 60.0
+    connect_timeout_s: float = 5.0
+    #: Retry delays after errors double from the first to the cap (with jitter).
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+
+
+LoadMode = Literal["auto", "prometheus", "scrape", "none"]
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """Where replica loads come from (see sources/loads.py for the modes)."""
+
+    mode: LoadMode = "auto"
+    #: Prometheus base URL; in `auto` mode without it, the scrape alone is used.
+    prometheus_url: str = ""
+    queries: PrometheusQueries = field(default_factory=PrometheusQueries)
+    prometheus_interval_s: float = 2.0
+    prometheus_timeout_s: float = 2.0
+    #: In `auto`, a Prometheus sample older than this is replaced by a direct scrape.
+    prometheus_max_age_s: float = 20.0
+    scrape_interval_s: float = 1.0
+    scrape_timeout_s: float = 0.5
+    scrape_concurrency: int = 32
+
+
+@dataclass(frozen=True)
 class Settings:
     xds: XdsSettings = field(default_factory=XdsSettings)
     envoy: EnvoySettings = field(default_factory=EnvoySettings)
     admin: AdminSettings = field(default_factory=AdminSettings)
     static: StaticSettings = field(default_factory=StaticSettings)
+    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+    loads: LoadSettings = field(default_factory=LoadSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)

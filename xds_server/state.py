@@ -55,11 +55,15 @@ class State:
         if merged == self._pools:
             return False
         self._pools = merged
+        live = {r.address for p in merged for r in p.replicas}
+        self._loads = {a: load for a, load in self._loads.items() if a in live}
         self._bump()
         return True
 
     def set_loads(self, loads: Mapping[str, Load]) -> None:
         """Record new load readings (by replica address)."""
+        live = {r.address for p in self._pools for r in p.replicas}
+        loads = {a: load for a, load in loads.items() if a in live}
         if not loads:
             return
         self._loads.update(loads)

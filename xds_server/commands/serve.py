@@ -11,17 +11,21 @@ import argparse
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import yaml
 
+from xds_server.policy.weights import PolicySettings
 from xds_server.settings import (
     AdminSettings,
     EnvoySettings,
+    LoadMode,
+    LoadSettings,
     Settings,
     StaticSettings,
     XdsSettings,
 )
+from xds_server.sources.prometheus import PrometheusQueries
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,40 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
     "route-timeout-s": (float, EnvoySettings.route_timeout_s,
                         "Envoy's whole-request timeout (generation can be long)"),
     "model-header": (str, EnvoySettings.model_header, "request header that names the pool"),
+    "metrics": (str, LoadSettings.mode,
+                "where loads come from: auto (Prometheus if --prometheus-url, else/when stale "
+                "the direct scrape), prometheus, scrape, none (capacity-only weights)"),
+    "prometheus-url": (str, LoadSettings.prometheus_url, "Prometheus base URL"),
+    "prometheus-interval-s": (float, LoadSettings.prometheus_interval_s,
+                              "how often Prometheus is queried (mode prometheus)"),
+    "prometheus-max-age-s": (float, LoadSettings.prometheus_max_age_s,
+                             "in auto mode, older Prometheus samples are replaced by a scrape"),
+    "query-running": (str, PrometheusQueries.running, "PromQL: running requests per replica"),
+    "query-waiting": (str, PrometheusQueries.waiting, "PromQL: waiting requests per replica"),
+    "query-kv": (str, PrometheusQueries.kv_cache_usage, "PromQL: KV-cache use per replica"),
+    "query-sampled-at": (str, PrometheusQueries.sampled_at,
+                         "PromQL: when each replica's samples were taken"),
+    "query-label": (str, PrometheusQueries.label,
+                    "label that carries a replica's metrics address (IP:PORT) in query results"),
+    "scrape-interval-s": (float, LoadSettings.scrape_interval_s,
+                          "how often each replica's /metrics is scraped"),
+    "scrape-timeout-s": (float, LoadSettings.scrape_timeout_s, "timeout of one scrape"),
+    "scrape-concurrency": (int, LoadSettings.scrape_concurrency, "scrapes in flight at once"),
+    "max-num-seqs": (int, PolicySettings.max_num_seqs,
+                     "requests one rank takes at once: the room per rank (vLLM --max-num-seqs, "
+                     "or the concurrency your latency target allows)"),
+    "waiting-factor": (float, PolicySettings.waiting_factor,
+                       "how much more a waiting request weighs than a running one"),
+    "stale-after-s": (float, PolicySettings.stale_after_s,
+                      "load older than this is doubted; at twice it the pool mean stands in"),
+    "smoothing-s": (float, PolicySettings.smoothing_s,
+                    "time constant of weight smoothing (0: off)"),
+    "max-step-per-s": (float, PolicySettings.max_step_per_s,
+                       "largest weight move per second, as a share of capacity weight (0: off)"),
+    "deadband": (float, PolicySettings.deadband,
+                 "smallest weight change worth a push, as a share of capacity weight"),
+    "min-share": (float, PolicySettings.min_share,
+                  "share of its capacity weight a saturated replica keeps"),
 }
 
 
@@ -90,7 +128,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     def get(flag: str) -> Any:
         return values.get(flag, _FLAGS[flag][1])
 
-    return Settings(
+    return _check(Settings(
         xds=XdsSettings(host=get("xds-host"), port=get("xds-port")),
         envoy=EnvoySettings(
             listener_port=get("listener-port"),
@@ -101,7 +139,46 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         ),
         admin=AdminSettings(host=get("admin-host"), port=get("admin-port")),
         static=StaticSettings(path=get("static"), poll_interval_s=get("static-poll-interval-s")),
-    )
+        loads=LoadSettings(
+            mode=_mode(get("metrics")),
+            prometheus_url=get("prometheus-url"),
+            prometheus_interval_s=get("prometheus-interval-s"),
+            prometheus_max_age_s=get("prometheus-max-age-s"),
+            queries=PrometheusQueries(
+                running=get("query-running"), waiting=get("query-waiting"),
+                kv_cache_usage=get("query-kv"), sampled_at=get("query-sampled-at"),
+                label=get("query-label"),
+            ),
+            scrape_interval_s=get("scrape-interval-s"),
+            scrape_timeout_s=get("scrape-timeout-s"),
+            scrape_concurrency=get("scrape-concurrency"),
+        ),
+        policy=_policy(
+            max_num_seqs=get("max-num-seqs"), waiting_factor=get("waiting-factor"),
+            stale_after_s=get("stale-after-s"), smoothing_s=get("smoothing-s"),
+            max_step_per_s=get("max-step-per-s"), deadband=get("deadband"),
+            min_share=get("min-share"),
+        ),
+    ))
+
+
+def _check(settings: Settings) -> Settings:
+    if settings.loads.mode == "prometheus" and not settings.loads.prometheus_url:
+        raise SystemExit("--metrics prometheus needs --prometheus-url")
+    return settings
+
+
+def _mode(value: str) -> LoadMode:
+    if value not in ("auto", "prometheus", "scrape", "none"):
+        raise SystemExit(f"--metrics: {value!r} is not one of auto, prometheus, scrape, none")
+    return cast(LoadMode, value)
+
+
+def _policy(**values: Any) -> PolicySettings:
+    try:
+        return PolicySettings(**values)
+    except ValueError as exc:
+        raise SystemExit(f"weight policy: {exc}") from exc
 
 
 def run(args: argparse.Namespace) -> int:

@@ -122,7 +122,9 @@ def build_load_assignment(
             endpoint_components_pb2.LocalityLbEndpoints(
                 locality=base_pb2.Locality(zone=zone, sub_zone=node),
                 lb_endpoints=[
-                    _lb_endpoint(r, weights.endpoints.get(r.address, 1)) for r in members
+                    # Envoy takes no weight below 1; a draining host's status keeps it idle.
+                    _lb_endpoint(r, max(1, weights.endpoints.get(r.address, 1)))
+                    for r in members
                 ],
                 load_balancing_weight=wrappers_pb2.UInt32Value(
                     value=max(1, weights.localities.get(node, 1))

@@ -1,0 +1,102 @@
+"""Loads from Prometheus: one instant query per signal for the whole fleet.
+
+Each result series is mapped to a replica by a label (`instance` by default: the
+`IP:PORT` Prometheus scraped, which is the replica's metrics address). The sample's own
+timestamp (`timestamp(...)`), not the query time, dates the reading, so a Prometheus that
+scrapes every 15 s yields loads up to 15 s old, and the policy knows it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from xds_server.metrics import Metrics
+from xds_server.model import Load, Replica
+
+log = logging.getLogger(__name__)
+
+SOURCE = "prometheus"
+
+
+@dataclass(frozen=True)
+class PrometheusQueries:
+    """PromQL per signal; each must return one series per replica carrying `label`."""
+
+    running: str = "sum by (instance) (vllm:num_requests_running)"
+    waiting: str = "sum by (instance) (vllm:num_requests_waiting)"
+    kv_cache_usage: str = "avg by (instance) (vllm:kv_cache_usage_perc)"
+    #: When the samples were taken (the oldest rank's sample of a replica).
+    sampled_at: str = "min by (instance) (timestamp(vllm:num_requests_running))"
+    label: str = "instance"
+
+
+class PrometheusDown(Exception):
+    """Prometheus did not answer usably; the caller falls back."""
+
+
+class PrometheusReader:
+    def __init__(
+        self, *, url: str, metrics: Metrics, queries: PrometheusQueries, timeout_s: float = 2.0
+    ) -> None:
+        from prometheus_api_client import PrometheusConnect
+
+        self.url = url
+        self._queries = queries
+        self._metrics = metrics
+        self._timeout_s = timeout_s
+        self._client = PrometheusConnect(url=url, disable_ssl=True)
+        self._down_reason = ""
+
+    async def read(self, replicas: Iterable[Replica]) -> dict[str, Load]:
+        """Loads of the replicas Prometheus has fresh-enough series for; raises PrometheusDown."""
+        q = self._queries
+        try:
+            running, waiting, kv, sampled = await asyncio.gather(
+                *(asyncio.to_thread(self._query, query)
+                  for query in (q.running, q.waiting, q.kv_cache_usage, q.sampled_at))
+            )
+        except Exception as exc:  # requests, HTTP and API errors alike mean "not now"
+            reason = f"{type(exc).__name__}: {exc}"[:300]
+            self._metrics.load_errors.labels(SOURCE, "query").inc()
+            if reason != self._down_reason:
+                log.warning("prometheus %s unusable: %s", self.url, reason)
+                self._down_reason = reason
+            raise PrometheusDown(reason) from exc
+        if self._down_reason:
+            log.info("prometheus %s answers again", self.url)
+            self._down_reason = ""
+        loads: dict[str, Load] = {}
+        for replica in replicas:
+            key = replica.metrics_address
+            r, w, t = running.get(key), waiting.get(key), sampled.get(key)
+            if r is None or w is None or t is None:
+                continue  # missing series: this replica's reading simply does not update
+            if not all(math.isfinite(v) and v >= 0 for v in (r, w, t)):
+                self._metrics.load_errors.labels(SOURCE, "bad_value").inc()
+                continue
+            k = kv.get(key)
+            loads[replica.address] = Load(
+                running=r, waiting=w,
+                kv_cache_usage=k if k is not None and math.isfinite(k) else None, read_at=t,
+            )
+        return loads
+
+    def _query(self, query: str) -> dict[str, float]:
+        result: list[dict[str, Any]] = self._client.custom_query(
+            query=query, params={"timeout": f"{self._timeout_s}s"}, timeout=self._timeout_s
+        )
+        values: dict[str, float] = {}
+        for series in result:
+            key = series.get("metric", {}).get(self._queries.label)
+            try:
+                value = float(series["value"][1])
+            except (KeyError, IndexError, TypeError, ValueError):
+                continue
+            if key:
+                values[key] = value
+        return values

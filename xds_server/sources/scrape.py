@@ -1,0 +1,108 @@
+"""Direct scrape: each replica's own /metrics, on a short interval (the fast path).
+
+Bounded concurrency and a timeout per replica; a hybrid-mode API server's per-rank series
+(`engine` label) are summed into its replica. A replica whose /metrics fails keeps its last
+reading, which then ages: staleness is the policy's input, not a verdict here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable
+
+import aiohttp
+
+from xds_server.metrics import Metrics
+from xds_server.model import Load, Replica
+from xds_server.sources.vllm_metrics import MetricsTextError, RankLoad, parse_rank_loads
+
+log = logging.getLogger(__name__)
+
+SOURCE = "scrape"
+
+
+def combine(ranks: Iterable[RankLoad], read_at: float) -> Load:
+    """One replica's load from its ranks: counts add up, KV use is the mean."""
+    ranks = list(ranks)
+    kv = [r.kv_cache_usage for r in ranks if r.kv_cache_usage is not None]
+    return Load(
+        running=sum(r.running for r in ranks),
+        waiting=sum(r.waiting for r in ranks),
+        kv_cache_usage=sum(kv) / len(kv) if kv else None,
+        read_at=read_at,
+    )
+
+
+class Scraper:
+    """Scrapes a set of replicas once; the loop that calls it lives in `loads.py`."""
+
+    def __init__(
+        self,
+        *,
+        metrics: Metrics,
+        timeout_s: float = 0.5,
+        concurrency: int = 32,
+        max_body_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
+        self._metrics = metrics
+        self._timeout = aiohttp.ClientTimeout(total=timeout_s)
+        self._limit = asyncio.Semaphore(concurrency)
+        self._max_body_bytes = max_body_bytes
+        self._session: aiohttp.ClientSession | None = None
+        #: address -> reason of the last failure, so a failing replica logs once, not per scrape.
+        self._failing: dict[str, str] = {}
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def scrape(self, replicas: Iterable[Replica]) -> dict[str, Load]:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(
+                timeout=self._timeout,
+                connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=30),
+            )
+        targets = list(replicas)
+        results = await asyncio.gather(*(self._one(r) for r in targets))
+        return {r.address: load for r, load in zip(targets, results, strict=True) if load}
+
+    async def _one(self, replica: Replica) -> Load | None:
+        assert self._session is not None
+        url = f"http://{replica.metrics_address}{replica.metrics_path}"
+        async with self._limit:
+            try:
+                async with self._session.get(url) as response:
+                    if response.status != 200:
+                        self._fail(replica, f"http {response.status}", "http")
+                        return None
+                    body = await response.content.read(self._max_body_bytes + 1)
+                    read_at = time.time()
+            except TimeoutError:
+                self._fail(replica, "timed out", "timeout")
+                return None
+            except aiohttp.ClientError as exc:
+                self._fail(replica, f"{type(exc).__name__}: {exc}", "connect")
+                return None
+        if len(body) > self._max_body_bytes:
+            self._fail(replica, "body over the size limit", "too_large")
+            return None
+        try:
+            ranks = parse_rank_loads(body.decode("utf-8", errors="replace"))
+        except MetricsTextError as exc:
+            self._fail(replica, str(exc), "parse")
+            return None
+        if replica.address in self._failing:
+            log.info("scrape of %s recovered", replica.address)
+            del self._failing[replica.address]
+        return combine(ranks, read_at)
+
+    def _fail(self, replica: Replica, why: str, reason: str) -> None:
+        self._metrics.load_errors.labels(SOURCE, reason).inc()
+        if self._failing.get(replica.address) != why:
+            log.warning("scrape of %s (%s) failed: %s; keeping its last load, which will age",
+                        replica.address, replica.origin or replica.node, why)
+            self._failing[replica.address] = why
+        return None

@@ -1,0 +1,70 @@
+"""Reading vLLM's own metrics: the names, and parsing one server's /metrics text.
+
+vLLM's V1 engine labels every engine metric with `model_name` and `engine` (the global DP
+rank); a hybrid-mode API server reports all its local ranks on one /metrics. The loads
+that matter for balancing are the gauges below; older vLLM versions called the KV-cache
+gauge `vllm:gpu_cache_usage_perc`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from prometheus_client.parser import text_string_to_metric_families
+
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV_USAGE = "vllm:kv_cache_usage_perc"
+KV_USAGE_LEGACY = "vllm:gpu_cache_usage_perc"
+_WANTED = {RUNNING, WAITING, KV_USAGE, KV_USAGE_LEGACY}
+
+
+class MetricsTextError(ValueError):
+    """The body is not usable Prometheus text with vLLM's load gauges."""
+
+
+@dataclass(frozen=True)
+class RankLoad:
+    engine: str
+    running: float
+    waiting: float
+    kv_cache_usage: float | None
+
+
+def parse_rank_loads(text: str) -> list[RankLoad]:
+    """Per-engine running, waiting and KV use; raises MetricsTextError when unusable.
+
+    A NaN, infinite or negative value makes that engine's reading unusable (it is left
+    out); a body with no engine left is an error, so that the caller counts it once.
+    """
+    values: dict[str, dict[str, float]] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name not in _WANTED:
+                    continue
+                engine = sample.labels.get("engine", "0")
+                values.setdefault(engine, {})[sample.name] = float(sample.value)
+    except (ValueError, TypeError, IndexError) as exc:
+        raise MetricsTextError(f"not Prometheus text: {exc}") from exc
+    loads: list[RankLoad] = []
+    bad: list[str] = []
+    for engine, got in sorted(values.items()):
+        running, waiting = got.get(RUNNING), got.get(WAITING)
+        if running is None or waiting is None:
+            bad.append(f"engine {engine}: missing {RUNNING if running is None else WAITING}")
+            continue
+        if not (_valid(running) and _valid(waiting)):
+            bad.append(f"engine {engine}: running={running} waiting={waiting}")
+            continue
+        kv = got.get(KV_USAGE, got.get(KV_USAGE_LEGACY))
+        loads.append(RankLoad(engine, running, waiting, kv if kv is not None and _valid(kv)
+                              else None))
+    if not loads:
+        raise MetricsTextError("; ".join(bad) or f"no {RUNNING} / {WAITING} series")
+    return loads
+
+
+def _valid(value: float) -> bool:
+    return math.isfinite(value) and value >= 0
