@@ -45,8 +45,16 @@ class Replica:
     @property
     def address(self) -> str:
         """`IP:PORT`, or `[IPv6]:PORT`: the replica's identity within a pool."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return _join(self.host, self.port)
+
+    @property
+    def metrics_address(self) -> str:
+        """Where its metrics are scraped, as Prometheus' `instance` label spells it."""
+        return _join(self.host, self.metrics_port or self.port)
+
+
+def _join(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 @dataclass(frozen=True)

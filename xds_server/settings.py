@@ -8,6 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
+
+from xds_server.policy.weights import PolicySettings
+from xds_server.sources.prometheus import PrometheusQueries
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,26 @@ class KubernetesSettings:
     backoff_max_s: float = 30.0
 
 
+LoadMode = Literal["auto", "prometheus", "scrape", "none"]
+
+
+@dataclass(frozen=True)
+class LoadSettings:
+    """Where replica loads come from (see sources/loads.py for the modes)."""
+
+    mode: LoadMode = "auto"
+    #: Prometheus base URL; in `auto` mode without it, the scrape alone is used.
+    prometheus_url: str = ""
+    queries: PrometheusQueries = field(default_factory=PrometheusQueries)
+    prometheus_interval_s: float = 2.0
+    prometheus_timeout_s: float = 2.0
+    #: In `auto`, a Prometheus sample older than this is replaced by a direct scrape.
+    prometheus_max_age_s: float = 20.0
+    scrape_interval_s: float = 1.0
+    scrape_timeout_s: float = 0.5
+    scrape_concurrency: int = 32
+
+
 @dataclass(frozen=True)
 class Settings:
     xds: XdsSettings = field(default_factory=XdsSettings)
@@ -97,3 +121,5 @@ class Settings:
     admin: AdminSettings = field(default_factory=AdminSettings)
     static: StaticSettings = field(default_factory=StaticSettings)
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
+    loads: LoadSettings = field(default_factory=LoadSettings)
+    policy: PolicySettings = field(default_factory=PolicySettings)
