@@ -260,3 +260,18 @@ async def test_replicas_number_their_ranks_globally(start_sim: StartSim) -> None
                 assert response.status == 200
                 assert await response.read() == b""
                 assert response.headers["x-hybridlb-replica"] == host.servers[index].address
+
+
+async def test_client_disconnect_aborts_the_request(start_sim: StartSim) -> None:
+    host = await start_sim(engine=SLOW_STEPS)
+    url = base_url(host)
+    async with aiohttp.ClientSession() as session:
+        request = asyncio.create_task(complete(session, url, max_tokens=1000))
+        await wait_for_state(session, url, lambda s: s["ranks"][0]["running"] == 1)
+        request.cancel()
+        state = await wait_for_state(session, url, lambda s: s["in_flight"] == 0)
+        assert state["ranks"][0]["running"] == 0
+        assert state["ranks"][0]["kv_cache_usage"] == 0
+        samples = await metrics(session, url)
+    assert samples[("vllm:request_success_total", "0/abort")] == 1
+    assert samples[("vllm:request_success_total", "0/length")] == 0

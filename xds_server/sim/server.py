@@ -140,7 +140,10 @@ class SimServer:
         return self._port
 
     async def start(self) -> None:
-        self._app_runner = web.AppRunner(self.app, handle_signals=False, access_log=None)
+        # vLLM aborts a request whose client went away (its `with_cancellation`), so that
+        # a balancer's timeout frees the rank: cancel the handler on disconnect too.
+        self._app_runner = web.AppRunner(self.app, handle_signals=False, access_log=None,
+                                         handler_cancellation=True)
         await self._app_runner.setup()
         await self._listen()
         if self.faults.current.refuse:
