@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -84,13 +85,17 @@ class Process:
 
 
 class ControlPlane(Process):
-    def __init__(self, workdir: Path, pools: Path, *, listener_port: int, name: str = "cp",
-                 extra: list[str] | None = None) -> None:
+    def __init__(self, workdir: Path, pools: Path | None, *, listener_port: int,
+                 name: str = "cp", extra: list[str] | None = None,
+                 source: list[str] | None = None) -> None:
+        """`source` replaces the static pool file's flags (e.g. `--kubernetes ...`)."""
         self.xds_port, self.admin_port = free_ports(2)
         self.admin = f"http://127.0.0.1:{self.admin_port}"
+        if source is None:
+            assert pools is not None
+            source = ["--static", str(pools), "--static-poll-interval-s", "0.2"]
         super().__init__(
-            [sys.executable, "-m", "xds_server", "serve", "--static", str(pools),
-             "--static-poll-interval-s", "0.2",
+            [sys.executable, "-m", "xds_server", "serve", *source,
              "--xds-host", "127.0.0.1", "--xds-port", str(self.xds_port),
              "--admin-port", str(self.admin_port), "--listener-port", str(listener_port),
              "--listener-host", "127.0.0.1", *(extra or [])],
@@ -272,3 +277,33 @@ class Sim(Process):
     def queues(self, address: str) -> dict[str, Any]:
         doc: dict[str, Any] = httpx.get(f"http://{address}/sim/state").json()
         return doc
+
+
+PROMETHEUS = shutil.which("prometheus")
+
+
+class Prometheus(Process):
+    """Debian's Prometheus scraping the given targets every `interval_s`."""
+
+    def __init__(self, workdir: Path, targets: list[str], *, interval_s: float = 1.0,
+                 name: str = "prometheus") -> None:
+        assert PROMETHEUS is not None
+        self.port = free_ports(1)[0]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = workdir / f"{name}.yml"
+        config.write_text(yaml.safe_dump({
+            # Prometheus durations take no fractions: "500ms", not "0.5s".
+            "global": {"scrape_interval": f"{int(interval_s * 1000)}ms",
+                       "scrape_timeout": f"{int(interval_s * 1000)}ms"},
+            "scrape_configs": [{"job_name": "vllm", "static_configs": [{"targets": targets}]}],
+        }))
+        super().__init__(
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / name}",
+             f"--web.listen-address=127.0.0.1:{self.port}", "--log.level=warn"],
+            workdir / f"{name}.log",
+        )
+
+    def start(self) -> None:
+        super().start()
+        wait_for(lambda: httpx.get(f"{self.url}/-/ready").status_code == 200, 30,
+                 "prometheus ready")

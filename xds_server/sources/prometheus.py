@@ -88,7 +88,9 @@ class PrometheusReader:
 
     def _query(self, query: str) -> dict[str, float]:
         result: list[dict[str, Any]] = self._client.custom_query(
-            query=query, params={"timeout": f"{self._timeout_s}s"}, timeout=self._timeout_s
+            # Prometheus durations take no fractions ("2.0s" is a 400): whole milliseconds.
+            query=query, params={"timeout": f"{int(self._timeout_s * 1000)}ms"},
+            timeout=self._timeout_s,
         )
         values: dict[str, float] = {}
         for series in result:
