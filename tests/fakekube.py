@@ -14,7 +14,8 @@ to a real cluster. It implements what discovery relies on:
 - bearer-token authentication, so a test proves the kubeconfig is what the client used.
 
 Tests drive it from any thread: `create`, `update`, `terminate` (sets deletionTimestamp),
-`delete`, `compact`, `expire_watches`, `drop_watches`, `bookmark`, `fail_next`. The server
+`delete`, `compact`, `expire_watches`, `drop_watches`, `hold_watches`/`release_watches`
+(an outage during which the client misses changes), `bookmark`, `fail_next`. The server
 runs its own event loop in a thread; every operation runs on that loop, so the pods, the
 history and the open watches always agree.
 """
@@ -181,6 +182,8 @@ class FakeKube:
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
         self._ids = itertools.count(1)
+        self._gate: asyncio.Event | None = None  # cleared: new watches wait (an outage)
+        self._closing = False
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -200,6 +203,8 @@ class FakeKube:
     def _main(self, started: threading.Event) -> None:
         loop = asyncio.new_event_loop()
         self._loop = loop
+        self._gate = asyncio.Event()
+        self._gate.set()
         app = web.Application()
         app.router.add_get("/api/v1/pods", self._handle)
         app.router.add_get("/api/v1/namespaces/{namespace}/pods", self._handle)
@@ -210,6 +215,8 @@ class FakeKube:
         self.port = self._runner.addresses[0][1]
         started.set()
         loop.run_forever()
+        self._closing = True
+        self._gate.set()
         for watch in self._watches:
             watch.queue.put_nowait(_END)
         loop.run_until_complete(self._runner.cleanup())
@@ -310,6 +317,14 @@ class FakeKube:
             return sent
         return int(self._call(run))
 
+    def hold_watches(self) -> None:
+        """New watch requests wait until `release_watches`: changes made meanwhile are
+        missed by the client, deterministically (lists are still answered)."""
+        self._call(lambda: self._gate.clear() if self._gate else None)
+
+    def release_watches(self) -> None:
+        self._call(lambda: self._gate.set() if self._gate else None)
+
     def fail_next(self, *codes: int) -> None:
         """Answer the next requests with these HTTP error codes (a flaky API server)."""
         self._call(lambda: self._failures.extend(codes))
@@ -360,6 +375,11 @@ class FakeKube:
         except ValueError as exc:
             return web.json_response(status(400, "BadRequest", str(exc)), status=400)
         if watching:
+            assert self._gate is not None
+            await self._gate.wait()
+            if self._closing:
+                return web.json_response(status(503, "ServiceUnavailable", "shutting down"),
+                                         status=503)
             return await self._watch(request, namespace, selector, params)
         return self._list(namespace, selector, params)
 

@@ -19,6 +19,7 @@ from xds_server import admin
 from xds_server.metrics import Metrics
 from xds_server.publisher import Publisher
 from xds_server.settings import Settings
+from xds_server.sources.kubernetes import KubernetesSource
 from xds_server.sources.loads import LoadLoop
 from xds_server.sources.static_file import StaticFileSource
 from xds_server.state import State
@@ -49,6 +50,11 @@ class App:
             )
             static.load_once()  # a broken file at startup is an error, not an empty fleet
             self.sources.append(static.run)
+        if settings.kubernetes.enabled:
+            kubernetes = KubernetesSource(
+                settings=settings.kubernetes, state=self.state, metrics=self.metrics
+            )
+            self.sources.append(kubernetes.run)
         self.loads = LoadLoop(state=self.state, metrics=self.metrics, settings=settings.loads)
         self.sources.append(self.loads.run)
         self.xds_port = 0

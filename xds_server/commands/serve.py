@@ -19,6 +19,8 @@ from xds_server.policy.weights import PolicySettings
 from xds_server.settings import (
     AdminSettings,
     EnvoySettings,
+    KubernetesPool,
+    KubernetesSettings,
     LoadMode,
     LoadSettings,
     Settings,
@@ -29,11 +31,43 @@ from xds_server.sources.prometheus import PrometheusQueries
 
 log = logging.getLogger(__name__)
 
+
+def _switch(value: Any) -> bool:
+    """A flag without a value (`--kubernetes`); in the config file, `true` or `false`."""
+    if not isinstance(value, bool):
+        raise ValueError(value)
+    return value
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """A repeatable flag (`--namespace a --namespace b`); in the config file, a list."""
+    items = [value] if isinstance(value, str) else value
+    if not isinstance(items, list | tuple) or not all(isinstance(i, str) and i for i in items):
+        raise ValueError(value)
+    return tuple(items)
+
+
+# How argparse takes the flags whose value is not a plain typed string.
+_ACTIONS: dict[Any, dict[str, Any]] = {
+    _switch: {"action": "store_const", "const": True},
+    _names: {"action": "append"},
+}
 # flag -> (type, default, help); the defaults are the settings dataclasses' own.
 _FLAGS: dict[str, tuple[Any, Any, str]] = {
     "static": (Path, None, "YAML file of pools to serve (watched for changes)"),
     "static-poll-interval-s": (float, StaticSettings.poll_interval_s,
                                "how often the pool file is checked"),
+    "kubernetes": (_switch, None, "discover vLLM pods through the Kubernetes API"),
+    "kubeconfig": (Path, None, "kubeconfig for --kubernetes (default: the in-cluster service "
+                   "account)"),
+    "namespace": (_names, None, "namespace to watch; repeat for several (default: all, which "
+                  "needs the ClusterRole)"),
+    "selector": (str, None, "label selector of the vLLM pods, e.g. app=vllm (several pools: "
+                 "kubernetes_pools in --config)"),
+    "kubernetes-resync-interval-s": (float, KubernetesSettings.resync_interval_s,
+                                     "full relist of the pods, a safety net for the watch"),
+    "kubernetes-watch-timeout-s": (int, KubernetesSettings.watch_timeout_s,
+                                   "server-side end of each watch request (it then resumes)"),
     "xds-host": (str, XdsSettings.host, "address the ADS gRPC server binds"),
     "xds-port": (int, XdsSettings.port, "port of the ADS gRPC server (0: any free port)"),
     "admin-host": (str, AdminSettings.host, "address the admin HTTP server binds"),
@@ -89,7 +123,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML file with any of the flags below")
     for flag, (kind, default, help_text) in _FLAGS.items():
         shown = "" if default is None else f" (default {default})"
-        parser.add_argument(f"--{flag}", type=kind, default=None, help=help_text + shown)
+        how = _ACTIONS.get(kind, {"type": kind})
+        parser.add_argument(f"--{flag}", **how, default=None, help=help_text + shown)
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -106,10 +141,12 @@ def load_config(path: Path) -> dict[str, Any]:
     values: dict[str, Any] = {}
     for key, value in doc.items():
         flag = str(key).replace("_", "-")
+        if flag == "kubernetes-pools":
+            values[flag] = _kubernetes_pools(value, path)
+            continue
         if flag not in _FLAGS:
-            raise SystemExit(
-                f"config {path}: unknown key {key!r}; known: {', '.join(sorted(_FLAGS))}"
-            )
+            known = sorted([*_FLAGS, "kubernetes-pools"])
+            raise SystemExit(f"config {path}: unknown key {key!r}; known: {', '.join(known)}")
         kind = _FLAGS[flag][0]
         try:
             values[flag] = kind(value)
@@ -139,6 +176,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         ),
         admin=AdminSettings(host=get("admin-host"), port=get("admin-port")),
         static=StaticSettings(path=get("static"), poll_interval_s=get("static-poll-interval-s")),
+        kubernetes=_kubernetes(get, values.get("kubernetes-pools", ())),
         loads=LoadSettings(
             mode=_mode(get("metrics")),
             prometheus_url=get("prometheus-url"),
@@ -168,6 +206,35 @@ def _check(settings: Settings) -> Settings:
     return settings
 
 
+def _kubernetes_pools(value: Any, path: Path) -> tuple[KubernetesPool, ...]:
+    from xds_server.sources.kubernetes import pools_from_config  # the client is slow to import
+
+    try:
+        return pools_from_config(value)
+    except ValueError as exc:
+        raise SystemExit(f"config {path}: {exc}") from exc
+
+
+def _kubernetes(get: Any, pools: tuple[KubernetesPool, ...]) -> KubernetesSettings:
+    """Pools from the config file (their own namespaces, else --namespace), plus --selector."""
+    namespaces = tuple(get("namespace") or ())
+    pools = tuple(KubernetesPool(name=p.name, selector=p.selector,
+                                 namespaces=p.namespaces or namespaces) for p in pools)
+    if get("selector"):
+        pools += (KubernetesPool(selector=get("selector"), namespaces=namespaces),)
+    enabled = bool(get("kubernetes"))
+    if not enabled and (pools or get("kubeconfig") or namespaces):
+        raise SystemExit("--selector, --namespace, --kubeconfig and kubernetes_pools need "
+                         "--kubernetes")
+    if enabled and not pools:
+        raise SystemExit("--kubernetes needs --selector (or kubernetes_pools in --config)")
+    return KubernetesSettings(
+        enabled=enabled, kubeconfig=get("kubeconfig"), pools=pools,
+        resync_interval_s=get("kubernetes-resync-interval-s"),
+        watch_timeout_s=get("kubernetes-watch-timeout-s"),
+    )
+
+
 def _mode(value: str) -> LoadMode:
     if value not in ("auto", "prometheus", "scrape", "none"):
         raise SystemExit(f"--metrics: {value!r} is not one of auto, prometheus, scrape, none")
@@ -183,17 +250,21 @@ def _policy(**values: Any) -> PolicySettings:
 
 def run(args: argparse.Namespace) -> int:
     from xds_server.app import App
+    from xds_server.sources.kubernetes import KubernetesConfigError
     from xds_server.sources.static_file import PoolFileError
 
     settings = settings_from_args(args)
-    if settings.static.path is None:
-        raise SystemExit("hybridlb serve: give a pool source, e.g. --static pools.yaml")
+    if settings.static.path is None and not settings.kubernetes.enabled:
+        raise SystemExit("hybridlb serve: give a pool source, e.g. --static pools.yaml or "
+                         "--kubernetes --selector app=vllm")
 
     async def main() -> None:
         try:
             app = App(settings)
         except PoolFileError as exc:
             raise SystemExit(f"pool file {settings.static.path}: {exc}") from exc
+        except KubernetesConfigError as exc:
+            raise SystemExit(f"hybridlb serve: {exc}") from exc
         await app.run()
 
     asyncio.run(main())

@@ -29,7 +29,7 @@ from kubernetes.watch.watch import iter_resp_lines
 from xds_server.metrics import Metrics
 from xds_server.model import Pool, Replica, ReplicaState
 from xds_server.settings import KubernetesPool, KubernetesSettings
-from xds_server.sources.pods import PodReplica, pod_to_replica
+from xds_server.sources.pods import POOL_NAME, PodReplica, pod_to_replica
 from xds_server.state import State
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,41 @@ def backoff_delay(
     ceiling = min(max_s, initial_s * 2.0 ** max(0, failures - 1))
     jitter: float = (rng or random).uniform(0.5, 1.0)
     return ceiling * jitter
+
+
+_POOL_KEYS = ("name", "namespaces", "selector")
+
+
+def pools_from_config(value: Any) -> tuple[KubernetesPool, ...]:
+    """The config file's `kubernetes_pools:` list; ValueError says where and why."""
+    if not isinstance(value, list):
+        raise ValueError("expected a list of {name, selector, namespaces}")
+    pools: list[KubernetesPool] = []
+    for i, raw in enumerate(value):
+        where = f"kubernetes_pools[{i}]"
+        if not isinstance(raw, dict):
+            raise ValueError(f"{where}: expected a mapping with {', '.join(_POOL_KEYS)}")
+        unknown = sorted(set(map(str, raw)) - set(_POOL_KEYS))
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {', '.join(unknown)}; "
+                             f"allowed: {', '.join(_POOL_KEYS)}")
+        name = raw.get("name") or ""
+        if not isinstance(name, str) or (name and not POOL_NAME.match(name)):
+            raise ValueError(f"{where}.name: {name!r} is not a valid pool name")
+        if name and any(p.name == name for p in pools):
+            raise ValueError(f"{where}.name: pool {name!r} appears twice")
+        selector = raw.get("selector")
+        if not isinstance(selector, str) or not selector.strip():
+            raise ValueError(f"{where}.selector: a label selector is required, e.g. app=vllm")
+        namespaces = raw.get("namespaces") or []
+        if isinstance(namespaces, str):
+            namespaces = [namespaces]
+        if not isinstance(namespaces, list) or not all(
+                isinstance(n, str) and n for n in namespaces):
+            raise ValueError(f"{where}.namespaces: expected a list of namespace names")
+        pools.append(KubernetesPool(name=name, selector=selector.strip(),
+                                    namespaces=tuple(namespaces)))
+    return tuple(pools)
 
 
 def api_client(settings: KubernetesSettings) -> client.ApiClient:

@@ -29,7 +29,7 @@ PREFIX = "hybridlb.io/"
 DEFAULT_PORT = 8000
 MAX_CAPACITY = 4096
 # Same rules as the static file: model names often carry a slash ("Qwen/Qwen3-0.6B").
-_POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
+POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 _ZONE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 # vLLM's short spellings (vllm/engine/arg_utils.py); long flags also accept underscores.
 _ALIASES = {
@@ -238,7 +238,7 @@ class _Reader:
 
 
 def _pool_name(text: str) -> str:
-    if not _POOL_NAME.match(text):
+    if not POOL_NAME.match(text):
         raise ValueError("not a valid pool name")
     return text
 
