@@ -341,13 +341,17 @@ def _plot(rows: Sequence[dict[str, Any]], path: Path) -> None:
         xs = [row[x_name] for row in points]
         for key, label in (("lateness_p50_ms", "step lateness p50"),
                            ("lateness_p99_ms", "step lateness p99")):
-            medians = [row[key]["median"] for row in points]
-            errors = [[m - row[key]["min"] for m, row in zip(medians, points, strict=True)],
-                      [row[key]["max"] - m for m, row in zip(medians, points, strict=True)]]
+            # a log axis needs positive values; lateness under 10 µs is "on time" anyway
+            floor = 0.01
+            medians = [max(floor, row[key]["median"]) for row in points]
+            errors = [
+                [m - max(floor, row[key]["min"]) for m, row in zip(medians, points, strict=True)],
+                [max(floor, row[key]["max"]) - m for m, row in zip(medians, points, strict=True)],
+            ]
             axis.errorbar(xs, medians, yerr=errors, marker="o", capsize=3, label=label)
         axis.axhline(HONOURED_P99_LATENESS_S * 1e3, color="grey", linestyle=":",
                      label="honoured limit (p99)")
-        axis.set_yscale("symlog", linthresh=0.1)
+        axis.set_yscale("log")
         axis.set_xlabel(x_label)
         axis.set_ylabel("ms late (wall clock)")
         cpu = axis.twinx()
