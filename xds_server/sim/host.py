@@ -97,7 +97,11 @@ class SimHost:
         for server in self.servers:
             server.peers = peers
         if self.settings.pools_out is not None:
-            self.settings.pools_out.write_text(
+            # Written once every server listens, and renamed into place, so whoever
+            # watches for the file never reads half of it or an address not yet open.
+            target = self.settings.pools_out
+            partial = target.with_name(f".{target.name}.partial")
+            partial.write_text(
                 pools_yaml(
                     pool_name=self.settings.pool_name,
                     addresses=[server.address for server in self.servers],
@@ -105,6 +109,7 @@ class SimHost:
                     capacity=self.settings.server.num_ranks,
                 )
             )
+            partial.replace(target)
 
     async def drain(self) -> bool:
         """Fail readiness everywhere and wait for in-flight requests; False on timeout."""
