@@ -40,7 +40,9 @@ class Cluster:
                     "--selector", "app=vllm"],
             extra=["--metrics", "none"],  # echo upstreams have no vLLM metrics
         )
-        self.envoy = Envoy(workdir, xds_port=self.cp.xds_port, node="node-a")
+        # A gateway on no GPU node spreads over every node, so each pod's share is visible
+        # (an Envoy on node-a would keep node-a's traffic on node-a while it has room).
+        self.envoy = Envoy(workdir, xds_port=self.cp.xds_port, node="")
 
     def address(self, i: int) -> str:
         return f"127.0.0.1:{self.ports[i]}"
