@@ -51,7 +51,11 @@ def debug_state(
             {
                 "name": pool.name,
                 "nodes": {
-                    node: (weights.localities.get(node) if weights else None)
+                    node: {
+                        "weight": weights.localities.get(node) if weights else None,
+                        "utilization": published.node_utilization.get(pool.name, {}).get(node),
+                        "keep_per_mille": published.keep.get(pool.name, {}).get(node),
+                    }
                     for node in pool.nodes
                 },
                 "replicas": replicas,
@@ -62,7 +66,12 @@ def debug_state(
         "state_version": published.state_version,
         "published_at": published.at,
         "pools": pools,
-        "envoys": [s.as_dict() for s in streams.values()],
+        "envoys": [
+            {**s.as_dict(), "keep_per_mille": {
+                pool: nodes.get(s.view.node, 0) for pool, nodes in published.keep.items()
+            }}
+            for s in streams.values()
+        ],
     }
 
 

@@ -37,7 +37,7 @@ class App:
         self.cache = SnapshotCache()
         self.publisher = Publisher(
             state=self.state, cache=self.cache, metrics=self.metrics, settings=settings.envoy,
-            policy=settings.policy,
+            policy=settings.policy, hybrid=settings.hybrid,
         )
         self.ads = AdsServer(cache=self.cache, metrics=self.metrics)
         self.sources: list[Callable[[], Coroutine[Any, Any, None]]] = []

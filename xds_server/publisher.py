@@ -1,12 +1,13 @@
 """Turns the state into a snapshot whenever it changes: collect → decide → serve.
 
 The one place that calls the policy and the builders; it remembers what it published so
-that /debug/state can explain every weight.
+that /debug/state can explain every weight and every view's keep share.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -16,7 +17,8 @@ from google.protobuf.message import Message
 
 from xds_server.metrics import Metrics
 from xds_server.model import Pool, ReplicaState, View, Weights
-from xds_server.policy.weights import Explanation, Memory, PolicySettings, decide
+from xds_server.policy.views import HybridSettings, keep_share
+from xds_server.policy.weights import Decision, Explanation, Memory, PolicySettings, decide
 from xds_server.settings import EnvoySettings
 from xds_server.state import State
 from xds_server.xds import resources, types
@@ -35,6 +37,10 @@ class Published:
     weights: Mapping[str, Weights] = field(default_factory=dict)
     #: pool -> replica address -> the inputs its weight came from.
     explain: Mapping[str, Mapping[str, Explanation]] = field(default_factory=dict)
+    #: pool -> node -> per mille an Envoy on that node keeps there.
+    keep: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    #: pool -> node -> smoothed utilization the keep share came from.
+    node_utilization: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     at: float = 0.0
 
 
@@ -47,24 +53,35 @@ class Publisher:
         metrics: Metrics,
         settings: EnvoySettings,
         policy: PolicySettings | None = None,
+        hybrid: HybridSettings | None = None,
         debounce_s: float = 0.05,
+        linger_s: float = 30.0,
     ) -> None:
         self._state = state
         self._cache = cache
         self._metrics = metrics
         self._settings = settings
         self._policy = policy or PolicySettings()
+        self._hybrid = hybrid or HybridSettings()
         self._debounce_s = debounce_s
+        self._linger_s = linger_s
         self._memory: dict[str, Memory] = {}
+        #: (pool, node) -> when the clusters of a node that lost its last replica go away.
+        self._lingering: dict[tuple[str, str], float] = {}
         self.published = Published()
 
     async def run(self) -> None:
         seen = -1
         while True:
             if self._state.version == seen and self._cache.ready:
-                await self._state.wait_change(seen)
-                # Coalesce a burst of changes (a relist, a file with many edits) into one push.
-                await asyncio.sleep(self._debounce_s)
+                timeout = None
+                if self._lingering:
+                    timeout = max(0.0, min(self._lingering.values()) - time.time()) + 0.01
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(timeout):
+                        await self._state.wait_change(seen)
+                        # Coalesce a burst of changes (a relist, many edits) into one push.
+                        await asyncio.sleep(self._debounce_s)
             seen = self._state.version
             self.publish_now()
 
@@ -78,17 +95,37 @@ class Publisher:
             for p in pools
         }
         self._memory = {name: d.memory for name, d in decisions.items()}
-        inputs = [resources.PoolInput(pool=p, weights=decisions[p.name].weights) for p in pools]
+        self._update_lingering(pools, now)
+        inputs = [
+            resources.PoolInput(
+                pool=p,
+                weights=decisions[p.name].weights,
+                nodes=tuple(n for (pool, n) in self._lingering if pool == p.name),
+            )
+            for p in pools
+        ]
+        keep = {p.name: self._keep_shares(p, decisions[p.name]) for p in pools}
         clusters, assignments = resources.build_clusters_and_endpoints(inputs, self._settings)
         shared: dict[str, Sequence[Message]] = {
             types.CLUSTER: clusters,
             types.ENDPOINT: assignments,
-            types.ROUTE: [resources.build_route_config(inputs, self._settings)],
         }
         settings = self._settings
+        names = [p.name for p in pools]
 
         def per_view(view: View) -> Mapping[str, Sequence[Message]]:
-            return {types.LISTENER: [resources.build_listener(view, settings)]}
+            routes = [
+                resources.PoolRoute(
+                    pool=name,
+                    node=view.node if view.node in keep[name] else "",
+                    keep_per_mille=keep[name].get(view.node, 0),
+                )
+                for name in names
+            ]
+            return {
+                types.LISTENER: [resources.build_listener(view, settings)],
+                types.ROUTE: [resources.build_route_config(routes, settings)],
+            }
 
         changed = self._cache.publish(shared, per_view)
         membership_changed = pools != self.published.pools
@@ -99,6 +136,8 @@ class Publisher:
             pools=pools,
             weights={i.pool.name: i.weights for i in inputs},
             explain={name: d.explain for name, d in decisions.items()},
+            keep=keep,
+            node_utilization={name: d.node_utilization for name, d in decisions.items()},
             at=now,
         )
         self._export(inputs, now)
@@ -114,6 +153,31 @@ class Publisher:
                 len(clusters), elapsed * 1000,
             )
         return changed
+
+    def _keep_shares(self, pool: Pool, decision: Decision) -> dict[str, int]:
+        capacity: dict[str, int] = {}
+        for r in pool.replicas:
+            if r.state is ReplicaState.READY:
+                capacity[r.node] = capacity.get(r.node, 0) + r.capacity
+        return {
+            node: keep_share(node, decision.node_utilization, capacity, self._hybrid)
+            for node in pool.nodes
+        }
+
+    def _update_lingering(self, pools: Sequence[Pool], now: float) -> None:
+        """Nodes that lost their last replica keep their (empty) clusters for `linger_s`.
+
+        Routes stop naming such a node at once, but an Envoy applies the new routes a moment
+        after the new clusters; removing the clusters in the same push would 503 that moment.
+        """
+        current = {(p.name, n) for p in pools for n in p.nodes}
+        before = {(p.name, n) for p in self.published.pools for n in p.nodes}
+        for key in before - current:
+            self._lingering[key] = now + self._linger_s
+        self._lingering = {
+            key: until for key, until in self._lingering.items()
+            if until > now and key not in current
+        }
 
     def _export(self, inputs: Sequence[resources.PoolInput], now: float) -> None:
         m = self._metrics

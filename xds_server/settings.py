@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from xds_server.policy.views import HybridSettings
 from xds_server.policy.weights import PolicySettings
 from xds_server.sources.prometheus import PrometheusQueries
 
@@ -42,6 +43,8 @@ class EnvoySettings:
     route_timeout_s: float = 600.0
     #: Header whose value names the pool (model) a request goes to.
     model_header: str = "x-model"
+    #: Header that pins a request to one node's replicas (503 if it has none ready).
+    node_header: str = "x-hybridlb-node"
 
 
 @dataclass(frozen=True)
@@ -123,3 +126,4 @@ class Settings:
     kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
     loads: LoadSettings = field(default_factory=LoadSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
+    hybrid: HybridSettings = field(default_factory=HybridSettings)

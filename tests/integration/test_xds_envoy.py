@@ -34,9 +34,9 @@ class Fleet:
         self.upstreams = Upstreams(workdir, self.ports)
         listener = free_ports(1)[0]
         self.cp = ControlPlane(workdir, self.pools, listener_port=listener)
-        self.sotw = Envoy(workdir, xds_port=self.cp.xds_port, node="node-a", name="envoy-sotw")
-        self.delta = Envoy(workdir, xds_port=self.cp.xds_port, node="node-b", delta=True,
-                           name="envoy-delta")
+        # Central gateways (on no node): they balance over every replica of a pool.
+        self.sotw = Envoy(workdir, xds_port=self.cp.xds_port, name="envoy-sotw")
+        self.delta = Envoy(workdir, xds_port=self.cp.xds_port, delta=True, name="envoy-delta")
 
     def reset(self) -> None:
         write_pools(self.pools, self.base)

@@ -31,7 +31,7 @@ def test_killed_control_plane_keeps_routing_and_converges_after_restart(
     pools = tmp_path / "pools.yaml"
     write_pools(pools, [(addresses[0], "node-a"), (addresses[1], "node-b")])
     cp = ControlPlane(tmp_path, pools, listener_port=free_ports(1)[0])
-    envoy = Envoy(tmp_path, xds_port=cp.xds_port, node="node-a", delta=delta)
+    envoy = Envoy(tmp_path, xds_port=cp.xds_port, delta=delta)
     upstreams = Upstreams(tmp_path, ports)
     with running(upstreams, cp, envoy), Traffic(envoy.url) as traffic:
         wait_for(lambda: len(traffic.served) == 2, 10, "traffic on both replicas")

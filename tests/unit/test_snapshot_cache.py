@@ -18,12 +18,13 @@ SETTINGS = EnvoySettings()
 def shared_for(*pools: Pool) -> dict[str, Sequence[Message]]:
     inputs = [resources.PoolInput(pool=p, weights=capacity_weights(p)) for p in pools]
     clusters, assignments = resources.build_clusters_and_endpoints(inputs, SETTINGS)
-    return {types.CLUSTER: clusters, types.ENDPOINT: assignments,
-            types.ROUTE: [resources.build_route_config(inputs, SETTINGS)]}
+    return {types.CLUSTER: clusters, types.ENDPOINT: assignments}
 
 
 def per_view(view: View) -> Mapping[str, Sequence[Message]]:
-    return {types.LISTENER: [resources.build_listener(view, SETTINGS)]}
+    routes = [resources.PoolRoute(pool="qwen3", node=view.node, keep_per_mille=1000)]
+    return {types.LISTENER: [resources.build_listener(view, SETTINGS)],
+            types.ROUTE: [resources.build_route_config(routes, SETTINGS)]}
 
 
 POOL = Pool("qwen3", (Replica("10.0.0.1", 8000, "a"), Replica("10.0.0.2", 8000, "b")))

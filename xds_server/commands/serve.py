@@ -15,6 +15,7 @@ from typing import Any, cast
 
 import yaml
 
+from xds_server.policy.views import HybridSettings
 from xds_server.policy.weights import PolicySettings
 from xds_server.settings import (
     AdminSettings,
@@ -116,6 +117,11 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
                  "smallest weight change worth a push, as a share of capacity weight"),
     "min-share": (float, PolicySettings.min_share,
                   "share of its capacity weight a saturated replica keeps"),
+    "room-threshold": (float, HybridSettings.room_threshold,
+                       "utilization up to which a node keeps all its Envoy's requests; lower "
+                       "spills earlier (flatter queues, more cross-node hops)"),
+    "keep-step": (int, HybridSettings.keep_step,
+                  "keep shares move in steps of this many per mille (fewer route pushes)"),
 }
 
 
@@ -197,6 +203,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             max_step_per_s=get("max-step-per-s"), deadband=get("deadband"),
             min_share=get("min-share"),
         ),
+        hybrid=_hybrid(room_threshold=get("room-threshold"), keep_step=get("keep-step")),
     ))
 
 
@@ -239,6 +246,13 @@ def _mode(value: str) -> LoadMode:
     if value not in ("auto", "prometheus", "scrape", "none"):
         raise SystemExit(f"--metrics: {value!r} is not one of auto, prometheus, scrape, none")
     return cast(LoadMode, value)
+
+
+def _hybrid(**values: Any) -> HybridSettings:
+    try:
+        return HybridSettings(**values)
+    except ValueError as exc:
+        raise SystemExit(f"hybrid routing: {exc}") from exc
 
 
 def _policy(**values: Any) -> PolicySettings:

@@ -100,6 +100,9 @@ class Decision:
     weights: Weights
     memory: Memory
     explain: Mapping[str, Explanation]
+    #: node -> capacity-weighted utilization of its ready replicas, from the smoothed values
+    #: (what the hybrid views decide local-first on); nodes with no ready replica are absent.
+    node_utilization: Mapping[str, float] = field(default_factory=dict)
 
 
 def capacity_weight(replica: Replica) -> int:
@@ -179,10 +182,17 @@ def decide(
     for r in pool.replicas:
         if r.state is not ReplicaState.READY:
             endpoint_weights[r.address] = 0
+    used: dict[str, float] = {}
+    room: dict[str, int] = {}
+    for r in ready:
+        full = capacity_weight(r)
+        used[r.node] = used.get(r.node, 0.0) + (full - smoothed[r.address]) / SCALE
+        room[r.node] = room.get(r.node, 0) + r.capacity
     return Decision(
         weights=_assemble(pool, endpoint_weights),
         memory=Memory(at=now, smoothed=smoothed, published=published),
         explain=explain,
+        node_utilization={n: min(1.0, max(0.0, used[n] / room[n])) for n in room},
     )
 
 

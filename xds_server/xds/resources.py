@@ -1,8 +1,18 @@
 """Resource builders: pools and weights in, Envoy protobuf messages out.
 
 This and the server are the only places that know Envoy's wire format. Names are stable and
-documented: the global cluster of a pool is `POOL`, the cluster of its replicas on one node
-is `POOL/node/NODE`, the listener is `hybridlb_http` and its routes `hybridlb_routes`.
+documented (README, "What Envoy receives"). Per pool `P`, shared by every Envoy:
+
+- `P`: every replica (EDS); one locality per node weighted by the node's free capacity, so
+  Envoy picks a node first and a replica within it second (vLLM's hybrid mode);
+- `P/node/N`: the replicas on node N;
+- `P/prefer/N`: an aggregate of `P/node/N` then `P`: node N while it has a healthy
+  replica, the whole pool otherwise (health-based failover, never a 503 for an empty node);
+- `P/pinned`: the same endpoints as `P` (EDS `service_name`), split into per-node subsets
+  that a request's `x-hybridlb-node` header selects.
+
+Per view (one Envoy's node) only the small route configuration differs: how much of each
+pool's traffic goes to `P/prefer/N` versus `P`.
 """
 
 from __future__ import annotations
@@ -10,11 +20,20 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2
-from envoy.config.core.v3 import address_pb2, base_pb2, config_source_pb2, health_check_pb2
+from envoy.config.core.v3 import (
+    address_pb2,
+    base_pb2,
+    config_source_pb2,
+    health_check_pb2,
+    substitution_format_string_pb2,
+)
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
+from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
+from envoy.extensions.filters.http.header_to_metadata.v3 import header_to_metadata_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
@@ -25,12 +44,15 @@ from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from xds_server.model import Pool, Replica, ReplicaState, View, Weights
+from xds_server.policy.views import PER_MILLE
 from xds_server.settings import EnvoySettings
 
 LISTENER_NAME = "hybridlb_http"
 ROUTE_CONFIG_NAME = "hybridlb_routes"
 #: Endpoint metadata namespace (also what `%UPSTREAM_METADATA(hybridlb:...)%` reads).
 METADATA_NS = "hybridlb"
+#: The namespace Envoy's subset load balancer and the router's dynamic match read.
+LB_NS = "envoy.lb"
 
 
 def cluster_name(pool: str) -> str:
@@ -41,12 +63,36 @@ def local_cluster_name(pool: str, node: str) -> str:
     return f"{pool}/node/{node}"
 
 
+def prefer_cluster_name(pool: str, node: str) -> str:
+    return f"{pool}/prefer/{node}"
+
+
+def pinned_cluster_name(pool: str) -> str:
+    return f"{pool}/pinned"
+
+
 @dataclass(frozen=True)
 class PoolInput:
-    """Everything the builders need to know about one pool."""
+    """Everything the shared builders need to know about one pool."""
 
     pool: Pool
     weights: Weights
+    #: Nodes that get local clusters: the pool's own, plus nodes that just lost their last
+    #: replica (kept a while so no route points at a cluster that is already gone).
+    nodes: tuple[str, ...] = ()
+
+    @property
+    def all_nodes(self) -> tuple[str, ...]:
+        return tuple(sorted(set(self.pool.nodes) | set(self.nodes)))
+
+
+@dataclass(frozen=True)
+class PoolRoute:
+    """One pool's place in one view: the node its Envoy is on and the share kept there."""
+
+    pool: str
+    node: str = ""
+    keep_per_mille: int = 0
 
 
 def _ads() -> config_source_pb2.ConfigSource:
@@ -68,24 +114,65 @@ def _any(message: Message) -> any_pb2.Any:
     return packed
 
 
-def build_cluster(name: str, settings: EnvoySettings) -> cluster_pb2.Cluster:
+def _eds_cluster(
+    name: str, settings: EnvoySettings, *, service_name: str = "", locality_weighted: bool = False
+) -> cluster_pb2.Cluster:
+    common = cluster_pb2.Cluster.CommonLbConfig(
+        # Panic mode would route to DRAINING hosts; with 0 it never engages.
+        healthy_panic_threshold=percent_pb2.Percent(value=0.0),
+    )
+    if locality_weighted:
+        common.locality_weighted_lb_config.SetInParent()
     return cluster_pb2.Cluster(
         name=name,
         type=cluster_pb2.Cluster.EDS,
-        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(eds_config=_ads()),
+        eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(
+            eds_config=_ads(), service_name=service_name
+        ),
         connect_timeout=_duration(settings.connect_timeout_s),
         # Least-request divides each weight by this Envoy's in-flight count: the weights carry
         # slow, global load, the in-flight count absorbs bursts between pushes.
         lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
-        common_lb_config=cluster_pb2.Cluster.CommonLbConfig(
-            # Panic mode would route to DRAINING hosts; with 0 it never engages.
-            healthy_panic_threshold=percent_pb2.Percent(value=0.0),
-        ),
+        common_lb_config=common,
     )
+
+
+def build_cluster(name: str, settings: EnvoySettings) -> cluster_pb2.Cluster:
+    """A plain EDS cluster (least-request) of the given name."""
+    return _eds_cluster(name, settings)
+
+
+def _prefer_cluster(pool: str, node: str) -> cluster_pb2.Cluster:
+    config = aggregate_pb2.ClusterConfig(
+        clusters=[local_cluster_name(pool, node), cluster_name(pool)]
+    )
+    return cluster_pb2.Cluster(
+        name=prefer_cluster_name(pool, node),
+        cluster_type=cluster_pb2.Cluster.CustomClusterType(
+            name="envoy.clusters.aggregate", typed_config=_any(config)
+        ),
+        lb_policy=cluster_pb2.Cluster.CLUSTER_PROVIDED,
+        connect_timeout=_duration(1.0),
+    )
+
+
+def _pinned_cluster(pool: str, settings: EnvoySettings) -> cluster_pb2.Cluster:
+    cluster = _eds_cluster(pinned_cluster_name(pool), settings, service_name=cluster_name(pool))
+    cluster.lb_subset_config.CopyFrom(
+        cluster_pb2.Cluster.LbSubsetConfig(
+            # A pinned node without a ready replica fails (503), it never goes elsewhere.
+            fallback_policy=cluster_pb2.Cluster.LbSubsetConfig.NO_FALLBACK,
+            subset_selectors=[
+                cluster_pb2.Cluster.LbSubsetConfig.LbSubsetSelector(keys=["node"])
+            ],
+        )
+    )
+    return cluster
 
 
 def _lb_endpoint(replica: Replica, weight: int) -> endpoint_components_pb2.LbEndpoint:
     draining = replica.state is ReplicaState.DRAINING
+    node = struct_pb2.Value(string_value=replica.node)
     return endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(
             address=address_pb2.Address(
@@ -95,15 +182,17 @@ def _lb_endpoint(replica: Replica, weight: int) -> endpoint_components_pb2.LbEnd
             ),
         ),
         health_status=health_check_pb2.DRAINING if draining else health_check_pb2.HEALTHY,
-        load_balancing_weight=wrappers_pb2.UInt32Value(value=weight),
+        # Envoy takes no weight below 1; a draining host's status keeps it idle.
+        load_balancing_weight=wrappers_pb2.UInt32Value(value=max(1, weight)),
         metadata=base_pb2.Metadata(
             filter_metadata={
                 METADATA_NS: struct_pb2.Struct(
                     fields={
-                        "node": struct_pb2.Value(string_value=replica.node),
+                        "node": node,
                         "capacity": struct_pb2.Value(number_value=replica.capacity),
                     }
-                )
+                ),
+                LB_NS: struct_pb2.Struct(fields={"node": node}),
             }
         ),
     )
@@ -112,7 +201,7 @@ def _lb_endpoint(replica: Replica, weight: int) -> endpoint_components_pb2.LbEnd
 def build_load_assignment(
     name: str, replicas: Iterable[Replica], weights: Weights
 ) -> endpoint_pb2.ClusterLoadAssignment:
-    """One locality per node (zone, sub_zone=node): the two levels of hybrid mode."""
+    """One locality per node (zone, sub_zone=node), weighted by the node's free capacity."""
     by_node: dict[tuple[str, str], list[Replica]] = {}
     for replica in replicas:
         by_node.setdefault((replica.zone, replica.node), []).append(replica)
@@ -122,9 +211,7 @@ def build_load_assignment(
             endpoint_components_pb2.LocalityLbEndpoints(
                 locality=base_pb2.Locality(zone=zone, sub_zone=node),
                 lb_endpoints=[
-                    # Envoy takes no weight below 1; a draining host's status keeps it idle.
-                    _lb_endpoint(r, max(1, weights.endpoints.get(r.address, 1)))
-                    for r in members
+                    _lb_endpoint(r, weights.endpoints.get(r.address, 1)) for r in members
                 ],
                 load_balancing_weight=wrappers_pb2.UInt32Value(
                     value=max(1, weights.localities.get(node, 1))
@@ -138,17 +225,19 @@ def build_load_assignment(
 def build_clusters_and_endpoints(
     pools: Sequence[PoolInput], settings: EnvoySettings
 ) -> tuple[list[cluster_pb2.Cluster], list[endpoint_pb2.ClusterLoadAssignment]]:
-    """Per pool: the global cluster and one cluster per node, each with its endpoints."""
+    """The shared resources of every pool: its clusters and their endpoints."""
     clusters: list[cluster_pb2.Cluster] = []
     assignments: list[endpoint_pb2.ClusterLoadAssignment] = []
     for item in pools:
         pool = item.pool
         name = cluster_name(pool.name)
-        clusters.append(build_cluster(name, settings))
+        clusters.append(_eds_cluster(name, settings, locality_weighted=True))
+        clusters.append(_pinned_cluster(pool.name, settings))
         assignments.append(build_load_assignment(name, pool.replicas, item.weights))
-        for node in pool.nodes:
+        for node in item.all_nodes:
             local = local_cluster_name(pool.name, node)
-            clusters.append(build_cluster(local, settings))
+            clusters.append(_eds_cluster(local, settings))
+            clusters.append(_prefer_cluster(pool.name, node))
             assignments.append(
                 build_load_assignment(
                     local, (r for r in pool.replicas if r.node == node), item.weights
@@ -157,41 +246,71 @@ def build_clusters_and_endpoints(
     return clusters, assignments
 
 
-def build_route_config(
-    pools: Sequence[PoolInput], settings: EnvoySettings
-) -> route_pb2.RouteConfiguration:
-    """`x-model: NAME` picks the pool; anything else goes to the first pool."""
+def _route_action(route: PoolRoute, settings: EnvoySettings) -> route_components_pb2.RouteAction:
     timeout = _duration(settings.route_timeout_s)
-    routes = [
-        route_components_pb2.Route(
-            name=f"model:{item.pool.name}",
-            match=route_components_pb2.RouteMatch(
-                prefix="/",
-                headers=[
-                    route_components_pb2.HeaderMatcher(
-                        name=settings.model_header,
-                        string_match=string_pb2.StringMatcher(exact=item.pool.name),
-                    )
-                ],
-            ),
-            route=route_components_pb2.RouteAction(
-                cluster=cluster_name(item.pool.name), timeout=timeout
-            ),
-        )
-        for item in pools
-    ]
-    if pools:
-        routes.append(
-            route_components_pb2.Route(
-                name="default",
-                match=route_components_pb2.RouteMatch(prefix="/"),
-                route=route_components_pb2.RouteAction(
-                    cluster=cluster_name(pools[0].pool.name), timeout=timeout
+    everywhere = cluster_name(route.pool)
+    keep = route.keep_per_mille if route.node else 0
+    if keep <= 0:
+        return route_components_pb2.RouteAction(cluster=everywhere, timeout=timeout)
+    local = prefer_cluster_name(route.pool, route.node)
+    if keep >= PER_MILLE:
+        return route_components_pb2.RouteAction(cluster=local, timeout=timeout)
+    return route_components_pb2.RouteAction(
+        weighted_clusters=route_components_pb2.WeightedCluster(
+            clusters=[
+                route_components_pb2.WeightedCluster.ClusterWeight(
+                    name=local, weight=wrappers_pb2.UInt32Value(value=keep)
                 ),
-            )
-        )
+                route_components_pb2.WeightedCluster.ClusterWeight(
+                    name=everywhere, weight=wrappers_pb2.UInt32Value(value=PER_MILLE - keep)
+                ),
+            ]
+        ),
+        timeout=timeout,
+    )
+
+
+def _routes_for(
+    route: PoolRoute, settings: EnvoySettings, *, model: str | None
+) -> list[route_components_pb2.Route]:
+    """The pinned route and the local-first route of one pool (for one `x-model` value)."""
+    headers = (
+        [route_components_pb2.HeaderMatcher(
+            name=settings.model_header, string_match=string_pb2.StringMatcher(exact=model))]
+        if model is not None
+        else []
+    )
+    pinned = route_components_pb2.HeaderMatcher(name=settings.node_header, present_match=True)
+    label = f"model:{model}" if model is not None else f"default:{route.pool}"
+    return [
+        route_components_pb2.Route(
+            name=f"{label}:pinned",
+            match=route_components_pb2.RouteMatch(prefix="/", headers=[*headers, pinned]),
+            route=route_components_pb2.RouteAction(
+                cluster=pinned_cluster_name(route.pool),
+                timeout=_duration(settings.route_timeout_s),
+            ),
+        ),
+        route_components_pb2.Route(
+            name=f"{label}:keep={route.keep_per_mille if route.node else 0}",
+            match=route_components_pb2.RouteMatch(prefix="/", headers=headers),
+            route=_route_action(route, settings),
+        ),
+    ]
+
+
+def build_route_config(
+    routes: Sequence[PoolRoute], settings: EnvoySettings
+) -> route_pb2.RouteConfiguration:
+    """`x-model: NAME` picks the pool (anything else: the first pool); `x-hybridlb-node` pins
+    a node; otherwise the view's keep share decides between its node and the whole pool."""
+    entries: list[route_components_pb2.Route] = []
+    for route in routes:
+        entries.extend(_routes_for(route, settings, model=route.pool))
+    if routes:
+        entries.extend(_routes_for(routes[0], settings, model=None))
     else:
-        routes.append(
+        entries.append(
             route_components_pb2.Route(
                 name="no-pools",
                 match=route_components_pb2.RouteMatch(prefix="/"),
@@ -203,7 +322,58 @@ def build_route_config(
         )
     return route_pb2.RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
-        virtual_hosts=[route_components_pb2.VirtualHost(name="vllm", domains=["*"], routes=routes)],
+        virtual_hosts=[
+            route_components_pb2.VirtualHost(name="vllm", domains=["*"], routes=entries)
+        ],
+    )
+
+
+def _pin_filter(settings: EnvoySettings) -> hcm_pb2.HttpFilter:
+    """Copies `x-hybridlb-node` into the `envoy.lb` metadata the pinned subsets match on."""
+    rule = header_to_metadata_pb2.Config.Rule(
+        header=settings.node_header,
+        on_header_present=header_to_metadata_pb2.Config.KeyValuePair(
+            metadata_namespace=LB_NS, key="node", type=header_to_metadata_pb2.Config.STRING
+        ),
+    )
+    return hcm_pb2.HttpFilter(
+        name="envoy.filters.http.header_to_metadata",
+        typed_config=_any(header_to_metadata_pb2.Config(request_rules=[rule])),
+    )
+
+
+def _pin_failure_reply(settings: EnvoySettings) -> hcm_pb2.LocalReplyConfig:
+    """A pinned node with no ready replica gets a 503 that says so."""
+    return hcm_pb2.LocalReplyConfig(
+        mappers=[
+            hcm_pb2.ResponseMapper(
+                filter=accesslog_pb2.AccessLogFilter(
+                    and_filter=accesslog_pb2.AndFilter(
+                        filters=[
+                            accesslog_pb2.AccessLogFilter(
+                                header_filter=accesslog_pb2.HeaderFilter(
+                                    header=route_components_pb2.HeaderMatcher(
+                                        name=settings.node_header, present_match=True
+                                    )
+                                )
+                            ),
+                            accesslog_pb2.AccessLogFilter(
+                                response_flag_filter=accesslog_pb2.ResponseFlagFilter(
+                                    flags=["UH", "NC"]
+                                )
+                            ),
+                        ]
+                    )
+                ),
+                status_code=wrappers_pb2.UInt32Value(value=503),
+                body_format_override=substitution_format_string_pb2.SubstitutionFormatString(
+                    text_format_source=base_pb2.DataSource(
+                        inline_string=f"hybridlb: node %REQ({settings.node_header})% has no "
+                        "ready replica of this model\n"
+                    )
+                ),
+            )
+        ]
     )
 
 
@@ -214,10 +384,12 @@ def build_listener(view: View, settings: EnvoySettings) -> listener_pb2.Listener
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
         http_filters=[
+            _pin_filter(settings),
             hcm_pb2.HttpFilter(
                 name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())
-            )
+            ),
         ],
+        local_reply_config=_pin_failure_reply(settings),
     )
     return listener_pb2.Listener(
         name=LISTENER_NAME,

@@ -1,0 +1,63 @@
+"""What each Envoy's view keeps on its own node: pure functions, no I/O.
+
+An Envoy on a node with ready replicas of a pool sends `keep` of that pool's requests to
+its node (falling back to the whole pool when the node has no healthy replica) and the
+rest to the whole pool, where the weights steer them to the least-loaded replicas. The
+spill-over grows smoothly with the node's utilization `u` (from the smoothed weights):
+
+    floor = max(room_threshold, u_rest)        u_rest: utilization of the pool elsewhere
+    spill = clamp((u - floor) / (1 - floor), 0, 1)     (0 while u <= floor)
+    keep  = 1 - spill, in steps of `keep_step`
+
+so a node keeps everything while it has room, or while the rest of the pool is no better
+off, and hands over its excess in proportion to how far it is past that point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+#: Keep shares are integers out of this total (Envoy's weighted clusters take integers).
+PER_MILLE = 1000
+
+
+@dataclass(frozen=True)
+class HybridSettings:
+    """Tunables of node-local-first routing; each is a flag and a config key of `serve`."""
+
+    #: Utilization up to which a node "has room" and keeps all its Envoy's requests. Lower
+    #: it to spill earlier (more cross-node traffic, flatter queues); raise it to stay local.
+    room_threshold: float = 0.7
+    #: Keep shares move in steps of this (per mille), so small load jitter pushes no routes.
+    keep_step: int = 50
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.room_threshold < 1:
+            raise ValueError("room_threshold must be in [0, 1)")
+        if not 1 <= self.keep_step <= PER_MILLE:
+            raise ValueError("keep_step must be in 1..1000")
+
+
+def keep_share(
+    node: str,
+    node_utilization: Mapping[str, float],
+    capacity: Mapping[str, int],
+    settings: HybridSettings,
+) -> int:
+    """Per mille of a pool's requests an Envoy on `node` keeps on its node (0: none ready)."""
+    if node not in node_utilization:
+        return 0
+    u = node_utilization[node]
+    rest_capacity = sum(c for n, c in capacity.items() if n != node and n in node_utilization)
+    u_rest = (
+        sum(node_utilization[n] * c for n, c in capacity.items()
+            if n != node and n in node_utilization) / rest_capacity
+        if rest_capacity
+        else 1.0  # nowhere else to go
+    )
+    floor = max(settings.room_threshold, u_rest)
+    spill = 0.0 if u <= floor or floor >= 1 else min(1.0, (u - floor) / (1 - floor))
+    keep = 1.0 - spill
+    step = settings.keep_step
+    return round(keep * PER_MILLE / step) * step
