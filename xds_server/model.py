@@ -70,6 +70,16 @@ class Pool:
 
 
 @dataclass(frozen=True)
+class RankLoad:
+    """One engine's reading; `engine` is vLLM's label: the global DP rank."""
+
+    engine: str
+    running: float
+    waiting: float
+    kv_cache_usage: float | None = None
+
+
+@dataclass(frozen=True)
 class Load:
     """A replica's latest load reading and when it was read (seconds, wall clock)."""
 
@@ -77,6 +87,8 @@ class Load:
     waiting: float
     kv_cache_usage: float | None = None
     read_at: float = 0.0
+    #: Per-engine readings, where the server reports its ranks (hybrid mode).
+    ranks: tuple[RankLoad, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from xds_server.model import RankLoad
 from xds_server.sources.scrape import combine
-from xds_server.sources.vllm_metrics import MetricsTextError, RankLoad, parse_rank_loads
+from xds_server.sources.vllm_metrics import MetricsTextError, parse_rank_loads
 
 HYBRID = """
 # HELP vllm:num_requests_running Number of requests in model execution batches.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from xds_server.model import Load, Pool, Replica, ReplicaState
+from xds_server.model import Load, Pool, RankLoad, Replica, ReplicaState
 from xds_server.policy.weights import (
     SCALE,
     UNDAMPED,
@@ -131,3 +131,14 @@ def test_a_lasting_change_inside_the_deadband_is_published_once_settled() -> Non
         d = decide(POOL, {A.address: Load(13, 0, read_at=NOW + t)}, memory, NOW + t, s)
         memory = d.memory
     assert d.weights.endpoints[A.address] == 87
+
+
+def test_per_rank_readings_count_each_rank_free_room() -> None:
+    # One rank drowning in a queue, its sibling idle: half the replica's room is free, not none.
+    hybrid = Replica("10.0.0.9", 8000, "node-c", capacity=2)
+    reading = Load(running=10, waiting=20, read_at=NOW,
+                   ranks=(RankLoad("4", 10, 20), RankLoad("5", 0, 0)))
+    pool = Pool("p", (hybrid,))
+    assert weights({hybrid.address: reading}, pool=pool) == {hybrid.address: SCALE}
+    whole = Load(running=10, waiting=20, read_at=NOW)
+    assert weights({hybrid.address: whole}, pool=pool)[hybrid.address] < 10

@@ -5,7 +5,8 @@ The formula, per replica with capacity `c` (DP ranks), load read `age` seconds a
     room       = c * max_num_seqs
     used       = running + waiting_factor * waiting            (waiting costs more: it is
                                                                  latency already promised)
-    util       = min(1, used / room)                            (fresh load)
+    util       = min(1, used / room)                            (fresh load; with per-rank
+                 readings, 1 - mean over ranks of (1 - min(1, used_rank / max_num_seqs)))
     util       → pool_util as age goes stale_after_s → 2*stale_after_s (linearly), where
                  pool_util is the capacity-weighted mean util of the replicas with fresh
                  load (0 if none: then every weight is its capacity weight)
@@ -115,9 +116,18 @@ def capacity_weights(pool: Pool) -> Weights:
 
 
 def utilization(replica: Replica, load: Load, settings: PolicySettings) -> float:
-    room = replica.capacity * settings.max_num_seqs
-    used = max(0.0, load.running) + settings.waiting_factor * max(0.0, load.waiting)
-    return min(1.0, used / room)
+    """Share of the replica's room in use. With per-rank readings (a hybrid-mode server),
+    the free room is summed rank by rank: one rank's long queue does not hide that its
+    sibling is idle, and vLLM's own balancer will send the request to that sibling."""
+    if load.ranks and len(load.ranks) == replica.capacity:
+        free = sum(1.0 - _used(r.running, r.waiting, 1, settings) for r in load.ranks)
+        return 1.0 - free / replica.capacity
+    return _used(load.running, load.waiting, replica.capacity, settings)
+
+
+def _used(running: float, waiting: float, capacity: int, settings: PolicySettings) -> float:
+    used = max(0.0, running) + settings.waiting_factor * max(0.0, waiting)
+    return min(1.0, used / (capacity * settings.max_num_seqs))
 
 
 def freshness(load: Load | None, now: float, settings: PolicySettings) -> float:

@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from xds_server.metrics import Metrics
-from xds_server.model import Load, Replica
+from xds_server.model import Load, RankLoad, Replica
+from xds_server.sources.scrape import combine
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,10 @@ SOURCE = "prometheus"
 class PrometheusQueries:
     """PromQL per signal; each must return one series per replica carrying `label`."""
 
-    running: str = "sum by (instance) (vllm:num_requests_running)"
-    waiting: str = "sum by (instance) (vllm:num_requests_waiting)"
-    kv_cache_usage: str = "avg by (instance) (vllm:kv_cache_usage_perc)"
+    # Per engine (the global DP rank), so that rank endpoints get their own rank's load.
+    running: str = "sum by (instance, engine) (vllm:num_requests_running)"
+    waiting: str = "sum by (instance, engine) (vllm:num_requests_waiting)"
+    kv_cache_usage: str = "avg by (instance, engine) (vllm:kv_cache_usage_perc)"
     #: When the samples were taken (the oldest rank's sample of a replica).
     sampled_at: str = "min by (instance) (timestamp(vllm:num_requests_running))"
     label: str = "instance"
@@ -73,32 +75,38 @@ class PrometheusReader:
         loads: dict[str, Load] = {}
         for replica in replicas:
             key = replica.metrics_address
-            r, w, t = running.get(key), waiting.get(key), sampled.get(key)
-            if r is None or w is None or t is None:
+            t = sampled.get(key, {}).get("")
+            engines = running.get(key, {})
+            if t is None or not engines:
                 continue  # missing series: this replica's reading simply does not update
-            if not all(math.isfinite(v) and v >= 0 for v in (r, w, t)):
-                self._metrics.load_errors.labels(SOURCE, "bad_value").inc()
-                continue
-            k = kv.get(key)
-            loads[replica.address] = Load(
-                running=r, waiting=w,
-                kv_cache_usage=k if k is not None and math.isfinite(k) else None, read_at=t,
-            )
+            ranks: list[RankLoad] = []
+            for engine, r in sorted(engines.items()):
+                w = waiting.get(key, {}).get(engine)
+                if w is None or not all(math.isfinite(v) and v >= 0 for v in (r, w, t)):
+                    self._metrics.load_errors.labels(SOURCE, "bad_value").inc()
+                    ranks = []
+                    break
+                k = kv.get(key, {}).get(engine)
+                ranks.append(RankLoad(engine, r, w, k if k is not None and math.isfinite(k)
+                                      else None))
+            if ranks:
+                loads[replica.address] = combine(ranks, read_at=t)
         return loads
 
-    def _query(self, query: str) -> dict[str, float]:
+    def _query(self, query: str) -> dict[str, dict[str, float]]:
         result: list[dict[str, Any]] = self._client.custom_query(
             # Prometheus durations take no fractions ("2.0s" is a 400): whole milliseconds.
             query=query, params={"timeout": f"{int(self._timeout_s * 1000)}ms"},
             timeout=self._timeout_s,
         )
-        values: dict[str, float] = {}
+        values: dict[str, dict[str, float]] = {}
         for series in result:
-            key = series.get("metric", {}).get(self._queries.label)
+            labels = series.get("metric", {})
+            key = labels.get(self._queries.label)
             try:
                 value = float(series["value"][1])
             except (KeyError, IndexError, TypeError, ValueError):
                 continue
             if key:
-                values[key] = value
+                values.setdefault(key, {})[labels.get("engine", "")] = value
         return values

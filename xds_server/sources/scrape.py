@@ -15,8 +15,8 @@ from collections.abc import Iterable
 import aiohttp
 
 from xds_server.metrics import Metrics
-from xds_server.model import Load, Replica
-from xds_server.sources.vllm_metrics import MetricsTextError, RankLoad, parse_rank_loads
+from xds_server.model import Load, RankLoad, Replica
+from xds_server.sources.vllm_metrics import MetricsTextError, parse_rank_loads
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,7 @@ def combine(ranks: Iterable[RankLoad], read_at: float) -> Load:
         waiting=sum(r.waiting for r in ranks),
         kv_cache_usage=sum(kv) / len(kv) if kv else None,
         read_at=read_at,
+        ranks=tuple(ranks),
     )
 
 

@@ -9,9 +9,10 @@ gauge `vllm:gpu_cache_usage_perc`.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
+
+from xds_server.model import RankLoad
 
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
@@ -22,14 +23,6 @@ _WANTED = {RUNNING, WAITING, KV_USAGE, KV_USAGE_LEGACY}
 
 class MetricsTextError(ValueError):
     """The body is not usable Prometheus text with vLLM's load gauges."""
-
-
-@dataclass(frozen=True)
-class RankLoad:
-    engine: str
-    running: float
-    waiting: float
-    kv_cache_usage: float | None
 
 
 def parse_rank_loads(text: str) -> list[RankLoad]:
