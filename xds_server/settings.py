@@ -45,6 +45,9 @@ class EnvoySettings:
     model_header: str = "x-model"
     #: Header that pins a request to one node's replicas (503 if it has none ready).
     node_header: str = "x-hybridlb-node"
+    #: Envoy's balancer within a cluster: least_request (weight / in-flight, the default)
+    #: or round_robin (weighted), for comparison.
+    lb_policy: Literal["least_request", "round_robin"] = "least_request"
 
 
 @dataclass(frozen=True)

@@ -38,3 +38,8 @@ def test_the_only_node_keeps_everything_however_busy() -> None:
 def test_keep_moves_in_steps() -> None:
     coarse = HybridSettings(room_threshold=0.6, keep_step=50)
     assert keep_share("a", {"a": 0.73, "b": 0.0}, CAPACITY, coarse) % 50 == 0
+
+
+def test_local_first_off_keeps_nothing_local() -> None:
+    off = HybridSettings(local_first=False)
+    assert keep_share("a", {"a": 0.0, "b": 0.0}, CAPACITY, off) == 0

@@ -11,7 +11,7 @@ import argparse
 import asyncio
 import logging
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import yaml
 
@@ -53,6 +53,18 @@ _ACTIONS: dict[Any, dict[str, Any]] = {
     _switch: {"action": "store_const", "const": True},
     _names: {"action": "append"},
 }
+def _bool(value: Any) -> bool:
+    """true/false, yes/no, 1/0: for flags and config keys alike."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "yes", "1", "on"):
+        return True
+    if text in ("false", "no", "0", "off"):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
 # flag -> (type, default, help); the defaults are the settings dataclasses' own.
 _FLAGS: dict[str, tuple[Any, Any, str]] = {
     "static": (Path, None, "YAML file of pools to serve (watched for changes)"),
@@ -122,6 +134,11 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
                        "spills earlier (flatter queues, more cross-node hops)"),
     "keep-step": (int, HybridSettings.keep_step,
                   "keep shares move in steps of this many per mille (fewer route pushes)"),
+    "local-first": (_bool, HybridSettings.local_first,
+                    "true: an Envoy on a node prefers that node's replicas while they have "
+                    "room; false: every Envoy balances over the whole pool"),
+    "lb-policy": (str, EnvoySettings.lb_policy,
+                  "Envoy's balancer within a cluster: least_request or round_robin"),
 }
 
 
@@ -179,6 +196,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             connect_timeout_s=get("connect-timeout-s"),
             route_timeout_s=get("route-timeout-s"),
             model_header=get("model-header"),
+            lb_policy=_lb_policy(get("lb-policy")),
         ),
         admin=AdminSettings(host=get("admin-host"), port=get("admin-port")),
         static=StaticSettings(path=get("static"), poll_interval_s=get("static-poll-interval-s")),
@@ -203,7 +221,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             max_step_per_s=get("max-step-per-s"), deadband=get("deadband"),
             min_share=get("min-share"),
         ),
-        hybrid=_hybrid(room_threshold=get("room-threshold"), keep_step=get("keep-step")),
+        hybrid=_hybrid(room_threshold=get("room-threshold"), keep_step=get("keep-step"),
+                       local_first=get("local-first")),
     ))
 
 
@@ -246,6 +265,12 @@ def _mode(value: str) -> LoadMode:
     if value not in ("auto", "prometheus", "scrape", "none"):
         raise SystemExit(f"--metrics: {value!r} is not one of auto, prometheus, scrape, none")
     return cast(LoadMode, value)
+
+
+def _lb_policy(value: str) -> Literal["least_request", "round_robin"]:
+    if value not in ("least_request", "round_robin"):
+        raise SystemExit(f"--lb-policy: {value!r} is not least_request or round_robin")
+    return cast(Literal["least_request", "round_robin"], value)
 
 
 def _hybrid(**values: Any) -> HybridSettings:

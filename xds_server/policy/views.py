@@ -31,6 +31,8 @@ class HybridSettings:
     room_threshold: float = 0.7
     #: Keep shares move in steps of this (per mille), so small load jitter pushes no routes.
     keep_step: int = 50
+    #: Off: every Envoy balances over the whole pool (global-only weighted routing).
+    local_first: bool = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.room_threshold < 1:
@@ -46,7 +48,7 @@ def keep_share(
     settings: HybridSettings,
 ) -> int:
     """Per mille of a pool's requests an Envoy on `node` keeps on its node (0: none ready)."""
-    if node not in node_utilization:
+    if not settings.local_first or node not in node_utilization:
         return 0
     u = node_utilization[node]
     rest_capacity = sum(c for n, c in capacity.items() if n != node and n in node_utilization)

@@ -132,7 +132,11 @@ def _eds_cluster(
         connect_timeout=_duration(settings.connect_timeout_s),
         # Least-request divides each weight by this Envoy's in-flight count: the weights carry
         # slow, global load, the in-flight count absorbs bursts between pushes.
-        lb_policy=cluster_pb2.Cluster.LEAST_REQUEST,
+        lb_policy=(
+            cluster_pb2.Cluster.ROUND_ROBIN
+            if settings.lb_policy == "round_robin"
+            else cluster_pb2.Cluster.LEAST_REQUEST
+        ),
         common_lb_config=common,
     )
 
