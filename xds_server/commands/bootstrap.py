@@ -3,6 +3,12 @@
 The Envoy identifies its node in its node metadata (`hybridlb.node`); a listener port given
 here travels there too and overrides the server's, so several Envoys can share one machine.
 In a cluster, run this in an init container with the node name from the downward API.
+
+Envoy's admin stays on localhost: it can change and stop the proxy (`/quitquitquit`,
+`/runtime_modify`, `/drain_listeners`) and has no authentication. `--stats-port` adds a static
+listener that forwards only `GET /stats/prometheus` (for Prometheus) and `GET /ready` (for the
+kubelet's probes) to the admin, and answers 404 to everything else, so the pod can be scraped
+and probed without exposing the admin.
 """
 
 from __future__ import annotations
@@ -15,6 +21,10 @@ from typing import Any
 import yaml
 
 XDS_CLUSTER = "hybridlb_xds"
+ADMIN_CLUSTER = "hybridlb_admin"
+STATS_LISTENER = "hybridlb_stats"
+#: The admin paths the stats listener forwards; anything else is a 404 there.
+STATS_PATHS = ("/stats/prometheus", "/ready")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -30,6 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Envoy's admin address (default 127.0.0.1: never expose it)")
     parser.add_argument("--listener-port", type=int, default=None,
                         help="this Envoy's listener port (default: the server's --listener-port)")
+    parser.add_argument("--stats-port", type=int, default=None,
+                        help="also serve GET /stats/prometheus and /ready (only those) on this "
+                        "port, forwarded to the localhost-only admin (default: off)")
+    parser.add_argument("--stats-host", default="0.0.0.0",
+                        help="address the --stats-port listener binds (default 0.0.0.0)")
     parser.add_argument("--delta", action="store_true",
                         help="use incremental (delta) xDS instead of state of the world")
     parser.add_argument("--output", "-o", default="-", help="file to write (default stdout)")
@@ -45,12 +60,14 @@ def build_bootstrap(
     admin_port: int = 9901,
     listener_port: int | None = None,
     delta: bool = False,
+    stats_port: int | None = None,
+    stats_host: str = "0.0.0.0",
 ) -> dict[str, Any]:
     metadata: dict[str, Any] = {"node": node}
     if listener_port is not None:
         metadata["listener_port"] = listener_port
     ads = {"ads": {}, "resource_api_version": "V3"}
-    return {
+    doc: dict[str, Any] = {
         "node": {
             "id": node_id or f"hybridlb-{node or 'gateway'}",
             "cluster": "hybridlb",
@@ -95,6 +112,58 @@ def build_bootstrap(
             ]
         },
     }
+    if stats_port is not None:
+        static = doc["static_resources"]
+        static["listeners"] = [_stats_listener(stats_host, stats_port)]
+        static["clusters"].append(_admin_cluster(admin_host, admin_port))
+    return doc
+
+
+def _stats_listener(host: str, port: int) -> dict[str, Any]:
+    """HTTP on `host:port` that forwards GET of STATS_PATHS to the admin, 404 for the rest."""
+    get = [{"name": ":method", "string_match": {"exact": "GET"}}]
+    routes: list[dict[str, Any]] = [
+        {"match": {"path": path, "headers": get}, "route": {"cluster": ADMIN_CLUSTER}}
+        for path in STATS_PATHS
+    ]
+    routes.append({"match": {"prefix": "/"}, "direct_response": {"status": 404}})
+    return {
+        "name": STATS_LISTENER,
+        "address": {"socket_address": {"address": host, "port_value": port}},
+        "filter_chains": [{"filters": [{
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network."
+                         "http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": STATS_LISTENER,
+                "route_config": {
+                    "name": STATS_LISTENER,
+                    "virtual_hosts": [{"name": "stats", "domains": ["*"], "routes": routes}],
+                },
+                "http_filters": [{
+                    "name": "envoy.filters.http.router",
+                    "typed_config": {"@type": "type.googleapis.com/"
+                                              "envoy.extensions.filters.http.router.v3.Router"},
+                }],
+            },
+        }]}],
+    }
+
+
+def _admin_cluster(admin_host: str, admin_port: int) -> dict[str, Any]:
+    """The admin as an upstream; an admin bound to every address is reached on loopback."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(admin_host, admin_host)
+    return {
+        "name": ADMIN_CLUSTER,
+        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": ADMIN_CLUSTER,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": host, "port_value": admin_port}
+            }}}]}],
+        },
+    }
 
 
 def _is_ip(host: str) -> bool:
@@ -121,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
         listener_port=args.listener_port,
         delta=args.delta,
+        stats_port=args.stats_port,
+        stats_host=args.stats_host,
     )
     text = yaml.safe_dump(doc, sort_keys=False)
     if args.output == "-":
