@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("xds_server.commands.status", "show pools, replicas, weights and Envoys"),
     "sim": ("xds_server.sim.cli", "run simulated vLLM servers"),
     "bench": ("xds_server.bench.cli", "run a benchmark"),
+    "demo": ("xds_server.demo.cli", "run a local demo: simulated GPUs, real Envoys, live view"),
 }
 
 
