@@ -127,14 +127,17 @@ class ControlPlane(Process):
 
 class Envoy(Process):
     def __init__(self, workdir: Path, *, xds_port: int, node: str = "", delta: bool = False,
-                 name: str = "envoy") -> None:
-        self.listener_port, self.admin_port = free_ports(2)
+                 name: str = "envoy", stats: bool = False) -> None:
+        """`stats`: also the bootstrap's stats listener (`--stats-port`), at `stats_port`."""
+        self.listener_port, self.admin_port, stats_port = free_ports(3)
+        self.stats_port = stats_port if stats else None
         self.url = f"http://127.0.0.1:{self.listener_port}"
         self.admin = f"http://127.0.0.1:{self.admin_port}"
         config = workdir / f"{name}.yaml"
         config.write_text(yaml.safe_dump(build_bootstrap(
             xds_host="127.0.0.1", xds_port=xds_port, node=node, node_id=name,
             admin_port=self.admin_port, listener_port=self.listener_port, delta=delta,
+            stats_port=self.stats_port, stats_host="127.0.0.1",
         )))
         super().__init__(
             [ENVOY, "-c", str(config), "--use-dynamic-base-id", "-l", "warning",
@@ -286,16 +289,20 @@ class Prometheus(Process):
     """Debian's Prometheus scraping the given targets every `interval_s`."""
 
     def __init__(self, workdir: Path, targets: list[str], *, interval_s: float = 1.0,
-                 name: str = "prometheus") -> None:
+                 name: str = "prometheus", port: int | None = None,
+                 scrape_configs: list[dict[str, Any]] | None = None) -> None:
+        """`scrape_configs` replaces the one job scraping `targets`; `port`: a port chosen
+        beforehand, for a control plane that must know the URL before Prometheus exists."""
         assert PROMETHEUS is not None
-        self.port = free_ports(1)[0]
+        self.port = port or free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
         config = workdir / f"{name}.yml"
         config.write_text(yaml.safe_dump({
             # Prometheus durations take no fractions: "500ms", not "0.5s".
             "global": {"scrape_interval": f"{int(interval_s * 1000)}ms",
                        "scrape_timeout": f"{int(interval_s * 1000)}ms"},
-            "scrape_configs": [{"job_name": "vllm", "static_configs": [{"targets": targets}]}],
+            "scrape_configs": scrape_configs or [
+                {"job_name": "vllm", "static_configs": [{"targets": targets}]}],
         }))
         super().__init__(
             [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / name}",
