@@ -14,7 +14,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     xds.add_argument("--streams", type=int, default=200, help="ADS client streams (default 200)")
     xds.add_argument("--updates", type=int, default=5, help="measured updates (default 5)")
     xds.add_argument("--no-envoy", action="store_true", help="skip the real Envoy")
+    routing = sub.add_parser("routing", help="routing quality: policies against an oracle")
+    routing.add_argument("--out", default="bench/results", help="output folder")
+    routing.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
+    routing.add_argument("--case", choices=("main", "herding", "hybrid"), default="main",
+                         help="main: every policy; herding: stale vs fresh loads, damped vs "
+                         "undamped (issue 5); hybrid: on-node share (issue 6)")
+    routing.add_argument("--time-scale", type=float, default=20.0,
+                         help="simulator wall seconds per simulated second (default 20)")
+    routing.add_argument("--max-num-seqs", type=int, default=4,
+                         help="requests running per simulated rank (default 4)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench == "routing":
+        from xds_server.bench.routing import main as routing_main
+
+        return routing_main(args)
     raise SystemExit(f"unknown benchmark {args.bench}")
