@@ -38,13 +38,16 @@ from xds_server.workload import Arrival, Burst, Entry, LengthMix, Result, schedu
 #: Share of the base load that enters through the central Envoys (the rest: node Envoys).
 CENTRAL_SHARE = 0.25
 #: The default rate as a share of the fleet's estimated capacity.
-DEFAULT_LOAD = 0.55
+DEFAULT_LOAD = 0.4
 #: The burst: extra requests through the first node's Envoy, as a share of the fleet's
 #: capacity, from BURST_AT to BURST_AT + BURST_FOR of the run. The first node alone cannot
 #: take it, so its Envoy must spill over to the other nodes.
 BURST_LOAD = 0.4
 BURST_AT = 0.4
-BURST_FOR = 0.2
+BURST_FOR = 0.15
+#: ShareGPT-like lengths with the output cut at 512 tokens (1.6% of requests): at a tenth of
+#: an H100's speed a 1,024-token answer streams for 20 s, and the run's end would wait for it.
+DEMO_LENGTHS = LengthMix(output_max=512)
 #: How long requests in flight may take to finish once the run is over.
 DRAIN_S = 60.0
 
@@ -172,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
     out: Path = args.out
     logdir = out / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
-    lengths = LengthMix()
+    lengths = DEMO_LENGTHS
     capacity = estimated_capacity_rps(settings, lengths)
     rate = args.rate if args.rate is not None else round(DEFAULT_LOAD * capacity, 1)
     workdir = Path(tempfile.mkdtemp(prefix="hybridlb-demo-"))
@@ -306,22 +309,29 @@ def _report(args: argparse.Namespace, fleet: Fleet, settings: FleetSettings, out
         },
         "processes": [c.as_dict() for c in fleet.children],
         "git_commit": _git_commit(),
-        "plot": "demo.png" if outcome.samples else None,
+        "plot": None,
     })
-    report.write_json(out / "summary.json", summary)
+    # A plot left by an earlier run must not pass for this one's.
+    (out / "demo.png").unlink(missing_ok=True)
     if outcome.samples:
-        report.plot(
-            out / "demo.png", outcome.samples, replicas=replicas, envoys=envoys,
-            burst=(burst.start_s, burst.start_s + burst.duration_s) if burst else None,
-            title=f"{len(replicas)} replicas x {settings.ranks} ranks on {settings.nodes} "
-            f"nodes, {rate:g} req/s + burst via {burst.entry if burst else '-'}; "
-            f"loads from {summary['metrics_source']}",
-        )
+        try:
+            report.plot(
+                out / "demo.png", outcome.samples, replicas=replicas, envoys=envoys,
+                burst=(burst.start_s, burst.start_s + burst.duration_s) if burst else None,
+                title=f"{len(replicas)} replicas x {settings.ranks} ranks on {settings.nodes} "
+                f"nodes, {rate:g} req/s + burst via {burst.entry if burst else '-'}; "
+                f"loads from {summary['metrics_source']}",
+            )
+            summary["plot"] = "demo.png"
+        except ImportError:  # matplotlib comes with the `bench` extra, which `make demo` installs
+            console.print("[yellow]no plot: matplotlib is not installed "
+                          "(pip install 'vllm-hybrid-lb[bench]')[/]")
+    report.write_json(out / "summary.json", summary)
     console.print(report.tables(summary))
     if outcome.error:
         console.print(f"[bold red]the demo stopped early: {outcome.error}[/]")
-    console.print(f"summary: {out / 'summary.json'}  plot: {out / 'demo.png'}  "
-                  f"logs: {out / 'logs'}")
+    plot = f"plot: {out / 'demo.png'}  " if summary["plot"] else ""
+    console.print(f"summary: {out / 'summary.json'}  {plot}logs: {out / 'logs'}")
     if outcome.error or summary["failed"]:
         return 1
     if outcome.interrupted and not outcome.results:

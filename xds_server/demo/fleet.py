@@ -174,11 +174,15 @@ class Fleet:
         self.replicas = {r["address"]: r["node"] for r in doc["pools"][0]["replicas"]}
         sim.ports = [int(a.rsplit(":", 1)[1]) for a in self.replicas]
 
+        # The rest start side by side (a control plane retries Prometheus, an Envoy retries
+        # the control plane), which saves seconds of start-up on a small machine.
         load_flags = ["--metrics", "scrape", "--scrape-interval-s", str(s.load_interval_s)]
         prometheus = shutil.which("prometheus") if s.prometheus else None
+        waits: list[tuple[Callable[[], bool], str, Child]] = []
         if prometheus:
             progress("starting Prometheus")
-            self.prometheus_url = self._start_prometheus(prometheus)
+            child = self._start_prometheus(prometheus)
+            waits.append((_answers(self.prometheus_url + "/-/ready"), "Prometheus", child))
             load_flags = ["--metrics", "auto", "--prometheus-url", self.prometheus_url,
                           "--prometheus-interval-s", str(s.load_interval_s),
                           "--scrape-interval-s", str(s.load_interval_s)]
@@ -193,14 +197,13 @@ class Fleet:
             "--listener-port", str(default_listener), "--max-num-seqs", str(s.max_num_seqs),
             *load_flags,
         ], ports=[xds_port, admin_port])
-        self._wait(lambda: _get(self.admin_url + "/readyz")[0] == 200, 30,
-                   "the control plane", cp)
+        waits.append((_answers(self.admin_url + "/readyz"), "the control plane", cp))
 
         progress(f"starting {s.nodes + s.central_envoys} Envoys")
         names = [(f"envoy-{node}", node) for node in self.nodes]
         names += [(f"envoy-central{i + 1 if s.central_envoys > 1 else ''}", "")
                   for i in range(s.central_envoys)]
-        started: list[tuple[EnvoyInfo, Child]] = []
+        envoys: list[EnvoyInfo] = []
         for name, node in names:
             listener, admin = free_ports(2)
             info = EnvoyInfo(name=name, node=node, listener_port=listener, admin_port=admin)
@@ -213,11 +216,12 @@ class Fleet:
                 str(ENVOY), "-c", str(config), "--use-dynamic-base-id", "-l", "warning",
                 "--concurrency", "1", "--drain-time-s", "1",
             ], ports=[listener, admin])
-            started.append((info, child))
-        for info, child in started:
             # Routable, not just live: a request through it reaches a replica.
-            self._wait(_answers(info.url + "/v1/models"), 60, f"{info.name} to route", child)
-            self.envoys.append(info)
+            waits.append((_answers(info.url + "/v1/models"), f"{name} to route", child))
+            envoys.append(info)
+        for predicate, what, child in waits:
+            self._wait(predicate, 60, what, child)
+        self.envoys = envoys
         progress("waiting for the first loads")
         self._wait(self._loads_known, 30, "loads in the control plane", cp)
 
@@ -226,7 +230,7 @@ class Fleet:
         replicas = [r for pool in doc["pools"] for r in pool["replicas"]]
         return len(replicas) == len(self.replicas) and all(r["load"] for r in replicas)
 
-    def _start_prometheus(self, binary: str) -> str:
+    def _start_prometheus(self, binary: str) -> Child:
         (port,) = free_ports(1)
         interval = f"{round(self.settings.load_interval_s * 1000)}ms"
         config = self.workdir / "prometheus.yml"
@@ -236,14 +240,12 @@ class Fleet:
             "scrape_configs": [{"job_name": "vllm",
                                 "static_configs": [{"targets": list(self.replicas)}]}],
         }))
-        url = f"http://127.0.0.1:{port}"
-        child = self._spawn("prometheus", [
+        self.prometheus_url = f"http://127.0.0.1:{port}"
+        return self._spawn("prometheus", [
             binary, f"--config.file={config}",
             f"--storage.tsdb.path={self.workdir / 'prometheus'}",
             f"--web.listen-address=127.0.0.1:{port}", "--log.level=warn",
         ], ports=[port])
-        self._wait(lambda: _get(url + "/-/ready")[0] == 200, 30, "Prometheus", child)
-        return url
 
     def _spawn(self, name: str, args: list[str], ports: list[int] | None = None) -> Child:
         log = self.logdir / f"{name}.log"

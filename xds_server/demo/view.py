@@ -51,8 +51,8 @@ def render(frame: Frame) -> RenderableType:
         ("hybridlb demo ", "bold"),
         f"{now:5.1f} s / {frame.duration_s:.0f} s  ",
         (frame.phase, "bold magenta" if "burst" in frame.phase else "bold"),
-        f"   loads from: {frame.metrics_source}",
-        f"   simulated GPUs run {frame.time_scale:g}x slower than an H100",
+        f"\nloads from {frame.metrics_source}; simulated GPUs at 1/{frame.time_scale:g} of "
+        "an H100's speed",
     )
     return Group(header, _replicas(frame, done, recent), _envoys(frame, done, recent),
                  _totals(frame, done, recent))
@@ -123,7 +123,7 @@ def _totals(frame: Frame, done: Sequence[Result], recent: Sequence[Result]) -> T
         f"\nTTFT last {RECENT_S:.0f} s: p50 {_ms(percentile(ttft, 0.5))} "
         f"p99 {_ms(percentile(ttft, 0.99))}   "
         f"whole run: p50 {_ms(percentile(ttft_all, 0.5))} p99 {_ms(percentile(ttft_all, 0.99))}"
-        "   (Ctrl-C ends the run with a summary)",
+        "\nCtrl-C ends the run with a summary",
     )
 
 
