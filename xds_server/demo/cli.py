@@ -55,24 +55,25 @@ DRAIN_S = 60.0
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     defaults = FleetSettings()
-    parser.add_argument("--duration", type=float, default=60.0,
+    parser.add_argument("--duration", type=float, default=60.0, metavar="SECONDS",
                         help="seconds of load (default 60); requests in flight then finish")
-    parser.add_argument("--out", type=Path, default=Path("out/demo"),
+    parser.add_argument("--out", type=Path, default=Path("out/demo"), metavar="DIR",
                         help="where summary.json, demo.png and logs/ go (default out/demo)")
-    parser.add_argument("--nodes", type=int, default=defaults.nodes,
+    parser.add_argument("--nodes", type=int, default=defaults.nodes, metavar="N",
                         help=f"simulated nodes, each with its own Envoy (default {defaults.nodes})")
     parser.add_argument("--replicas-per-node", type=int, default=defaults.replicas_per_node,
+                        metavar="N",
                         help="vLLM API servers per node, each fronting "
                         f"{defaults.ranks} DP ranks (default {defaults.replicas_per_node})")
-    parser.add_argument("--envoys", type=int, default=defaults.central_envoys,
+    parser.add_argument("--envoys", type=int, default=defaults.central_envoys, metavar="N",
                         help="central Envoys (on no node), besides the one per node "
                         f"(default {defaults.central_envoys}); they take "
-                        f"{CENTRAL_SHARE:.0%} of the base load")
-    parser.add_argument("--rate", type=float, default=None,
-                        help=f"base load in requests per second (default: {DEFAULT_LOAD:.0%} "
+                        f"{CENTRAL_SHARE:.0%}% of the base load")
+    parser.add_argument("--rate", type=float, default=None, metavar="RPS",
+                        help=f"base load in requests per second (default: {DEFAULT_LOAD:.0%}% "
                         "of the fleet's estimated capacity; the burst adds "
-                        f"{BURST_LOAD:.0%} of it)")
-    parser.add_argument("--seed", type=int, default=1,
+                        f"{BURST_LOAD:.0%}% of it)")
+    parser.add_argument("--seed", type=int, default=1, metavar="N",
                         help="seed of the arrivals and lengths (default 1)")
     parser.add_argument("--scrape", action="store_true",
                         help="read loads by the direct scrape even when prometheus is installed")
