@@ -16,6 +16,8 @@ import grpc
 from aiohttp import web
 
 from xds_server import admin
+from xds_server.extproc.server import Picker, add_to_server
+from xds_server.extproc.state import LocalState
 from xds_server.metrics import Metrics
 from xds_server.publisher import Publisher
 from xds_server.settings import Settings
@@ -59,7 +61,9 @@ class App:
         self.sources.append(self.loads.run)
         self.xds_port = 0
         self.admin_port = 0
+        self.extproc_port = 0
         self._grpc: grpc.aio.Server | None = None
+        self._extproc: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
 
     def ready(self) -> bool:
@@ -88,6 +92,8 @@ class App:
             raise SystemExit(f"cannot listen for xDS on {s.xds.host}:{s.xds.port}: {exc}") from exc
         await server.start()
         self._grpc = server
+        if s.extproc.port:
+            await self._start_extproc()
         runner = web.AppRunner(
             admin.build_app(metrics=self.metrics, ready=self.ready, state=self.debug_state),
             access_log=None,
@@ -106,7 +112,25 @@ class App:
         log.info("xDS (ADS) on %s:%d, admin on http://%s:%d", s.xds.host, self.xds_port,
                  s.admin.host, self.admin_port)
 
+    async def _start_extproc(self) -> None:
+        """The endpoint picker on its own port, reading this process's state."""
+        s = self.settings.extproc
+        picker = Picker(state=LocalState(self.state), metrics=self.metrics, settings=s.pick,
+                        model_header=self.settings.envoy.model_header)
+        server = grpc.aio.server()
+        add_to_server(server, picker)
+        try:
+            self.extproc_port = server.add_insecure_port(f"{s.host}:{s.port}")
+        except RuntimeError as exc:
+            raise SystemExit(f"cannot listen for ext_proc on {s.host}:{s.port}: {exc}") from exc
+        await server.start()
+        self._extproc = server
+        log.info("ext_proc endpoint picker on %s:%d", s.host, self.extproc_port)
+
     async def stop(self) -> None:
+        if self._extproc is not None:
+            await self._extproc.stop(self.settings.xds.stop_grace_s)
+            self._extproc = None
         if self._grpc is not None:
             await self._grpc.stop(self.settings.xds.stop_grace_s)
             self._grpc = None

@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("xds_server.commands.serve", "run the xDS control plane"),
     "bootstrap": ("xds_server.commands.bootstrap", "print an Envoy bootstrap for this server"),
     "status": ("xds_server.commands.status", "show pools, replicas, weights and Envoys"),
+    "extproc": ("xds_server.commands.extproc", "run the ext_proc endpoint picker on its own"),
     "sim": ("xds_server.sim.cli", "run simulated vLLM servers"),
     "bench": ("xds_server.bench.cli", "run a benchmark"),
     "demo": ("xds_server.demo.cli", "run a local demo: simulated GPUs, real Envoys, live view"),

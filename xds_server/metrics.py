@@ -72,6 +72,15 @@ class Metrics:
             "hybridlb_load_age_seconds", "Age of the load reading behind each weight",
             ["pool", "replica"], registry=r,
         )
+        self.extproc_requests = Counter(
+            "hybridlb_extproc_requests_total",
+            "Requests the endpoint picker saw, by outcome (picked, or why it passed one by)",
+            ["outcome"], registry=r,
+        )
+        self.extproc_seconds = Histogram(
+            "hybridlb_extproc_decision_seconds", "Time to read a body and pick a replica",
+            registry=r, buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
+        )
         self.weight = Gauge(
             "hybridlb_endpoint_weight", "Endpoint weight published to Envoy",
             ["pool", "replica", "node"], registry=r,

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from xds_server.extproc.pick import PickSettings
 from xds_server.policy.views import HybridSettings
 from xds_server.policy.weights import PolicySettings
 from xds_server.sources.prometheus import PrometheusQueries
@@ -48,6 +49,14 @@ class EnvoySettings:
     #: Envoy's balancer within a cluster: least_request (weight / in-flight, the default)
     #: or round_robin (weighted), for comparison.
     lb_policy: Literal["least_request", "round_robin"] = "least_request"
+    #: Where Envoys reach the endpoint picker (HOST:PORT); empty: no ext_proc filter.
+    extproc_address: str = ""
+    #: How long Envoy waits for a pick before routing by the weights (fail open).
+    extproc_timeout_s: float = 0.2
+    #: Requests carrying this header stick to a replica (bounded-load consistent hashing).
+    session_header: str = "x-session-id"
+    #: Bound of that hashing: no replica above this percent of the mean load (>= 100).
+    hash_balance_factor: int = 150
 
 
 @dataclass(frozen=True)
@@ -100,6 +109,15 @@ class KubernetesSettings:
     backoff_max_s: float = 30.0
 
 
+@dataclass(frozen=True)
+class ExtprocSettings:
+    """The endpoint picker hosted inside `serve` (port 0: not hosted)."""
+
+    host: str = "0.0.0.0"
+    port: int = 0
+    pick: PickSettings = field(default_factory=PickSettings)
+
+
 LoadMode = Literal["auto", "prometheus", "scrape", "none"]
 
 
@@ -130,3 +148,4 @@ class Settings:
     loads: LoadSettings = field(default_factory=LoadSettings)
     policy: PolicySettings = field(default_factory=PolicySettings)
     hybrid: HybridSettings = field(default_factory=HybridSettings)
+    extproc: ExtprocSettings = field(default_factory=ExtprocSettings)

@@ -15,11 +15,13 @@ from typing import Any, Literal, cast
 
 import yaml
 
+from xds_server.extproc.pick import PickSettings
 from xds_server.policy.views import HybridSettings
 from xds_server.policy.weights import PolicySettings
 from xds_server.settings import (
     AdminSettings,
     EnvoySettings,
+    ExtprocSettings,
     KubernetesPool,
     KubernetesSettings,
     LoadMode,
@@ -139,6 +141,20 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
                     "room; false: every Envoy balances over the whole pool"),
     "lb-policy": (str, EnvoySettings.lb_policy,
                   "Envoy's balancer within a cluster: least_request or round_robin"),
+    "session-header": (str, EnvoySettings.session_header,
+                       "requests with this header stick to one replica per session value "
+                       "(bounded-load consistent hashing, no picker needed)"),
+    "hash-balance-factor": (int, EnvoySettings.hash_balance_factor,
+                            "session stickiness bound: no replica above this percent of the "
+                            "mean load (>= 100)"),
+    "extproc-port": (int, ExtprocSettings.port,
+                     "host the ext_proc endpoint picker in this process on this port "
+                     "(0: not hosted)"),
+    "extproc-address": (str, EnvoySettings.extproc_address,
+                        "HOST:PORT where Envoys reach the endpoint picker; adds the ext_proc "
+                        "filter (default with --extproc-port: 127.0.0.1:PORT)"),
+    "extproc-timeout-s": (float, EnvoySettings.extproc_timeout_s,
+                          "how long Envoy waits for a pick before routing by the weights"),
 }
 
 
@@ -197,6 +213,11 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             route_timeout_s=get("route-timeout-s"),
             model_header=get("model-header"),
             lb_policy=_lb_policy(get("lb-policy")),
+            session_header=get("session-header"),
+            hash_balance_factor=get("hash-balance-factor"),
+            extproc_timeout_s=get("extproc-timeout-s"),
+            extproc_address=get("extproc-address")
+            or (f"127.0.0.1:{get('extproc-port')}" if get("extproc-port") else ""),
         ),
         admin=AdminSettings(host=get("admin-host"), port=get("admin-port")),
         static=StaticSettings(path=get("static"), poll_interval_s=get("static-poll-interval-s")),
@@ -223,6 +244,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         ),
         hybrid=_hybrid(room_threshold=get("room-threshold"), keep_step=get("keep-step"),
                        local_first=get("local-first")),
+        extproc=ExtprocSettings(
+            port=get("extproc-port"),
+            pick=PickSettings(max_num_seqs=get("max-num-seqs"),
+                              waiting_factor=get("waiting-factor"),
+                              room_threshold=get("room-threshold")),
+        ),
     ))
 
 

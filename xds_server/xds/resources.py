@@ -17,6 +17,7 @@ pool's traffic goes to `P/prefer/N` versus `P`.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -26,19 +27,28 @@ from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
     config_source_pb2,
+    extension_pb2,
+    grpc_service_pb2,
     health_check_pb2,
+    protocol_pb2,
     substitution_format_string_pb2,
 )
 from envoy.config.endpoint.v3 import endpoint_components_pb2, endpoint_pb2
 from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
+from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
 from envoy.extensions.filters.http.header_to_metadata.v3 import header_to_metadata_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
     http_connection_manager_pb2 as hcm_pb2,
 )
+from envoy.extensions.load_balancing_policies.common.v3 import common_pb2 as common_lb_pb2
+from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2
+from envoy.extensions.load_balancing_policies.override_host.v3 import override_host_pb2
+from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
+from envoy.type.metadata.v3 import metadata_pb2
 from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
@@ -53,6 +63,10 @@ ROUTE_CONFIG_NAME = "hybridlb_routes"
 METADATA_NS = "hybridlb"
 #: The namespace Envoy's subset load balancer and the router's dynamic match read.
 LB_NS = "envoy.lb"
+#: The Gateway API Inference Extension's name for the picked endpoint (header and metadata).
+DESTINATION_HEADER = "x-gateway-destination-endpoint"
+EXTPROC_CLUSTER = "hybridlb_extproc"
+_HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
 
 def cluster_name(pool: str) -> str:
@@ -69,6 +83,10 @@ def prefer_cluster_name(pool: str, node: str) -> str:
 
 def pinned_cluster_name(pool: str) -> str:
     return f"{pool}/pinned"
+
+
+def affinity_cluster_name(pool: str) -> str:
+    return f"{pool}/affinity"
 
 
 @dataclass(frozen=True)
@@ -114,6 +132,95 @@ def _any(message: Message) -> any_pb2.Any:
     return packed
 
 
+def _honour_picks(cluster: cluster_pb2.Cluster) -> None:
+    """Send a request to the endpoint the picker named (header or `envoy.lb` metadata), and
+    by the weights when it named none, or one that is not in the cluster (fail open)."""
+    fallback = least_request_pb2.LeastRequest(
+        locality_lb_config=common_lb_pb2.LocalityLbConfig(
+            locality_weighted_lb_config=common_lb_pb2.LocalityLbConfig.LocalityWeightedLbConfig()
+        )
+    )
+    policy = override_host_pb2.OverrideHost(
+        override_host_sources=[
+            override_host_pb2.OverrideHost.OverrideHostSource(header=DESTINATION_HEADER),
+            override_host_pb2.OverrideHost.OverrideHostSource(
+                metadata=metadata_pb2.MetadataKey(
+                    key=LB_NS,
+                    path=[metadata_pb2.MetadataKey.PathSegment(key=DESTINATION_HEADER)],
+                )
+            ),
+        ],
+        fallback_policy=cluster_pb2.LoadBalancingPolicy(
+            policies=[
+                cluster_pb2.LoadBalancingPolicy.Policy(
+                    typed_extension_config=extension_pb2.TypedExtensionConfig(
+                        name="envoy.load_balancing_policies.least_request",
+                        typed_config=_any(fallback),
+                    )
+                )
+            ]
+        ),
+    )
+    cluster.ClearField("lb_policy")
+    # Envoy refuses locality weighting in both places; the fallback policy carries it.
+    cluster.common_lb_config.ClearField("locality_weighted_lb_config")
+    cluster.load_balancing_policy.CopyFrom(
+        cluster_pb2.LoadBalancingPolicy(
+            policies=[
+                cluster_pb2.LoadBalancingPolicy.Policy(
+                    typed_extension_config=extension_pb2.TypedExtensionConfig(
+                        name="envoy.load_balancing_policies.override_host",
+                        typed_config=_any(policy),
+                    )
+                )
+            ]
+        )
+    )
+
+
+def _affinity_cluster(pool: str, settings: EnvoySettings) -> cluster_pb2.Cluster:
+    """Bounded-load consistent hashing on the session header over the pool's endpoints:
+    a session keeps its replica (and its KV cache) while that replica stays within
+    `hash_balance_factor` percent of the mean load."""
+    cluster = _eds_cluster(affinity_cluster_name(pool), settings, service_name=cluster_name(pool))
+    cluster.lb_policy = cluster_pb2.Cluster.MAGLEV
+    cluster.common_lb_config.consistent_hashing_lb_config.hash_balance_factor.value = (
+        settings.hash_balance_factor
+    )
+    return cluster
+
+
+def extproc_cluster(settings: EnvoySettings) -> cluster_pb2.Cluster:
+    """Where Envoy reaches the endpoint picker (HTTP/2 for gRPC)."""
+    host, _, port = settings.extproc_address.rpartition(":")
+    options = http_protocol_options_pb2.HttpProtocolOptions(
+        explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
+            http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
+        )
+    )
+    return cluster_pb2.Cluster(
+        name=EXTPROC_CLUSTER,
+        type=cluster_pb2.Cluster.STATIC if _is_ip(host) else cluster_pb2.Cluster.STRICT_DNS,
+        connect_timeout=_duration(0.25),
+        typed_extension_protocol_options={_HTTP_OPTIONS: _any(options)},
+        load_assignment=endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=EXTPROC_CLUSTER,
+            endpoints=[endpoint_components_pb2.LocalityLbEndpoints(lb_endpoints=[
+                endpoint_components_pb2.LbEndpoint(endpoint=endpoint_components_pb2.Endpoint(
+                    address=address_pb2.Address(socket_address=address_pb2.SocketAddress(
+                        address=host.strip("[]"), port_value=int(port)))))])],
+        ),
+    )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        return False
+    return True
+
+
 def _eds_cluster(
     name: str, settings: EnvoySettings, *, service_name: str = "", locality_weighted: bool = False
 ) -> cluster_pb2.Cluster:
@@ -125,6 +232,7 @@ def _eds_cluster(
         common.locality_weighted_lb_config.SetInParent()
     return cluster_pb2.Cluster(
         name=name,
+        alt_stat_name=stat_name(name),
         type=cluster_pb2.Cluster.EDS,
         eds_cluster_config=cluster_pb2.Cluster.EdsClusterConfig(
             eds_config=_ads(), service_name=service_name
@@ -141,9 +249,10 @@ def _eds_cluster(
     )
 
 
-def build_cluster(name: str, settings: EnvoySettings) -> cluster_pb2.Cluster:
-    """A plain EDS cluster (least-request) of the given name."""
-    return _eds_cluster(name, settings)
+def stat_name(cluster: str) -> str:
+    """Envoy splits stat names on dots (a pool `Qwen/Qwen3-0.6B` or an EKS node name
+    `ip-10-0-1-5.ec2.internal` would be cut into tags); the stats name keeps them whole."""
+    return cluster.replace(".", "_")
 
 
 def _prefer_cluster(pool: str, node: str) -> cluster_pb2.Cluster:
@@ -152,6 +261,7 @@ def _prefer_cluster(pool: str, node: str) -> cluster_pb2.Cluster:
     )
     return cluster_pb2.Cluster(
         name=prefer_cluster_name(pool, node),
+        alt_stat_name=stat_name(prefer_cluster_name(pool, node)),
         cluster_type=cluster_pb2.Cluster.CustomClusterType(
             name="envoy.clusters.aggregate", typed_config=_any(config)
         ),
@@ -232,11 +342,17 @@ def build_clusters_and_endpoints(
     """The shared resources of every pool: its clusters and their endpoints."""
     clusters: list[cluster_pb2.Cluster] = []
     assignments: list[endpoint_pb2.ClusterLoadAssignment] = []
+    if settings.extproc_address:
+        clusters.append(extproc_cluster(settings))
     for item in pools:
         pool = item.pool
         name = cluster_name(pool.name)
-        clusters.append(_eds_cluster(name, settings, locality_weighted=True))
+        everywhere = _eds_cluster(name, settings, locality_weighted=True)
+        if settings.extproc_address:
+            _honour_picks(everywhere)
+        clusters.append(everywhere)
         clusters.append(_pinned_cluster(pool.name, settings))
+        clusters.append(_affinity_cluster(pool.name, settings))
         assignments.append(build_load_assignment(name, pool.replicas, item.weights))
         for node in item.all_nodes:
             local = local_cluster_name(pool.name, node)
@@ -277,7 +393,8 @@ def _route_action(route: PoolRoute, settings: EnvoySettings) -> route_components
 def _routes_for(
     route: PoolRoute, settings: EnvoySettings, *, model: str | None
 ) -> list[route_components_pb2.Route]:
-    """The pinned route and the local-first route of one pool (for one `x-model` value)."""
+    """One pool's routes for one `x-model` value, first match wins: a pinned node, the
+    picker's choice, a session's replica, then the view's local-first split."""
     headers = (
         [route_components_pb2.HeaderMatcher(
             name=settings.model_header, string_match=string_pb2.StringMatcher(exact=model))]
@@ -286,15 +403,49 @@ def _routes_for(
     )
     pinned = route_components_pb2.HeaderMatcher(name=settings.node_header, present_match=True)
     label = f"model:{model}" if model is not None else f"default:{route.pool}"
+    timeout = _duration(settings.route_timeout_s)
+    picked: list[route_components_pb2.Route] = []
+    if settings.extproc_address and model is not None:
+        picked.append(route_components_pb2.Route(
+            name=f"{label}:picked",
+            match=route_components_pb2.RouteMatch(prefix="/", headers=[
+                *headers,
+                route_components_pb2.HeaderMatcher(name=DESTINATION_HEADER, present_match=True),
+            ]),
+            route=route_components_pb2.RouteAction(cluster=cluster_name(route.pool),
+                                                   timeout=timeout),
+            # Say which endpoint was picked, so a client can see whether Envoy honoured it.
+            response_headers_to_add=[base_pb2.HeaderValueOption(
+                header=base_pb2.HeaderValue(key="x-hybridlb-picked",
+                                            value=f"%REQ({DESTINATION_HEADER})%"),
+                append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
+            )],
+        ))
+    session = route_components_pb2.Route(
+        name=f"{label}:session",
+        match=route_components_pb2.RouteMatch(prefix="/", headers=[
+            *headers,
+            route_components_pb2.HeaderMatcher(name=settings.session_header, present_match=True),
+        ]),
+        route=route_components_pb2.RouteAction(
+            cluster=affinity_cluster_name(route.pool),
+            timeout=timeout,
+            hash_policy=[route_components_pb2.RouteAction.HashPolicy(
+                header=route_components_pb2.RouteAction.HashPolicy.Header(
+                    header_name=settings.session_header))],
+        ),
+    )
     return [
         route_components_pb2.Route(
             name=f"{label}:pinned",
             match=route_components_pb2.RouteMatch(prefix="/", headers=[*headers, pinned]),
             route=route_components_pb2.RouteAction(
                 cluster=pinned_cluster_name(route.pool),
-                timeout=_duration(settings.route_timeout_s),
+                timeout=timeout,
             ),
         ),
+        *picked,
+        session,
         route_components_pb2.Route(
             name=f"{label}:keep={route.keep_per_mille if route.node else 0}",
             match=route_components_pb2.RouteMatch(prefix="/", headers=headers),
@@ -346,6 +497,34 @@ def _pin_filter(settings: EnvoySettings) -> hcm_pb2.HttpFilter:
     )
 
 
+def _extproc_filter(view: View, settings: EnvoySettings) -> hcm_pb2.HttpFilter:
+    """The endpoint picker, asked with the headers and the buffered body; it fails open.
+
+    BUFFERED_PARTIAL, not BUFFERED: a body over Envoy's buffer limit goes on in part instead
+    of failing with 413; not FULL_DUPLEX_STREAMED: that mode cannot fail open.
+    """
+    config = ext_proc_pb2.ExternalProcessor(
+        grpc_service=grpc_service_pb2.GrpcService(
+            envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER),
+            # The picker prefers replicas on the asking Envoy's node.
+            initial_metadata=[base_pb2.HeaderValue(key="x-hybridlb-node", value=view.node)],
+        ),
+        failure_mode_allow=True,
+        message_timeout=_duration(settings.extproc_timeout_s),
+        # The picker asks for BUFFERED when the body is known to fit Envoy's buffer.
+        allow_mode_override=True,
+        processing_mode=processing_mode_pb2.ProcessingMode(
+            request_header_mode=processing_mode_pb2.ProcessingMode.SEND,
+            response_header_mode=processing_mode_pb2.ProcessingMode.SKIP,
+            request_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL,
+            response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
+            request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+            response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+        ),
+    )
+    return hcm_pb2.HttpFilter(name="envoy.filters.http.ext_proc", typed_config=_any(config))
+
+
 def _pin_failure_reply(settings: EnvoySettings) -> hcm_pb2.LocalReplyConfig:
     """A pinned node with no ready replica gets a 503 that says so."""
     return hcm_pb2.LocalReplyConfig(
@@ -389,6 +568,7 @@ def build_listener(view: View, settings: EnvoySettings) -> listener_pb2.Listener
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
         http_filters=[
             _pin_filter(settings),
+            *([_extproc_filter(view, settings)] if settings.extproc_address else []),
             hcm_pb2.HttpFilter(
                 name="envoy.filters.http.router", typed_config=_any(router_pb2.Router())
             ),

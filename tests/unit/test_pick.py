@@ -1,0 +1,95 @@
+"""The picker's decision and its reading of request bodies."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from xds_server.extproc.pick import Candidate, PickSettings, Unreadable, pick, read_request
+from xds_server.extproc.state import PendingPicks, PrefixOwners
+
+S = PickSettings(max_num_seqs=10)
+IDLE = Candidate("10.0.0.1:8000", "a", 1, 0, 0)
+BUSY = Candidate("10.0.0.2:8000", "b", 1, 5, 1)
+BIG = Candidate("10.0.0.3:8000", "b", 2, 5, 1)
+
+
+def test_least_expected_wait_wins() -> None:
+    assert pick([BUSY, IDLE], prefix_owner=None, envoy_node="", settings=S) == IDLE
+
+
+def test_capacity_divides_the_wait() -> None:
+    # 5 running + 4 * 1 waiting over two ranks is less wait than over one.
+    assert pick([BUSY, BIG], prefix_owner=None, envoy_node="", settings=S) == BIG
+
+
+def test_pending_picks_count_against_a_replica() -> None:
+    crowded = Candidate("10.0.0.1:8000", "a", 1, 0, 0, pending=10)
+    assert pick([crowded, BUSY], prefix_owner=None, envoy_node="", settings=S) == BUSY
+
+
+def test_prefix_affinity_breaks_near_ties_but_not_a_queue() -> None:
+    slightly_busy = Candidate("10.0.0.4:8000", "a", 1, 1, 0)
+    assert pick([IDLE, slightly_busy], prefix_owner=slightly_busy.address, envoy_node="",
+                settings=S) == slightly_busy
+    full = Candidate("10.0.0.5:8000", "a", 1, 8, 0)  # past the room threshold
+    assert pick([IDLE, full], prefix_owner=full.address, envoy_node="", settings=S) == IDLE
+
+
+def test_locality_breaks_ties() -> None:
+    twin = Candidate("10.0.0.9:8000", "b", 1, 0, 0)
+    assert pick([IDLE, twin], prefix_owner=None, envoy_node="b", settings=S) == twin
+    assert pick([IDLE, twin], prefix_owner=None, envoy_node="", settings=S) == IDLE
+
+
+def test_no_candidates_no_pick() -> None:
+    assert pick([], prefix_owner=None, envoy_node="", settings=S) is None
+
+
+def body(**doc: object) -> bytes:
+    return json.dumps(doc).encode()
+
+
+def test_chat_and_completion_bodies_are_read() -> None:
+    long = "x" * 300
+    chat = read_request(body(model="m", messages=[{"role": "user", "content": long}]),
+                        "application/json", S)
+    completion = read_request(body(model="m", prompt=long), "application/json; charset=utf-8", S)
+    assert chat.model == "m" and chat.prompt_chars == 300
+    assert chat.prefix == completion.prefix != ""
+    short = read_request(body(model="m", prompt="hi"), "application/json", S)
+    assert short.prefix == ""  # shorter than one block: no affinity
+
+
+@pytest.mark.parametrize(
+    ("raw", "content_type", "reason"),
+    [
+        (b"{", "application/json", "bad_json"),
+        (b"[1]", "application/json", "bad_json"),
+        (body(prompt="x"), "application/json", "no_model"),
+        (body(model=3), "application/json", "no_model"),
+        (body(model="m"), "text/plain", "not_json"),
+        (b" " * 1_000_001, "application/json", "too_large"),
+    ],
+)
+def test_unreadable_bodies_name_their_reason(raw: bytes, content_type: str, reason: str) -> None:
+    with pytest.raises(Unreadable) as caught:
+        read_request(raw, content_type, S)
+    assert caught.value.reason == reason
+
+
+def test_prefix_owners_are_bounded() -> None:
+    owners = PrefixOwners(capacity=2)
+    for i in range(3):
+        owners.set(f"p{i}", f"r{i}")
+    assert owners.get("p0") is None and owners.get("p2") == "r2"
+
+
+def test_pending_counts_only_picks_after_the_reading() -> None:
+    pending = PendingPicks(horizon_s=300)
+    pending.add("r", now=100.0)
+    pending.add("r", now=200.0)
+    assert pending.since("r", read_at=150.0, now=201.0) == 1
+    assert pending.since("r", read_at=50.0, now=201.0) == 2
+    assert pending.since("r", read_at=50.0, now=1000.0) == 0  # past the horizon

@@ -1,0 +1,96 @@
+"""Run the ext_proc endpoint picker on its own, following a control plane's /debug/state.
+
+Envoy asks it per request (headers and buffered body) and it names a replica: least
+expected wait first, prefix affinity and node locality as tie-breakers. It fails open: a
+picker that is down, slow or confused leaves the request to the weights. To run it inside
+the control plane instead, use `hybridlb serve --extproc-port PORT`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+
+from xds_server.extproc.pick import PickSettings
+
+log = logging.getLogger(__name__)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--port", type=int, default=9002, help="gRPC port (default 9002)")
+    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    parser.add_argument("--control-plane", default="http://127.0.0.1:18080",
+                        help="the control plane's admin URL, whose /debug/state is followed "
+                        "(default http://127.0.0.1:18080)")
+    parser.add_argument("--poll-interval-s", type=float, default=0.5,
+                        help="how often /debug/state is read (default 0.5)")
+    parser.add_argument("--admin-port", type=int, default=0,
+                        help="serve /healthz, /readyz and /metrics here (default: off)")
+    parser.add_argument("--admin-host", default="127.0.0.1", help="(default 127.0.0.1)")
+    parser.add_argument("--model-header", default="x-model",
+                        help="header that names the pool, set on picked requests (default x-model)")
+    d = PickSettings()
+    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
+                        help=f"room per rank, as in `serve` (default {d.max_num_seqs})")
+    parser.add_argument("--affinity-bonus", type=float, default=d.affinity_bonus,
+                        help=f"score bonus for the replica that last took a prompt's leading "
+                        f"block (default {d.affinity_bonus})")
+    parser.add_argument("--locality-bonus", type=float, default=d.locality_bonus,
+                        help=f"score bonus for a replica on the asking Envoy's node "
+                        f"(default {d.locality_bonus})")
+    parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
+                        help=f"larger bodies are not parsed (default {d.max_body_bytes})")
+
+
+def run(args: argparse.Namespace) -> int:
+    import grpc
+    from aiohttp import web
+
+    from xds_server import admin
+    from xds_server.extproc.server import Picker, add_to_server
+    from xds_server.extproc.state import RemoteState
+    from xds_server.metrics import Metrics
+
+    settings = PickSettings(max_num_seqs=args.max_num_seqs, affinity_bonus=args.affinity_bonus,
+                            locality_bonus=args.locality_bonus,
+                            max_body_bytes=args.max_body_bytes)
+
+    async def main() -> None:
+        metrics = Metrics()
+        state = RemoteState(args.control_plane, args.poll_interval_s)
+        server = grpc.aio.server()
+        add_to_server(server, Picker(state=state, metrics=metrics, settings=settings,
+                                     model_header=args.model_header))
+        try:
+            port = server.add_insecure_port(f"{args.host}:{args.port}")
+        except RuntimeError as exc:
+            raise SystemExit(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
+        await server.start()
+        runner = None
+        if args.admin_port:
+            runner = web.AppRunner(admin.build_app(
+                metrics=metrics, ready=state.ready.is_set, state=lambda: {}), access_log=None)
+            await runner.setup()
+            await web.TCPSite(runner, args.admin_host, args.admin_port).start()
+        log.info("ext_proc endpoint picker on %s:%d, following %s", args.host, port,
+                 args.control_plane)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        follow = asyncio.create_task(state.run())
+        try:
+            await stop.wait()
+        finally:
+            follow.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await follow
+            await server.stop(1.0)
+            if runner is not None:
+                await runner.cleanup()
+
+    asyncio.run(main())
+    return 0

@@ -1,0 +1,177 @@
+"""Where the picker's view of the fleet comes from: the control plane's own state when it
+runs inside `hybridlb serve`, or the control plane's /debug/state when it runs alone.
+
+Both count the picker's own recent picks that the latest load reading cannot include yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import urllib.request
+from collections import OrderedDict, deque
+from typing import Any, Protocol
+
+from xds_server.extproc.pick import Candidate
+from xds_server.model import ReplicaState
+from xds_server.state import State
+
+log = logging.getLogger(__name__)
+
+
+class PickerState(Protocol):
+    def candidates(self, pool: str) -> list[Candidate] | None:
+        """Ready replicas of a pool, None when the pool is unknown."""
+
+    def default_pool(self) -> str:
+        """The pool requests naming none go to (the first), or "" with no pools."""
+
+    def note_pick(self, address: str) -> None: ...
+
+
+class PendingPicks:
+    """Picks per replica with their times; a load read at time t already counts earlier ones."""
+
+    def __init__(self, horizon_s: float = 30.0) -> None:
+        self._picks: dict[str, deque[float]] = {}
+        self._horizon_s = horizon_s
+
+    def add(self, address: str, now: float | None = None) -> None:
+        self._picks.setdefault(address, deque()).append(time.time() if now is None else now)
+
+    def since(self, address: str, read_at: float, now: float | None = None) -> int:
+        picks = self._picks.get(address)
+        if not picks:
+            return 0
+        cutoff = (time.time() if now is None else now) - self._horizon_s
+        while picks and picks[0] < cutoff:
+            picks.popleft()
+        return sum(1 for t in picks if t > read_at)
+
+
+class LocalState:
+    """The control plane's hub, read in the same process."""
+
+    def __init__(self, state: State) -> None:
+        self._state = state
+        self._pending = PendingPicks()
+
+    def candidates(self, pool: str) -> list[Candidate] | None:
+        for p in self._state.pools:
+            if p.name != pool:
+                continue
+            loads = self._state.loads
+            out = []
+            for r in p.replicas:
+                if r.state is not ReplicaState.READY:
+                    continue
+                load = loads.get(r.address)
+                read_at = load.read_at if load else 0.0
+                out.append(Candidate(
+                    address=r.address, node=r.node, capacity=r.capacity,
+                    running=load.running if load else 0.0,
+                    waiting=load.waiting if load else 0.0,
+                    pending=self._pending.since(r.address, read_at),
+                ))
+            return out
+        return None
+
+    def default_pool(self) -> str:
+        pools = self._state.pools
+        return pools[0].name if pools else ""
+
+    def note_pick(self, address: str) -> None:
+        self._pending.add(address)
+
+
+class RemoteState:
+    """Follows a control plane's /debug/state (polled), for a picker in its own process."""
+
+    def __init__(self, admin_url: str, interval_s: float = 0.5) -> None:
+        self._url = admin_url.rstrip("/") + "/debug/state"
+        self._interval_s = interval_s
+        self._pools: dict[str, list[tuple[Candidate, float]]] = {}
+        self._pending = PendingPicks()
+        self._failing = False
+        self.ready = asyncio.Event()
+
+    async def run(self) -> None:
+        while True:
+            try:
+                doc = await asyncio.to_thread(self._fetch)
+                self._pools = _parse(doc)
+                self.ready.set()
+                if self._failing:
+                    log.info("control plane %s answers again", self._url)
+                    self._failing = False
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                if not self._failing:
+                    log.warning("cannot read %s (%s); picking from the last state seen",
+                                self._url, exc)
+                    self._failing = True
+            await asyncio.sleep(self._interval_s)
+
+    def _fetch(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self._url, timeout=2) as response:
+            doc: dict[str, Any] = json.load(response)
+            return doc
+
+    def candidates(self, pool: str) -> list[Candidate] | None:
+        members = self._pools.get(pool)
+        if members is None:
+            return None
+        return [
+            Candidate(c.address, c.node, c.capacity, c.running, c.waiting,
+                      self._pending.since(c.address, read_at))
+            for c, read_at in members
+        ]
+
+    def default_pool(self) -> str:
+        return next(iter(self._pools), "")
+
+    def note_pick(self, address: str) -> None:
+        self._pending.add(address)
+
+
+def _parse(doc: dict[str, Any]) -> dict[str, list[tuple[Candidate, float]]]:
+    now = time.time()
+    pools: dict[str, list[tuple[Candidate, float]]] = {}
+    for pool in doc["pools"]:
+        members = []
+        for r in pool["replicas"]:
+            if r["state"] != ReplicaState.READY.value:
+                continue
+            load = r.get("load") or {}
+            read_at = now - float(load["age_s"]) if "age_s" in load else 0.0
+            members.append((Candidate(
+                address=r["address"], node=r["node"], capacity=int(r["capacity"]),
+                running=float(load.get("running", 0.0)), waiting=float(load.get("waiting", 0.0)),
+            ), read_at))
+        pools[pool["name"]] = members
+    return pools
+
+
+class PrefixOwners:
+    """Which replica last took each leading block: a bounded LRU map."""
+
+    def __init__(self, capacity: int = 100_000) -> None:
+        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._capacity = capacity
+
+    def get(self, prefix: str) -> str | None:
+        if not prefix:
+            return None
+        owner = self._owners.get(prefix)
+        if owner is not None:
+            self._owners.move_to_end(prefix)
+        return owner
+
+    def set(self, prefix: str, address: str) -> None:
+        if not prefix:
+            return
+        self._owners[prefix] = address
+        self._owners.move_to_end(prefix)
+        while len(self._owners) > self._capacity:
+            self._owners.popitem(last=False)
