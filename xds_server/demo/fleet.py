@@ -111,8 +111,16 @@ def free_ports(n: int) -> list[int]:
             s.close()
 
 
-def _die_with_parent(parent: int) -> Callable[[], None]:
+#: Held back while a child is forked, so that a Ctrl-C cannot land between the fork and
+#: the child's being recorded (a process nobody would stop).
+_STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+def _child_setup(parent: int) -> Callable[[], None]:
+    """Runs in the child before exec: die with the demo, take the stop signals again."""
+
     def setup() -> None:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         libc = ctypes.CDLL(None, use_errno=True)
         libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.getppid() != parent:  # the demo died before prctl took effect
@@ -249,13 +257,18 @@ class Fleet:
 
     def _spawn(self, name: str, args: list[str], ports: list[int] | None = None) -> Child:
         log = self.logdir / f"{name}.log"
-        with open(log, "wb") as out:
-            popen = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True, preexec_fn=_die_with_parent(os.getpid()),
-            )
-        child = Child(name=name, popen=popen, log=log, ports=list(ports or []))
-        self.children.append(child)
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            with open(log, "wb") as out:
+                popen = subprocess.Popen(
+                    args, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                    start_new_session=True, preexec_fn=_child_setup(os.getpid()),
+                )
+            child = Child(name=name, popen=popen, log=log, ports=list(ports or []))
+            self.children.append(child)
+        finally:
+            # A signal that came meanwhile is delivered here, with the child on the list.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         return child
 
     @staticmethod
