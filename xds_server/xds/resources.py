@@ -17,6 +17,7 @@ pool's traffic goes to `P/prefer/N` versus `P`.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -284,7 +285,22 @@ def _pinned_cluster(pool: str, settings: EnvoySettings) -> cluster_pb2.Cluster:
     return cluster
 
 
+# Builders below are memoized on their (immutable) inputs: a 10,000-replica pool would
+# otherwise rebuild 20,000 endpoint messages in Python on every weight change, when only
+# the nodes whose weights moved differ. Callers never mutate what these return.
+
+
 def _lb_endpoint(replica: Replica, weight: int) -> endpoint_components_pb2.LbEndpoint:
+    # The metadata Structs are the costly part; copying a finished message is C-fast.
+    endpoint = endpoint_components_pb2.LbEndpoint()
+    endpoint.CopyFrom(_lb_endpoint_base(replica))
+    # Envoy takes no weight below 1; a draining host's status keeps it idle.
+    endpoint.load_balancing_weight.value = max(1, weight)
+    return endpoint
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _lb_endpoint_base(replica: Replica) -> endpoint_components_pb2.LbEndpoint:
     draining = replica.state is ReplicaState.DRAINING
     node = struct_pb2.Value(string_value=replica.node)
     return endpoint_components_pb2.LbEndpoint(
@@ -296,8 +312,6 @@ def _lb_endpoint(replica: Replica, weight: int) -> endpoint_components_pb2.LbEnd
             ),
         ),
         health_status=health_check_pb2.DRAINING if draining else health_check_pb2.HEALTHY,
-        # Envoy takes no weight below 1; a draining host's status keeps it idle.
-        load_balancing_weight=wrappers_pb2.UInt32Value(value=max(1, weight)),
         metadata=base_pb2.Metadata(
             filter_metadata={
                 METADATA_NS: struct_pb2.Struct(
@@ -312,27 +326,38 @@ def _lb_endpoint(replica: Replica, weight: int) -> endpoint_components_pb2.LbEnd
     )
 
 
+Members = tuple[tuple[Replica, int], ...]
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _locality(
+    zone: str, node: str, members: Members, weight: int
+) -> endpoint_components_pb2.LocalityLbEndpoints:
+    return endpoint_components_pb2.LocalityLbEndpoints(
+        locality=base_pb2.Locality(zone=zone, sub_zone=node),
+        lb_endpoints=[_lb_endpoint(r, w) for r, w in members],
+        load_balancing_weight=wrappers_pb2.UInt32Value(value=max(1, weight)),
+    )
+
+
+def _localities(
+    replicas: Iterable[Replica], weights: Weights
+) -> dict[str, endpoint_components_pb2.LocalityLbEndpoints]:
+    """One locality per node (zone, sub_zone=node), weighted by the node's free capacity."""
+    by_node: dict[tuple[str, str], list[tuple[Replica, int]]] = {}
+    for r in replicas:
+        by_node.setdefault((r.zone, r.node), []).append((r, weights.endpoints.get(r.address, 1)))
+    return {
+        node: _locality(zone, node, tuple(members), weights.localities.get(node, 1))
+        for (zone, node), members in sorted(by_node.items())
+    }
+
+
 def build_load_assignment(
     name: str, replicas: Iterable[Replica], weights: Weights
 ) -> endpoint_pb2.ClusterLoadAssignment:
-    """One locality per node (zone, sub_zone=node), weighted by the node's free capacity."""
-    by_node: dict[tuple[str, str], list[Replica]] = {}
-    for replica in replicas:
-        by_node.setdefault((replica.zone, replica.node), []).append(replica)
     return endpoint_pb2.ClusterLoadAssignment(
-        cluster_name=name,
-        endpoints=[
-            endpoint_components_pb2.LocalityLbEndpoints(
-                locality=base_pb2.Locality(zone=zone, sub_zone=node),
-                lb_endpoints=[
-                    _lb_endpoint(r, weights.endpoints.get(r.address, 1)) for r in members
-                ],
-                load_balancing_weight=wrappers_pb2.UInt32Value(
-                    value=max(1, weights.localities.get(node, 1))
-                ),
-            )
-            for (zone, node), members in sorted(by_node.items())
-        ],
+        cluster_name=name, endpoints=list(_localities(replicas, weights).values())
     )
 
 
@@ -346,24 +371,32 @@ def build_clusters_and_endpoints(
         clusters.append(extproc_cluster(settings))
     for item in pools:
         pool = item.pool
-        name = cluster_name(pool.name)
-        everywhere = _eds_cluster(name, settings, locality_weighted=True)
-        if settings.extproc_address:
-            _honour_picks(everywhere)
-        clusters.append(everywhere)
-        clusters.append(_pinned_cluster(pool.name, settings))
-        clusters.append(_affinity_cluster(pool.name, settings))
-        assignments.append(build_load_assignment(name, pool.replicas, item.weights))
+        clusters.extend(_pool_clusters(pool.name, settings))
+        localities = _localities(pool.replicas, item.weights)
+        assignments.append(endpoint_pb2.ClusterLoadAssignment(
+            cluster_name=cluster_name(pool.name), endpoints=list(localities.values())))
         for node in item.all_nodes:
-            local = local_cluster_name(pool.name, node)
-            clusters.append(_eds_cluster(local, settings))
-            clusters.append(_prefer_cluster(pool.name, node))
-            assignments.append(
-                build_load_assignment(
-                    local, (r for r in pool.replicas if r.node == node), item.weights
-                )
-            )
+            clusters.extend(_node_clusters(pool.name, node, settings))
+            assignments.append(endpoint_pb2.ClusterLoadAssignment(
+                cluster_name=local_cluster_name(pool.name, node),
+                endpoints=[localities[node]] if node in localities else []))
     return clusters, assignments
+
+
+@functools.lru_cache(maxsize=1024)
+def _pool_clusters(pool: str, settings: EnvoySettings) -> tuple[cluster_pb2.Cluster, ...]:
+    everywhere = _eds_cluster(cluster_name(pool), settings, locality_weighted=True)
+    if settings.extproc_address:
+        _honour_picks(everywhere)
+    return everywhere, _pinned_cluster(pool, settings), _affinity_cluster(pool, settings)
+
+
+@functools.lru_cache(maxsize=1 << 15)
+def _node_clusters(
+    pool: str, node: str, settings: EnvoySettings
+) -> tuple[cluster_pb2.Cluster, ...]:
+    return (_eds_cluster(local_cluster_name(pool, node), settings),
+            _prefer_cluster(pool, node))
 
 
 def _route_action(route: PoolRoute, settings: EnvoySettings) -> route_components_pb2.RouteAction:
