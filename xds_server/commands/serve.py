@@ -173,6 +173,8 @@ def load_config(path: Path) -> dict[str, Any]:
         raise SystemExit(f"cannot read config {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         raise SystemExit(f"config {path} is not valid YAML: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # an integer of 5,000 digits; deep nesting
+        raise SystemExit(f"config {path} is not usable YAML: {str(exc)[:200]}") from exc
     if doc is None:
         return {}
     if not isinstance(doc, dict):

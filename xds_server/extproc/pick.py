@@ -77,7 +77,7 @@ def read_request(body: bytes, content_type: str, settings: PickSettings) -> Requ
         raise Unreadable("too_large", f"{len(body)} bytes")
     try:
         doc = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # deep nesting: RecursionError
         raise Unreadable("bad_json", str(exc)[:200]) from exc
     if not isinstance(doc, dict):
         raise Unreadable("bad_json", "the body is not a JSON object")
@@ -87,7 +87,7 @@ def read_request(body: bytes, content_type: str, settings: PickSettings) -> Requ
     text = _prompt_text(doc)
     leading = text[: settings.prefix_chars]
     prefix = (
-        hashlib.blake2b(leading.encode(), digest_size=8).hexdigest()
+        hashlib.blake2b(leading.encode(errors="surrogatepass"), digest_size=8).hexdigest()
         if len(leading) == settings.prefix_chars
         else ""
     )

@@ -120,7 +120,7 @@ def container_tokens(container: Mapping[str, Any]) -> list[str]:
     the way a shell would (a script it cannot split is split on whitespace).
     """
     tokens: list[str] = []
-    for element in [*(container.get("command") or []), *(container.get("args") or [])]:
+    for element in [*_list(container.get("command")), *_list(container.get("args"))]:
         text = str(element)
         if any(c.isspace() for c in text):
             try:
@@ -153,7 +153,7 @@ def pod_to_replica(pod: Mapping[str, Any], *, default_pool: str = "") -> PodRepl
     reader = _Reader(
         annotations=_mapping(meta.get("annotations")), labels=_mapping(meta.get("labels"))
     )
-    containers = [_mapping(c) for c in spec.get("containers") or []]
+    containers = [_mapping(c) for c in _list(spec.get("containers"))]
     vllm = _vllm_container(containers)
     args = parse_vllm_args(container_tokens(vllm)) if vllm is not None else VllmArgs()
 
@@ -285,10 +285,15 @@ def _mapping(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
 
 
+def _list(value: Any) -> list[Any]:
+    """A list field of the pod, or none: a wrongly typed field must not stop the watch."""
+    return value if isinstance(value, list) else []
+
+
 def _ready(status: Mapping[str, Any]) -> bool:
     return any(
         _mapping(c).get("type") == "Ready" and _mapping(c).get("status") == "True"
-        for c in status.get("conditions") or []
+        for c in _list(status.get("conditions"))
     )
 
 
@@ -313,7 +318,7 @@ def _named_port(
 ) -> str | None:
     ordered = [first, *containers] if first is not None else list(containers)
     for container in ordered:
-        for port in container.get("ports") or []:
+        for port in _list(container.get("ports")):
             port = _mapping(port)
             if port.get("name") == name and port.get("containerPort") is not None:
                 return str(port["containerPort"])

@@ -61,6 +61,8 @@ def parse_pools(text: str, *, origin: str = "") -> tuple[Pool, ...]:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise PoolFileError(f"not valid YAML: {exc}") from exc
+    except (ValueError, RecursionError) as exc:  # an integer of 5,000 digits; deep nesting
+        raise PoolFileError(f"not usable YAML: {str(exc)[:200]}") from exc
     if not isinstance(doc, dict) or not isinstance(doc.get("pools"), list):
         raise PoolFileError("expected a mapping with a 'pools' list")
     pools: list[Pool] = []
