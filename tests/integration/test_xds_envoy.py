@@ -125,3 +125,23 @@ def test_broken_pool_file_keeps_last_good_pools(fleet: Fleet, envoys: list[Envoy
     assert "pools[0].replicas[0].address" in fleet.cp.output()
     for envoy in envoys:
         assert set(served_by(envoy.url, 30)) == set(fleet.addresses[:3])
+
+
+def test_status_command_shows_pools_weights_and_envoys(fleet: Fleet, envoys: list[Envoy]) -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "xds_server", "status", "--admin", fleet.cp.admin],
+        capture_output=True, text=True, check=True, env={"COLUMNS": "200", "PATH": ""},
+    ).stdout
+    assert "pool qwen3" in out
+    for address in fleet.addresses[:3]:
+        assert address in out
+    assert "envoy-sotw" in out and "envoy-delta" in out and "(gateway)" in out
+    assert "qwen3:0%" in out  # a gateway keeps nothing on a node of its own
+    unreachable = subprocess.run(
+        [sys.executable, "-m", "xds_server", "status", "--admin", "http://127.0.0.1:9"],
+        capture_output=True, text=True)
+    assert unreachable.returncode != 0
+    assert "cannot reach the control plane" in unreachable.stderr

@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     for pool in doc.get("pools", []):
         table = Table(title=f"pool {pool['name']}")
         for column in ("replica", "node", "capacity", "state", "running", "waiting",
-                       "kv", "age s", "weight"):
+                       "kv", "age s", "weight", "utilization"):
             table.add_column(column, justify="left" if column in ("replica", "node", "state")
                              else "right")
         for r in pool["replicas"]:
@@ -51,16 +51,20 @@ def run(args: argparse.Namespace) -> int:
                 _fmt(load.get("running")), _fmt(load.get("waiting")),
                 _fmt(load.get("kv_cache_usage")), _fmt(load.get("age_s")),
                 _fmt(r.get("weight")),
+                _fmt((r.get("weight_inputs") or {}).get("utilization")),
             )
         console.print(table)
     envoys = Table(title="connected Envoys")
-    for column in ("id", "node", "protocol", "listener", "acked", "nacked"):
+    for column in ("id", "node", "protocol", "listener", "keeps on its node", "acked", "nacked"):
         envoys.add_column(column)
     for e in doc.get("envoys", []):
         acked = " ".join(f"{t}:{v[:8]}" for t, v in sorted(e.get("acked", {}).items()) if v)
         nacked = " ".join(sorted(e.get("nacked", {})))
+        keep = " ".join(f"{pool}:{per_mille / 10:.0f}%"
+                        for pool, per_mille in sorted(e.get("keep_per_mille", {}).items()))
         envoys.add_row(e["id"], e.get("node") or "(gateway)", e["protocol"],
-                       str(e.get("listener_port") or "default"), acked, nacked or "-")
+                       str(e.get("listener_port") or "default"), keep or "-", acked,
+                       nacked or "-")
     console.print(envoys)
     return 0
 
