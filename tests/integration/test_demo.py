@@ -94,7 +94,8 @@ def test_demo_serves_every_request_and_leaves_nothing_behind(tmp_path: Path) -> 
 def test_ctrl_c_twice_abandons_requests_in_flight_and_still_stops_everything(
     tmp_path: Path,
 ) -> None:
-    proc = demo(tmp_path, "--duration", "120")
+    # With the endpoint picker too: its port must be closed at the end like the others'.
+    proc = demo(tmp_path, "--duration", "120", "--extproc")
     assert proc.stdout is not None
     for line in proc.stdout:  # the start-up's progress lines; the load begins after the last
         if "waiting for the first loads" in line:

@@ -1,5 +1,5 @@
-"""`hybridlb demo`'s command line: the help renders, --extproc says it is not there yet,
-the default load follows the fleet's size."""
+"""`hybridlb demo`'s command line: the help renders, the default load follows the fleet's
+size."""
 
 from __future__ import annotations
 
@@ -19,12 +19,7 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
     for flag in ("--duration SECONDS", "--out DIR", "--nodes N", "--replicas-per-node N",
                  "--envoys N", "--rate RPS", "--extproc"):
         assert flag in text
-    assert "not available yet" in text
-
-
-def test_extproc_is_not_available_yet(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["demo", "--extproc"]) == 2
-    assert "not available yet" in capsys.readouterr().err
+    assert "ext_proc endpoint picker" in text
 
 
 def test_defaults_need_no_flag() -> None:

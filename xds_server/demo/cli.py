@@ -11,8 +11,8 @@ to --out. Exit status: 0 when every request it sent succeeded, 1 otherwise.
 
 The simulated GPUs run 10 times slower than the H100 they model (--time-scale of
 `hybridlb sim`) with --max-num-seqs 8, so that a load two CPU cores can stream fills their
-queues. --extproc (routing through the ext_proc endpoint picker) is not available yet: it
-exits with status 2.
+queues. --extproc also routes every request through the ext_proc endpoint picker (hosted in
+the control plane), which picks a replica per request; without it, the weights decide.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ import contextlib
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -78,8 +77,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scrape", action="store_true",
                         help="read loads by the direct scrape even when prometheus is installed")
     parser.add_argument("--extproc", action="store_true",
-                        help="route through the ext_proc endpoint picker (not available yet: "
-                        "exits with status 2)")
+                        help="also ask the ext_proc endpoint picker (in the control plane) for "
+                        "each request's replica")
 
 
 def estimated_capacity_rps(fleet: FleetSettings, lengths: LengthMix) -> float:
@@ -156,15 +155,12 @@ class Outcome:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.extproc:
-        print("hybridlb demo --extproc: the ext_proc endpoint picker is not available yet",
-              file=sys.stderr)
-        return 2
     if args.duration <= 0 or (args.rate is not None and args.rate <= 0):
         raise SystemExit("hybridlb demo: --duration and --rate must be positive")
     try:
         settings = FleetSettings(nodes=args.nodes, replicas_per_node=args.replicas_per_node,
-                                 central_envoys=args.envoys, prometheus=not args.scrape)
+                                 central_envoys=args.envoys, prometheus=not args.scrape,
+                                 extproc=args.extproc)
     except ValueError as exc:
         raise SystemExit(f"hybridlb demo: {exc}") from exc
     from rich.console import Console

@@ -60,6 +60,8 @@ class FleetSettings:
     prometheus: bool = True
     #: How often loads are read (Prometheus scrape and query, or the direct scrape).
     load_interval_s: float = 0.5
+    #: Route through the ext_proc endpoint picker, hosted in the control plane.
+    extproc: bool = False
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.replicas_per_node < 1 or self.ranks < 1:
@@ -196,15 +198,17 @@ class Fleet:
                           "--scrape-interval-s", str(s.load_interval_s)]
 
         progress("starting the control plane")
-        xds_port, admin_port, default_listener = free_ports(3)
+        xds_port, admin_port, default_listener, picker_port = free_ports(4)
         self.admin_url = f"http://127.0.0.1:{admin_port}"
+        picker_flags = (["--extproc-port", str(picker_port), "--extproc-timeout-s", "0.5"]
+                        if s.extproc else [])
         cp = self._spawn("control-plane", [
             sys.executable, "-m", "xds_server", "serve", "--static", str(pools),
             "--xds-host", "127.0.0.1", "--xds-port", str(xds_port),
             "--admin-port", str(admin_port), "--listener-host", "127.0.0.1",
             "--listener-port", str(default_listener), "--max-num-seqs", str(s.max_num_seqs),
-            *load_flags,
-        ], ports=[xds_port, admin_port])
+            *load_flags, *picker_flags,
+        ], ports=[xds_port, admin_port, *([picker_port] if s.extproc else [])])
         waits.append((_answers(self.admin_url + "/readyz"), "the control plane", cp))
 
         progress(f"starting {s.nodes + s.central_envoys} Envoys")
