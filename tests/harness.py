@@ -127,8 +127,10 @@ class ControlPlane(Process):
 
 class Envoy(Process):
     def __init__(self, workdir: Path, *, xds_port: int, node: str = "", delta: bool = False,
-                 name: str = "envoy", stats: bool = False) -> None:
-        """`stats`: also the bootstrap's stats listener (`--stats-port`), at `stats_port`."""
+                 name: str = "envoy", stats: bool = False,
+                 bootstrap: dict[str, Any] | None = None) -> None:
+        """`stats`: also the bootstrap's stats listener (`--stats-port`), at `stats_port`;
+        `bootstrap`: more `build_bootstrap` arguments (`more_xds`, `xds_tls`)."""
         self.listener_port, self.admin_port, stats_port = free_ports(3)
         self.stats_port = stats_port if stats else None
         self.url = f"http://127.0.0.1:{self.listener_port}"
@@ -137,7 +139,7 @@ class Envoy(Process):
         config.write_text(yaml.safe_dump(build_bootstrap(
             xds_host="127.0.0.1", xds_port=xds_port, node=node, node_id=name,
             admin_port=self.admin_port, listener_port=self.listener_port, delta=delta,
-            stats_port=self.stats_port, stats_host="127.0.0.1",
+            stats_port=self.stats_port, stats_host="127.0.0.1", **(bootstrap or {}),
         )))
         super().__init__(
             [ENVOY, "-c", str(config), "--use-dynamic-base-id", "-l", "warning",

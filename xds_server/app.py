@@ -15,12 +15,12 @@ from typing import Any
 import grpc
 from aiohttp import web
 
-from xds_server import admin
+from xds_server import admin, tls
 from xds_server.extproc.server import Picker, add_to_server
 from xds_server.extproc.state import LocalState
 from xds_server.metrics import Metrics
 from xds_server.publisher import Publisher
-from xds_server.settings import Settings
+from xds_server.settings import Settings, TlsSettings
 from xds_server.sources.kubernetes import KubernetesSource
 from xds_server.sources.loads import LoadLoop
 from xds_server.sources.static_file import StaticFileSource
@@ -87,7 +87,7 @@ class App:
         )
         server.add_generic_rpc_handlers((self.ads.handler(),))
         try:
-            self.xds_port = server.add_insecure_port(f"{s.xds.host}:{s.xds.port}")
+            self.xds_port = tls.add_port(server, f"{s.xds.host}:{s.xds.port}", s.xds.tls)
         except RuntimeError as exc:
             raise SystemExit(f"cannot listen for xDS on {s.xds.host}:{s.xds.port}: {exc}") from exc
         await server.start()
@@ -109,8 +109,8 @@ class App:
             ) from exc
         self._admin = runner
         self.admin_port = runner.addresses[0][1]
-        log.info("xDS (ADS) on %s:%d, admin on http://%s:%d", s.xds.host, self.xds_port,
-                 s.admin.host, self.admin_port)
+        log.info("xDS (ADS) on %s:%d%s, admin on http://%s:%d", s.xds.host, self.xds_port,
+                 _tls_mode(s.xds.tls), s.admin.host, self.admin_port)
 
     async def _start_extproc(self) -> None:
         """The endpoint picker on its own port, reading this process's state."""
@@ -158,3 +158,9 @@ class App:
         finally:
             with contextlib.suppress(Exception):
                 await self.stop()
+
+
+def _tls_mode(settings: TlsSettings) -> str:
+    if settings.client_ca is not None:
+        return " (mutual TLS)"
+    return " (TLS)" if settings.enabled else " (plaintext)"

@@ -17,6 +17,29 @@ from xds_server.sources.prometheus import PrometheusQueries
 
 
 @dataclass(frozen=True)
+class TlsSettings:
+    """Files of a gRPC server's TLS; no `cert`: plaintext (the default)."""
+
+    #: PEM certificate chain the server presents.
+    cert: Path | None = None
+    #: PEM private key of `cert`.
+    key: Path | None = None
+    #: PEM CA bundle that client certificates must chain to: set, mutual TLS is required.
+    client_ca: Path | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert is not None
+
+    def check(self, what: str) -> None:
+        """Flag combinations that cannot work end the command with a message."""
+        if (self.cert is None) != (self.key is None):
+            raise SystemExit(f"{what}: --tls-cert and --tls-key go together")
+        if self.client_ca is not None and self.cert is None:
+            raise SystemExit(f"{what}: --tls-client-ca needs --tls-cert and --tls-key")
+
+
+@dataclass(frozen=True)
 class XdsSettings:
     """The ADS gRPC server."""
 
@@ -30,6 +53,8 @@ class XdsSettings:
     keepalive_s: float = 30.0
     #: Grace for open streams on shutdown.
     stop_grace_s: float = 2.0
+    #: TLS (and mutual TLS with a client CA) for the ADS server; files reloaded on change.
+    tls: TlsSettings = field(default_factory=TlsSettings)
 
 
 @dataclass(frozen=True)

@@ -264,7 +264,7 @@ def test_envoy_bootstrap_reaches_the_control_plane_and_keeps_its_admin_local(
     args = bootstrap_args(workload)
     settings = serve_settings(tmp_path)
     namespace = docs(DEPLOY / "base/kustomization.yaml")[0]["namespace"]
-    assert args.xds_address == f"hybridlb-xds.{namespace}.svc.cluster.local:{settings.xds.port}"
+    assert args.xds_address == [f"hybridlb-xds.{namespace}.svc.cluster.local:{settings.xds.port}"]
     assert args.node == node
     assert args.id == "envoy-$(POD_NAME)"
     assert args.admin_host == "127.0.0.1"

@@ -9,6 +9,11 @@ Envoy's admin stays on localhost: it can change and stop the proxy (`/quitquitqu
 listener that forwards only `GET /stats/prometheus` (for Prometheus) and `GET /ready` (for the
 kubelet's probes) to the admin, and answers 404 to everything else, so the pod can be scraped
 and probed without exposing the admin.
+
+Several `--xds-address`es (control-plane replicas, each computing the same snapshot) become
+the endpoints of the xDS cluster: when the stream to one breaks, Envoy reconnects to another
+and keeps its config meanwhile. `--xds-tls-ca` makes that connection TLS, verified against
+the CA and the addresses' host names; with `--xds-tls-cert/--xds-tls-key` it is mutual TLS.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -28,8 +35,16 @@ STATS_PATHS = ("/stats/prometheus", "/ready")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--xds-address", required=True, metavar="HOST:PORT",
-                        help="where the control plane's ADS server listens")
+    parser.add_argument("--xds-address", required=True, metavar="HOST:PORT", action="append",
+                        help="where the control plane's ADS server listens; repeat for "
+                        "several control-plane replicas (Envoy fails over between them)")
+    parser.add_argument("--xds-tls-ca", default=None, metavar="FILE",
+                        help="PEM CA bundle: connect to the control plane over TLS and verify "
+                        "its certificate (names the host of --xds-address) against it")
+    parser.add_argument("--xds-tls-cert", default=None, metavar="FILE",
+                        help="PEM client certificate for mutual TLS (with --xds-tls-key)")
+    parser.add_argument("--xds-tls-key", default=None, metavar="FILE",
+                        help="PEM private key of --xds-tls-cert")
     parser.add_argument("--node", default="",
                         help="the Kubernetes node this Envoy runs on (empty: a central gateway)")
     parser.add_argument("--id", default="",
@@ -62,7 +77,11 @@ def build_bootstrap(
     delta: bool = False,
     stats_port: int | None = None,
     stats_host: str = "0.0.0.0",
+    more_xds: Sequence[tuple[str, int]] = (),
+    xds_tls: XdsTls | None = None,
 ) -> dict[str, Any]:
+    """`more_xds`: further control-plane replicas after `xds_host:xds_port`."""
+    xds = [(xds_host, xds_port), *more_xds]
     metadata: dict[str, Any] = {"node": node}
     if listener_port is not None:
         metadata["listener_port"] = listener_port
@@ -89,7 +108,7 @@ def build_bootstrap(
             "clusters": [
                 {
                     "name": XDS_CLUSTER,
-                    "type": "STATIC" if _is_ip(xds_host) else "STRICT_DNS",
+                    "type": "STATIC" if all(_is_ip(h) for h, _ in xds) else "STRICT_DNS",
                     "connect_timeout": "1s",
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -104,19 +123,57 @@ def build_bootstrap(
                     },
                     "load_assignment": {
                         "cluster_name": XDS_CLUSTER,
-                        "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
-                            "socket_address": {"address": xds_host, "port_value": xds_port}
-                        }}}]}],
+                        "endpoints": [{"lb_endpoints": [
+                            {"endpoint": {"address": {
+                                "socket_address": {"address": host, "port_value": port}}}}
+                            for host, port in xds
+                        ]}],
                     },
                 }
             ]
         },
     }
+    if xds_tls is not None:
+        doc["static_resources"]["clusters"][0]["transport_socket"] = _xds_tls_socket(
+            xds_tls, [h for h, _ in xds])
     if stats_port is not None:
         static = doc["static_resources"]
         static["listeners"] = [_stats_listener(stats_host, stats_port)]
         static["clusters"].append(_admin_cluster(admin_host, admin_port))
     return doc
+
+
+@dataclass(frozen=True)
+class XdsTls:
+    """Files for Envoy's TLS to the control plane (paths as Envoy will see them)."""
+
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+
+
+def _xds_tls_socket(tls: XdsTls, hosts: list[str]) -> dict[str, Any]:
+    """UpstreamTlsContext: verify the server against `ca` and the hosts' names (SAN), send
+    SNI for a host name, and present a client certificate for mutual TLS when given."""
+    sans = [{"san_type": "IP_ADDRESS" if _is_ip(h) else "DNS", "matcher": {"exact": h}}
+            for h in dict.fromkeys(hosts)]
+    common: dict[str, Any] = {
+        "alpn_protocols": ["h2"],
+        "validation_context": {"trusted_ca": {"filename": tls.ca},
+                               "match_typed_subject_alt_names": sans},
+    }
+    if tls.cert is not None and tls.key is not None:
+        common["tls_certificates"] = [{"certificate_chain": {"filename": tls.cert},
+                                       "private_key": {"filename": tls.key}}]
+    context: dict[str, Any] = {
+        "@type": "type.googleapis.com/"
+                 "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+        "common_tls_context": common,
+    }
+    names = [h for h in hosts if not _is_ip(h)]
+    if names:
+        context["sni"] = names[0]
+    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 
 
 def _stats_listener(host: str, port: int) -> dict[str, Any]:
@@ -178,12 +235,19 @@ def run(args: argparse.Namespace) -> int:
     from xds_server.sources.static_file import parse_address
 
     try:
-        host, port = parse_address(args.xds_address)
+        (host, port), *more = [parse_address(a) for a in args.xds_address]
     except ValueError as exc:
         raise SystemExit(f"--xds-address: {exc}") from exc
+    if (args.xds_tls_cert is None) != (args.xds_tls_key is None):
+        raise SystemExit("--xds-tls-cert and --xds-tls-key go together")
+    if args.xds_tls_cert is not None and args.xds_tls_ca is None:
+        raise SystemExit("--xds-tls-cert needs --xds-tls-ca (the control plane's CA)")
     doc = build_bootstrap(
         xds_host=host,
         xds_port=port,
+        more_xds=more,
+        xds_tls=XdsTls(args.xds_tls_ca, args.xds_tls_cert, args.xds_tls_key)
+        if args.xds_tls_ca is not None else None,
         node=args.node,
         node_id=args.id,
         admin_host=args.admin_host,

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from pathlib import Path
 
 from xds_server.extproc.pick import PickSettings
 
@@ -32,6 +33,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--admin-host", default="127.0.0.1", help="(default 127.0.0.1)")
     parser.add_argument("--model-header", default="x-model",
                         help="header that names the pool, set on picked requests (default x-model)")
+    parser.add_argument("--tls-cert", type=Path, default=None,
+                        help="PEM certificate chain: serve ext_proc over TLS (re-read when the "
+                        "file changes, no restart; default: plaintext)")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    parser.add_argument("--tls-client-ca", type=Path, default=None,
+                        help="PEM CA bundle: require Envoys to present a client certificate it "
+                        "signed (mutual TLS)")
     d = PickSettings()
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
                         help=f"room per rank, as in `serve` (default {d.max_num_seqs})")
@@ -53,6 +61,11 @@ def run(args: argparse.Namespace) -> int:
     from xds_server.extproc.server import Picker, add_to_server
     from xds_server.extproc.state import RemoteState
     from xds_server.metrics import Metrics
+    from xds_server.settings import TlsSettings
+    from xds_server.tls import add_port
+
+    tls = TlsSettings(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
+    tls.check("hybridlb extproc")
 
     settings = PickSettings(max_num_seqs=args.max_num_seqs, affinity_bonus=args.affinity_bonus,
                             locality_bonus=args.locality_bonus,
@@ -65,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         add_to_server(server, Picker(state=state, metrics=metrics, settings=settings,
                                      model_header=args.model_header))
         try:
-            port = server.add_insecure_port(f"{args.host}:{args.port}")
+            port = add_port(server, f"{args.host}:{args.port}", tls)
         except RuntimeError as exc:
             raise SystemExit(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
         await server.start()

@@ -28,6 +28,7 @@ from xds_server.settings import (
     LoadSettings,
     Settings,
     StaticSettings,
+    TlsSettings,
     XdsSettings,
 )
 from xds_server.sources.prometheus import PrometheusQueries
@@ -85,6 +86,11 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
                                    "server-side end of each watch request (it then resumes)"),
     "xds-host": (str, XdsSettings.host, "address the ADS gRPC server binds"),
     "xds-port": (int, XdsSettings.port, "port of the ADS gRPC server (0: any free port)"),
+    "tls-cert": (Path, None, "PEM certificate chain: serve ADS over TLS (re-read when the "
+                 "file changes, no restart)"),
+    "tls-key": (Path, None, "PEM private key of --tls-cert"),
+    "tls-client-ca": (Path, None, "PEM CA bundle: require Envoys to present a client "
+                      "certificate it signed (mutual TLS)"),
     "admin-host": (str, AdminSettings.host, "address the admin HTTP server binds"),
     "admin-port": (int, AdminSettings.port,
                    "port of the admin server: /healthz /readyz /metrics /debug/state"),
@@ -207,7 +213,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         return values.get(flag, _FLAGS[flag][1])
 
     return _check(Settings(
-        xds=XdsSettings(host=get("xds-host"), port=get("xds-port")),
+        xds=XdsSettings(host=get("xds-host"), port=get("xds-port"), tls=TlsSettings(
+            cert=get("tls-cert"), key=get("tls-key"), client_ca=get("tls-client-ca"))),
         envoy=EnvoySettings(
             listener_port=get("listener-port"),
             listener_host=get("listener-host"),
@@ -256,6 +263,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _check(settings: Settings) -> Settings:
+    settings.xds.tls.check("hybridlb serve")
     if settings.loads.mode == "prometheus" and not settings.loads.prometheus_url:
         raise SystemExit("--metrics prometheus needs --prometheus-url")
     return settings
