@@ -82,6 +82,16 @@ class EnvoySettings:
     session_header: str = "x-session-id"
     #: Bound of that hashing: no replica above this percent of the mean load (>= 100).
     hash_balance_factor: int = 150
+    #: Outlier detection: a replica is ejected from an Envoy's balancer for a while after
+    #: this many failures in a row that Envoy sees itself (connect failure, reset, timeout,
+    #: 502/503/504); vLLM's own 500s do not count. 0: off.
+    outlier_consecutive_failures: int = 3
+    #: First ejection time; Envoy multiplies it by the number of ejections in a row.
+    outlier_ejection_s: float = 10.0
+    #: A try whose upstream sends nothing for this long fails (504) instead of waiting for
+    #: the whole-request timeout: bounds a hung replica. 0: off, as a non-streaming request
+    #: sends nothing until it is done; set it above your longest non-streaming generation.
+    upstream_idle_timeout_s: float = 0.0
 
 
 @dataclass(frozen=True)

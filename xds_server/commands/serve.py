@@ -103,6 +103,16 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
     "route-timeout-s": (float, EnvoySettings.route_timeout_s,
                         "Envoy's whole-request timeout (generation can be long)"),
     "model-header": (str, EnvoySettings.model_header, "request header that names the pool"),
+    "outlier-consecutive-failures": (int, EnvoySettings.outlier_consecutive_failures,
+                                     "Envoy ejects a replica for a while after this many "
+                                     "connect failures, resets, timeouts or 502-504 in a row "
+                                     "(not vLLM's 500s; 0: off)"),
+    "outlier-ejection-s": (float, EnvoySettings.outlier_ejection_s,
+                           "first ejection time (longer after each ejection in a row)"),
+    "upstream-idle-timeout-s": (float, EnvoySettings.upstream_idle_timeout_s,
+                                "a try that receives nothing for this long fails with 504, "
+                                "bounding a hung replica (0: off; keep it above your longest "
+                                "non-streaming generation)"),
     "metrics": (str, LoadSettings.mode,
                 "where loads come from: auto (Prometheus if --prometheus-url, else/when stale "
                 "the direct scrape), prometheus, scrape, none (capacity-only weights)"),
@@ -221,6 +231,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             connect_timeout_s=get("connect-timeout-s"),
             route_timeout_s=get("route-timeout-s"),
             model_header=get("model-header"),
+            outlier_consecutive_failures=get("outlier-consecutive-failures"),
+            outlier_ejection_s=get("outlier-ejection-s"),
+            upstream_idle_timeout_s=get("upstream-idle-timeout-s"),
             lb_policy=_lb_policy(get("lb-policy")),
             session_header=get("session-header"),
             hash_balance_factor=get("hash-balance-factor"),

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from envoy.config.accesslog.v3 import accesslog_pb2
-from envoy.config.cluster.v3 import cluster_pb2
+from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
 from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
@@ -47,6 +47,7 @@ from envoy.extensions.filters.network.http_connection_manager.v3 import (
 from envoy.extensions.load_balancing_policies.common.v3 import common_pb2 as common_lb_pb2
 from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2
 from envoy.extensions.load_balancing_policies.override_host.v3 import override_host_pb2
+from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from envoy.type.metadata.v3 import metadata_pb2
@@ -247,7 +248,40 @@ def _eds_cluster(
             else cluster_pb2.Cluster.LEAST_REQUEST
         ),
         common_lb_config=common,
+        outlier_detection=_outlier_detection(settings),
     )
+
+
+def _outlier_detection(settings: EnvoySettings) -> outlier_detection_pb2.OutlierDetection | None:
+    """Eject a replica after failures Envoy sees itself (a dead or hung process), not after
+    the engine's own 500s; at most half a pool, so an outage cannot empty it."""
+    if settings.outlier_consecutive_failures <= 0:
+        return None
+    return outlier_detection_pb2.OutlierDetection(
+        consecutive_gateway_failure=wrappers_pb2.UInt32Value(
+            value=settings.outlier_consecutive_failures),
+        enforcing_consecutive_gateway_failure=wrappers_pb2.UInt32Value(value=100),
+        enforcing_consecutive_5xx=wrappers_pb2.UInt32Value(value=0),
+        enforcing_success_rate=wrappers_pb2.UInt32Value(value=0),
+        base_ejection_time=_duration(settings.outlier_ejection_s),
+        max_ejection_percent=wrappers_pb2.UInt32Value(value=50),
+    )
+
+
+def _retry_policy(settings: EnvoySettings) -> route_components_pb2.RetryPolicy:
+    """Retry only what never reached a replica (a generation is not idempotent and may have
+    streamed already), on another host; plus the optional per-try idle timeout."""
+    policy = route_components_pb2.RetryPolicy(
+        retry_on="connect-failure,refused-stream,reset-before-request",
+        num_retries=wrappers_pb2.UInt32Value(value=2),
+        retry_host_predicate=[route_components_pb2.RetryPolicy.RetryHostPredicate(
+            name="envoy.retry_host_predicates.previous_hosts",
+            typed_config=_any(previous_hosts_pb2.PreviousHostsPredicate()))],
+        host_selection_retry_max_attempts=3,
+    )
+    if settings.upstream_idle_timeout_s > 0:
+        policy.per_try_idle_timeout.CopyFrom(_duration(settings.upstream_idle_timeout_s))
+    return policy
 
 
 def stat_name(cluster: str) -> str:
@@ -511,7 +545,8 @@ def build_route_config(
     return route_pb2.RouteConfiguration(
         name=ROUTE_CONFIG_NAME,
         virtual_hosts=[
-            route_components_pb2.VirtualHost(name="vllm", domains=["*"], routes=entries)
+            route_components_pb2.VirtualHost(name="vllm", domains=["*"], routes=entries,
+                                             retry_policy=_retry_policy(settings))
         ],
     )
 
