@@ -27,6 +27,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.bench == "xds":
+        from xds_server.bench.xds import main
+
+        return main(args)
     if args.bench == "routing":
         from xds_server.bench.routing import main as routing_main
 

@@ -108,6 +108,10 @@ class AdsServer:
         self._streams: dict[str, StreamInfo] = {}
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
+        # type URL -> (a resource mapping, its set version). Streams that want every resource
+        # of a type share the cache's mapping, so its version is hashed once per snapshot,
+        # not once per stream. Holding the mapping keeps the identity check sound.
+        self._set_versions: dict[str, tuple[Mapping[str, Entry], str]] = {}
 
     @property
     def streams(self) -> Mapping[str, StreamInfo]:
@@ -287,28 +291,51 @@ class AdsServer:
     def _push(self, info: StreamInfo, type_url: str) -> bytes | None:
         state = info.types[type_url]
         available = self._cache.resources_for(info.view).get(type_url, {})
-        if state.wildcard:
+        if state.wildcard or available.keys() <= state.names:
+            # Everything there is (the usual EDS subscription): no per-stream copy to build.
             desired: Mapping[str, Entry] = available
         else:
             desired = {n: available[n] for n in state.names if n in available}
-        changed = [n for n, e in desired.items() if state.sent.get(n) != e.version]
+        resend_endpoints = type_url == types.CLUSTER and types.ENDPOINT in info.types
+        # What this stream held before, for the cluster case below; a C-level copy, so an
+        # update that changes no cluster costs no per-cluster Python loop here.
+        sent_before = dict(state.sent) if resend_endpoints else {}
         if info.protocol == "sotw":
-            response = self._sotw_response(type_url, state, desired)
+            response = self._sotw_response(type_url, state, desired, available)
         else:
-            response = self._delta_response(type_url, state, desired)
+            response = self._delta_response(type_url, state, desired, available)
         if response is None:
             return None
-        if type_url == types.CLUSTER and types.ENDPOINT in info.types:
+        if resend_endpoints:
             # A (re)sent cluster warms until its endpoints arrive: always resend them.
             endpoints = info.types[types.ENDPOINT]
-            for name in changed:
-                endpoints.sent.pop(name, None)
+            for name, entry in desired.items():
+                if sent_before.get(name) != entry.version:
+                    endpoints.sent.pop(name, None)
         self._metrics.pushes.labels(types.short(type_url), info.protocol).inc()
         self._metrics.push_bytes.labels(types.short(type_url)).inc(len(response))
         return response
 
+    def _set_version(
+        self, type_url: str, desired: Mapping[str, Entry], available: Mapping[str, Entry]
+    ) -> str:
+        """`set_version(desired)`; `desired` is drawn from `available`, so when it is as
+        long it holds the same entries and the shared, once-hashed version applies."""
+        if len(desired) != len(available):
+            return set_version(desired.values())
+        cached = self._set_versions.get(type_url)
+        if cached is not None and cached[0] is available:
+            return cached[1]
+        version = set_version(available.values())
+        self._set_versions[type_url] = (available, version)
+        return version
+
     def _sotw_response(
-        self, type_url: str, state: TypeState, desired: Mapping[str, Entry]
+        self,
+        type_url: str,
+        state: TypeState,
+        desired: Mapping[str, Entry],
+        available: Mapping[str, Entry],
     ) -> bytes | None:
         current = {n: e.version for n, e in desired.items()}
         if type_url in types.FULL_STATE_TYPES:
@@ -319,7 +346,7 @@ class AdsServer:
             send = [e for n, e in desired.items() if state.sent.get(n) != e.version]
             if not send:
                 return None
-        version = set_version(desired.values())
+        version = self._set_version(type_url, desired, available)
         nonce = str(next(self._nonces))
         state.sent.update({e.name: e.version for e in send})
         if type_url in types.FULL_STATE_TYPES:
@@ -331,18 +358,24 @@ class AdsServer:
         head: bytes = discovery_pb2.DiscoveryResponse(
             version_info=version, type_url=type_url, nonce=nonce
         ).SerializeToString()
-        return head + b"".join(e.sotw for e in send)
+        # One join, one allocation: `head + b"".join(...)` would copy every byte twice.
+        return b"".join([head, *(e.sotw for e in send)])
 
     def _delta_response(
-        self, type_url: str, state: TypeState, desired: Mapping[str, Entry]
+        self,
+        type_url: str,
+        state: TypeState,
+        desired: Mapping[str, Entry],
+        available: Mapping[str, Entry],
     ) -> bytes | None:
         send = [e for n, e in desired.items() if state.sent.get(n) != e.version]
+        gone = state.sent.keys() - desired.keys()
         removed = [
-            n for n in state.sent if n not in desired and (state.wildcard or n in state.names)
-        ]
+            n for n in state.sent if n in gone and (state.wildcard or n in state.names)
+        ] if gone else []
         if not send and not removed and (state.responded or not state.wildcard):
             return None
-        version = set_version(desired.values())
+        version = self._set_version(type_url, desired, available)
         nonce = str(next(self._nonces))
         for name in removed:
             del state.sent[name]
@@ -357,7 +390,7 @@ class AdsServer:
             nonce=nonce,
             removed_resources=removed,
         ).SerializeToString()
-        return head + b"".join(e.delta for e in send)
+        return b"".join([head, *(e.delta for e in send)])
 
 
 _EOF = object()
