@@ -17,9 +17,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     routing = sub.add_parser("routing", help="routing quality: policies against an oracle")
     routing.add_argument("--out", default="bench/results", help="output folder")
     routing.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
-    routing.add_argument("--case", choices=("main", "herding", "hybrid"), default="main",
+    routing.add_argument("--case", default="main",
+                         choices=("main", "herding", "hybrid", "prefix", "extproc"),
                          help="main: every policy; herding: stale vs fresh loads, damped vs "
-                         "undamped (issue 5); hybrid: on-node share (issue 6)")
+                         "undamped (issue 5); hybrid: on-node share (issue 6); prefix: "
+                         "long shared-prefix prompts; extproc: weights vs weights + picker")
     routing.add_argument("--time-scale", type=float, default=20.0,
                          help="simulator wall seconds per simulated second (default 20)")
     routing.add_argument("--max-num-seqs", type=int, default=4,

@@ -202,6 +202,16 @@ class Fleet:
     def fault(self, address: str, faults: dict[str, Any]) -> None:
         http_json(f"http://{address}/sim/fault", body=faults)
 
+    def cpu_by_role(self) -> dict[str, float]:
+        """CPU seconds so far of the simulators, the Envoys, Prometheus, the control plane."""
+        roles: dict[str, float] = {}
+        running = [*self.processes.values(), *([self.cp] if self.cp else [])]
+        for process in running:
+            role = process.name.split("-")[0].rstrip("0123456789")
+            with contextlib.suppress(Exception):
+                roles[role] = roles.get(role, 0.0) + process.meter.usage().cpu_s
+        return roles
+
     def check_alive(self) -> None:
         for process in self.processes.values():
             process.check_alive()

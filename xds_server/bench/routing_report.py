@@ -17,7 +17,7 @@ from xds_server.bench.routing_stats import is_noise, ratios
 
 METRICS = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_p50_s", "e2e_p90_s", "e2e_p99_s",
            "throughput_rps", "output_tokens_per_s", "failed", "imbalance_cv", "on_node_share",
-           "client_cpu_s")
+           "client_cpu_s", "cp_cpu_s")
 RATIOS = ("ttft_p50_s", "ttft_p99_s", "e2e_p99_s")
 BASELINE = "oracle"
 
@@ -34,7 +34,8 @@ def summarize(runs: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
         for policy, repeats in per_policy.items():
             keys = sorted(repeats)
             entry: dict[str, Any] = {
-                m: report.spread([float(repeats[k][m]) for k in keys]) for m in METRICS
+                m: report.spread([float(repeats[k].get(m, math.nan)) for k in keys])
+                for m in METRICS
             }
             entry["repeats"] = len(keys)
             shared = [k for k in keys if k in oracle]
@@ -60,9 +61,14 @@ def _share(s: Mapping[str, float]) -> str:
     return report.with_spread(s, lambda v: "n/a" if math.isnan(v) else f"{v:.2f}")
 
 
+def _loads(runs: Sequence[Mapping[str, Any]]) -> str:
+    return report.with_spread(report.spread([float(r.get("loadavg_1m", math.nan))
+                                             for r in runs]), lambda v: f"{v:.1f}")
+
+
 def table(summary: Mapping[str, Any], point: str, order: Sequence[str]) -> str:
     header = ["policy", "TTFT p50", "TTFT p99", "e2e p99", "req/s", "failed", "queue CV",
-              "on-node", "TTFT p50 / oracle", "TTFT p99 / oracle", "e2e p99 / oracle"]
+              "on-node", "CP CPU s", "TTFT p50 / oracle", "TTFT p99 / oracle", "e2e p99 / oracle"]
     rows = []
     for policy in order:
         e = summary.get(point, {}).get(policy)
@@ -73,7 +79,7 @@ def table(summary: Mapping[str, Any], point: str, order: Sequence[str]) -> str:
             report.with_spread(e["e2e_p99_s"]),
             report.with_spread(e["throughput_rps"], lambda v: f"{v:.1f}"),
             report.with_spread(e["failed"], lambda v: f"{v:.0f}"),
-            _share(e["imbalance_cv"]), _share(e["on_node_share"]),
+            _share(e["imbalance_cv"]), _share(e["on_node_share"]), _share(e["cp_cpu_s"]),
             _ratio(e, "ttft_p50_s"), _ratio(e, "ttft_p99_s"), _ratio(e, "e2e_p99_s"),
         ])
     return report.markdown_table(header, rows)
@@ -103,8 +109,14 @@ def markdown(doc: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
         + "; Envoys: " + ", ".join(f"{k} (node {v or 'none'})"
                                    for k, v in doc["fleet"]["envoys"].items()) + ".",
         "",
-        f"Capacity (oracle, overload probe): {cap.get('measured_rps', math.nan):.1f} req/s "
-        f"(timing-model estimate {cap.get('model_estimate_rps', math.nan):.1f}).",
+        f"Capacity (direct overload probe, every replica offered load in proportion to its "
+        f"ranks): {cap.get('measured_rps', math.nan):.1f} req/s (timing-model estimate "
+        f"{cap.get('model_estimate_rps', math.nan):.1f}); each point's rate is its share of it.",
+        "",
+        f"Machine: {doc['machine']['nproc']} cores shared with other work; 1-minute load "
+        f"average during the points {_loads(doc.get('runs', []))}. Control plane restart "
+        f"(start to every Envoy's ACK, plus 2 s for the first loads): "
+        f"{report.with_spread(doc.get('control_plane_restart_s', {}))}.",
         "",
         f"Load generator overhead (against an instant endpoint at "
         f"{over.get('rate_rps', math.nan):.1f} req/s): TTFT p50 "
@@ -113,8 +125,10 @@ def markdown(doc: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
         f"{over.get('cpu_s_per_request', math.nan) * 1000:.2f} ms client CPU per request.",
         "",
     ]
+    rates = {r["point"]: r["offered_rps"] for r in doc.get("runs", [])}
     for point in (p["name"] for p in params["points"]):
-        lines += [f"## {point}", "", table(summary, point, order)]
+        lines += [f"## {point} ({rates.get(point, math.nan):.1f} req/s offered)", "",
+                  table(summary, point, order)]
     lines += ["## Policies", ""] + [f"- `{k}`: {v}" for k, v in doc["policies"].items()]
     lines += [f"- `{k}`: skipped ({v})" for k, v in doc["skipped_policies"].items()]
     lines += ["", "## Simulator timing model", "", "```"]
