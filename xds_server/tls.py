@@ -5,8 +5,9 @@ a control plane that must restart to pick them up either drops every Envoy's str
 serves an expired certificate. gRPC asks `certificate_configuration_fetcher` before every
 new handshake whether the configuration changed; the answer compares the files' content
 (cheap `stat` first), so a rotation applies to the next connection while the open streams
-keep their session. A half-written or unreadable set is not applied: the last good one stays
-in force, with one log line per bad content.
+keep their session. A file that is unreadable or not PEM (half-written) is not applied: the
+last good set stays in force, with one log line per bad content. A certificate and key from
+different renewals can meet only until the second file lands: any change of either is seen.
 """
 
 from __future__ import annotations
