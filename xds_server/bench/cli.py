@@ -26,6 +26,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="simulator wall seconds per simulated second (default 20)")
     routing.add_argument("--max-num-seqs", type=int, default=4,
                          help="requests running per simulated rank (default 4)")
+    extproc = sub.add_parser("extproc", help="latency the ext_proc picker adds; picks per core")
+    extproc.add_argument("--out", default="bench/results", help="output folder")
+    extproc.add_argument("--requests", type=int, default=1000,
+                         help="requests per side per repeat (default 1000)")
+    extproc.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
+    extproc.add_argument("--hammer-seconds", type=float, default=10.0,
+                         help="how long the picker alone is driven (default 10)")
+    extproc.add_argument("--concurrency", type=int, default=16,
+                         help="gRPC streams driving the picker alone (default 16)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,4 +46,8 @@ def run(args: argparse.Namespace) -> int:
         from xds_server.bench.routing import main as routing_main
 
         return routing_main(args)
+    if args.bench == "extproc":
+        from xds_server.bench.extproc import main as extproc_main
+
+        return extproc_main(args)
     raise SystemExit(f"unknown benchmark {args.bench}")
