@@ -321,7 +321,9 @@ def _pinned_cluster(pool: str, settings: EnvoySettings) -> cluster_pb2.Cluster:
 
 # Builders below are memoized on their (immutable) inputs: a 10,000-replica pool would
 # otherwise rebuild 20,000 endpoint messages in Python on every weight change, when only
-# the nodes whose weights moved differ. Callers never mutate what these return.
+# the nodes whose weights moved differ. Callers never mutate what these return. The bounds
+# keep a churning fleet's memory flat: a locality is only worth keeping from one snapshot
+# to the next, so its cache holds a few thousand (two snapshots of ~2,000 nodes).
 
 
 def _lb_endpoint(replica: Replica, weight: int) -> endpoint_components_pb2.LbEndpoint:
@@ -333,7 +335,7 @@ def _lb_endpoint(replica: Replica, weight: int) -> endpoint_components_pb2.LbEnd
     return endpoint
 
 
-@functools.lru_cache(maxsize=1 << 16)
+@functools.lru_cache(maxsize=1 << 15)
 def _lb_endpoint_base(replica: Replica) -> endpoint_components_pb2.LbEndpoint:
     draining = replica.state is ReplicaState.DRAINING
     node = struct_pb2.Value(string_value=replica.node)
@@ -363,7 +365,7 @@ def _lb_endpoint_base(replica: Replica) -> endpoint_components_pb2.LbEndpoint:
 Members = tuple[tuple[Replica, int], ...]
 
 
-@functools.lru_cache(maxsize=1 << 15)
+@functools.lru_cache(maxsize=4096)
 def _locality(
     zone: str, node: str, members: Members, weight: int
 ) -> endpoint_components_pb2.LocalityLbEndpoints:
@@ -425,7 +427,7 @@ def _pool_clusters(pool: str, settings: EnvoySettings) -> tuple[cluster_pb2.Clus
     return everywhere, _pinned_cluster(pool, settings), _affinity_cluster(pool, settings)
 
 
-@functools.lru_cache(maxsize=1 << 15)
+@functools.lru_cache(maxsize=8192)
 def _node_clusters(
     pool: str, node: str, settings: EnvoySettings
 ) -> tuple[cluster_pb2.Cluster, ...]:
