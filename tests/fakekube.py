@@ -477,3 +477,48 @@ def addresses(pods: Iterator[Pod] | list[Pod]) -> set[str]:
     """`IP:PORT` of pods that carry a hybridlb.io/port annotation (the tests' convention)."""
     return {f"{p['status']['podIP']}:{p['metadata']['annotations']['hybridlb.io/port']}"
             for p in pods}
+
+
+def main() -> None:
+    """`python -m tests.fakekube --kubeconfig PATH`: the server in its own process, driven by
+    JSON lines on stdin, for `hybridlb bench k8s` (which is installed, while tests/ is not).
+
+    Writes `{"url": ...}` once listening, then answers each command with `{"t": ...}`: the
+    `time.monotonic()` (system-wide on Linux) right after the change was queued to every open
+    watch. Commands: `{"op": "create", "name", "ip", "port", "node", "ready"}`,
+    `{"op": "ready" | "terminate" | "delete", "name"}` (namespace "default", pool qwen3)."""
+    import argparse
+    import sys
+    import time
+
+    parser = argparse.ArgumentParser(prog="python -m tests.fakekube")
+    parser.add_argument("--kubeconfig", type=Path, required=True, help="file to write")
+    args = parser.parse_args()
+
+    def ready(pod: Pod) -> None:
+        pod["status"]["conditions"][0]["status"] = "True"
+
+    with FakeKube() as kube:
+        kube.write_kubeconfig(args.kubeconfig)
+        print(json.dumps({"url": kube.url}), flush=True)
+        for line in sys.stdin:
+            command = json.loads(line)
+            op, name = command["op"], command["name"]
+            if op == "create":
+                kube.create(make_pod(
+                    name, ip=command["ip"], node=command["node"], ready=command["ready"],
+                    annotations={"hybridlb.io/port": str(command["port"])},
+                    args=["vllm", "serve", "Qwen/Qwen3-0.6B", "--served-model-name", "qwen3"]))
+            elif op == "ready":
+                kube.update("default", name, ready)
+            elif op == "terminate":
+                kube.terminate("default", name)
+            elif op == "delete":
+                kube.delete(("default", name))
+            else:
+                raise SystemExit(f"unknown op {op!r}")
+            print(json.dumps({"t": time.monotonic()}), flush=True)
+
+
+if __name__ == "__main__":
+    main()

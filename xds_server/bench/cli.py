@@ -36,6 +36,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     extproc.add_argument("--concurrency", type=int, default=16,
                          help="gRPC streams driving the picker alone (default 16)")
 
+    k8s = sub.add_parser(
+        "k8s", help="Kubernetes lifecycle → Envoy: Ready → routed, deletion → draining",
+        description="Times a pod turning Ready in a fake Kubernetes API server until Envoy "
+        "routes to it, and its deletionTimestamp until Envoy marks it draining, through the "
+        "real control plane and Envoy. Runs from a source checkout: the fake API server is "
+        "tests/fakekube.py, which is not installed.")
+    k8s.add_argument("--out", default="bench/results", help="output folder")
+    k8s.add_argument("--pods", type=int, default=100, help="pods per repeat (default 100)")
+    k8s.add_argument("--repeats", type=int, default=3,
+                     help="repeats, each with fresh processes (default 3)")
+    k8s.add_argument("--live", type=int, default=10,
+                     help="pods Ready at once before the oldest is terminated (default 10)")
+    k8s.add_argument("--gap-s", type=float, default=0.3,
+                     help="seconds between one change and the next (default 0.3)")
+    k8s.add_argument("--poll-s", type=float, default=0.01,
+                     help="how often Envoy's /clusters is read (default 0.01)")
+
 
 def run(args: argparse.Namespace) -> int:
     if args.bench == "xds":
@@ -50,4 +67,8 @@ def run(args: argparse.Namespace) -> int:
         from xds_server.bench.extproc import main as extproc_main
 
         return extproc_main(args)
+    if args.bench == "k8s":
+        from xds_server.bench.k8s import main as k8s_main
+
+        return k8s_main(args)
     raise SystemExit(f"unknown benchmark {args.bench}")
