@@ -795,9 +795,9 @@ def plot(path: Path, params: Params, updates: Sequence[Update]) -> None:
     measured = [u for u in updates if not u.warmup]
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     colors = {"sotw": "tab:blue", "delta": "tab:orange"}
-    for ax, origin in zip(axes, ("file write", "published_at"), strict=True):
+    for ax, origin in zip(axes, ("the file write", "published_at"), strict=True):
         for i, u in enumerate(measured):
-            shift = 0.0 if origin == "file write" else u.published_s
+            shift = 0.0 if origin == "the file write" else u.published_s
             for proto, values in (("sotw", u.sotw_s), ("delta", u.delta_s)):
                 if not values:
                     continue
@@ -808,13 +808,14 @@ def plot(path: Path, params: Params, updates: Sequence[Update]) -> None:
             if params.envoy and not math.isnan(u.envoy_s):
                 ax.axvline(u.envoy_s - shift, color="tab:green", linestyle=":",
                            label="real Envoy" if i == 0 else None)
-            if origin == "file write":
+            if origin == "the file write":
                 ax.axvline(u.published_s, color="grey", linestyle="--", alpha=0.6,
                            label="published_at" if i == 0 else None)
         ax.axvline(TARGET_DELIVERY_S if origin == "published_at" else math.nan, color="red",
                    alpha=0.4, label="1 s target" if origin == "published_at" else None)
-        ax.set_xlabel(f"seconds since the {origin}")
-        ax.set_title(f"every assignment held, since the {origin}")
+        ax.set_xlim(left=0)
+        ax.set_xlabel(f"seconds since {origin}")
+        ax.set_title(f"every assignment held, since {origin}")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
     axes[0].set_ylabel(f"share of {params.streams} streams")
