@@ -10,7 +10,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,23 +23,12 @@ import httpx
 import yaml
 
 from xds_server.commands.bootstrap import build_bootstrap
+from xds_server.ports import free_ports
 
 ENVOY = str(Path(sys.executable).with_name("envoy"))
 HERE = Path(__file__).parent
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct ports that were free a moment ago."""
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def wait_for(predicate: Callable[[], bool], timeout_s: float = 20.0, what: str = "") -> None:

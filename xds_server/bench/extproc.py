@@ -25,8 +25,9 @@ import aiohttp
 import yaml
 
 from xds_server.bench import report
-from xds_server.bench.procs import Managed, free_ports, wait_until
+from xds_server.bench.procs import Managed, wait_until
 from xds_server.commands.bootstrap import build_bootstrap
+from xds_server.ports import free_ports
 
 ENVOY = str(Path(sys.executable).with_name("envoy"))
 BODY = json.dumps({

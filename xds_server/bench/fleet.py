@@ -26,8 +26,9 @@ from typing import Any
 
 import yaml
 
-from xds_server.bench.procs import Managed, free_ports, wait_until
+from xds_server.bench.procs import Managed, wait_until
 from xds_server.commands.bootstrap import build_bootstrap
+from xds_server.ports import free_ports
 
 POOL = "qwen3"
 ENVOY = str(Path(sys.executable).with_name("envoy"))

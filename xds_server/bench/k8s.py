@@ -37,8 +37,9 @@ import yaml
 
 import xds_server
 from xds_server.bench import report
-from xds_server.bench.procs import Managed, free_ports, wait_until
+from xds_server.bench.procs import Managed, wait_until
 from xds_server.commands.bootstrap import build_bootstrap
+from xds_server.ports import free_ports
 
 ENVOY = str(Path(sys.executable).with_name("envoy"))
 POOL = "qwen3"

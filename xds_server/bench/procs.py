@@ -8,7 +8,6 @@ first, SIGKILL when it does not go in time.
 from __future__ import annotations
 
 import contextlib
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -17,20 +16,6 @@ from pathlib import Path
 from typing import IO, Any
 
 import psutil
-
-
-def free_ports(n: int) -> list[int]:
-    """n distinct ports that were free a moment ago (bound together, so never the same)."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 class ProcessExited(RuntimeError):

@@ -34,10 +34,10 @@ import aiohttp
 from xds_server.bench import report
 from xds_server.bench.fleet import ENVOYS, Fleet, instant_endpoint
 from xds_server.bench.oracle import OracleReplayer
-from xds_server.bench.procs import free_ports
 from xds_server.bench.report import progress
 from xds_server.bench.routing_report import write_outputs
 from xds_server.bench.routing_stats import latency, mean_cv, on_node_share, per_rank_depths
+from xds_server.ports import free_ports
 from xds_server.sim.engine import EngineSettings
 from xds_server.sim.server import ServerSettings
 from xds_server.workload import Burst, Entry, LengthMix, Replayer, schedule

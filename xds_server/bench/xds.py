@@ -42,9 +42,10 @@ import httpx
 import yaml
 
 from xds_server.bench import report
-from xds_server.bench.procs import Managed, ProcessMeter, free_ports, managed, wait_until
+from xds_server.bench.procs import Managed, ProcessMeter, managed, wait_until
 from xds_server.bench.report import progress
 from xds_server.commands.bootstrap import build_bootstrap
+from xds_server.ports import free_ports
 from xds_server.xds import types
 
 POOL = "bench"

@@ -20,7 +20,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from typing import Any
 import yaml
 
 from xds_server.commands.bootstrap import build_bootstrap
+from xds_server.ports import free_ports
 
 ENVOY = Path(sys.executable).with_name("envoy")
 MODEL = "Qwen/Qwen3-0.6B"
@@ -99,18 +99,6 @@ class ChildExited(RuntimeError):
     """A process the demo needs is gone."""
 
 
-def free_ports(n: int) -> list[int]:
-    """n distinct ports that were free a moment ago (bound together, so never the same)."""
-    sockets: list[socket.socket] = []
-    try:
-        for _ in range(n):
-            s = socket.socket()
-            s.bind(("127.0.0.1", 0))
-            sockets.append(s)
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 #: Held back while a child is forked, so that a Ctrl-C cannot land between the fork and
