@@ -42,7 +42,9 @@ class Metrics:
             "hybridlb_snapshot_version", "Version of the snapshot being served", registry=r
         )
         self.resources = Gauge(
-            "hybridlb_xds_resources", "Resources in the current snapshot", ["type"], registry=r
+            "hybridlb_xds_resources",
+            "Resources in the current snapshot (per-view types: as a gateway's view holds them)",
+            ["type"], registry=r
         )
         self.streams = Gauge(
             "hybridlb_xds_streams", "Connected ADS streams", ["protocol"], registry=r

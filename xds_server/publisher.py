@@ -17,7 +17,7 @@ from google.protobuf.message import Message
 
 from xds_server.metrics import Metrics
 from xds_server.model import Pool, ReplicaState, View, Weights
-from xds_server.policy.views import HybridSettings, keep_share
+from xds_server.policy.views import HybridSettings, keep_shares
 from xds_server.policy.weights import Decision, Explanation, Memory, PolicySettings, decide
 from xds_server.settings import EnvoySettings
 from xds_server.state import State
@@ -105,11 +105,8 @@ class Publisher:
             for p in pools
         ]
         keep = {p.name: self._keep_shares(p, decisions[p.name]) for p in pools}
-        clusters, assignments = resources.build_clusters_and_endpoints(inputs, self._settings)
-        shared: dict[str, Sequence[Message]] = {
-            types.CLUSTER: clusters,
-            types.ENDPOINT: assignments,
-        }
+        assignments = resources.build_endpoints(inputs)
+        shared: dict[str, Sequence[Message]] = {types.ENDPOINT: assignments}
         settings = self._settings
         names = [p.name for p in pools]
 
@@ -123,6 +120,7 @@ class Publisher:
                 for name in names
             ]
             return {
+                types.CLUSTER: resources.build_clusters(inputs, view.node, settings),
                 types.LISTENER: [resources.build_listener(view, settings)],
                 types.ROUTE: [resources.build_route_config(routes, settings)],
             }
@@ -148,9 +146,9 @@ class Publisher:
             # Weight-only snapshots come every second or so: not worth an INFO line each.
             log.log(
                 logging.INFO if membership_changed else logging.DEBUG,
-                "snapshot %d: %d pools, %d replicas, %d clusters (%.1f ms)",
+                "snapshot %d: %d pools, %d replicas, %d endpoint assignments (%.1f ms)",
                 self._cache.version, len(pools), sum(len(p.replicas) for p in pools),
-                len(clusters), elapsed * 1000,
+                len(assignments), elapsed * 1000,
             )
         return changed
 
@@ -159,10 +157,7 @@ class Publisher:
         for r in pool.replicas:
             if r.state is ReplicaState.READY:
                 capacity[r.node] = capacity.get(r.node, 0) + r.capacity
-        return {
-            node: keep_share(node, decision.node_utilization, capacity, self._hybrid)
-            for node in pool.nodes
-        }
+        return keep_shares(pool.nodes, decision.node_utilization, capacity, self._hybrid)
 
     def _update_lingering(self, pools: Sequence[Pool], now: float) -> None:
         """Nodes that lost their last replica keep their (empty) clusters for `linger_s`.
@@ -196,7 +191,7 @@ class Publisher:
                 load = loads.get(r.address)
                 if load is not None:
                     m.load_age.labels(item.pool.name, r.address).set(max(0.0, now - load.read_at))
+        # Shared resources, and the per-view ones as a gateway's view holds them.
+        gateway = self._cache.resources_for(View())
         for type_url in types.PUSH_ORDER:
-            m.resources.labels(types.short(type_url)).set(
-                len(self._cache.shared.get(type_url, {}))
-            )
+            m.resources.labels(types.short(type_url)).set(len(gateway.get(type_url, {})))

@@ -88,6 +88,11 @@ def test_each_node_envoy_keeps_its_traffic_local_at_low_load(calm: Fleet) -> Non
     for node, envoy in calm.envoys.items():
         if not node:
             continue
+        # It holds its own node's local cluster and no other node's.
+        assert set(envoy.endpoint_weights(f"qwen3/node/{node}")) == {
+            a for a in calm.sim.addresses if calm.node_of(a) == node}
+        assert not any(envoy.endpoint_weights(f"qwen3/node/{other}")
+                       for other in ("node-a", "node-b", "node-c") if other != node)
         counts = served_by(envoy.url, 100)
         local = sum(n for address, n in counts.items() if calm.node_of(address) == node)
         assert local / 100 > 0.9, (node, counts)

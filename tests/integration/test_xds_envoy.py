@@ -66,10 +66,16 @@ def test_both_protocols_route_to_every_replica(fleet: Fleet, envoys: list[Envoy]
     assert protocols == ["delta", "sotw"]
 
 
-def test_envoy_gets_global_and_node_local_clusters(fleet: Fleet, envoys: list[Envoy]) -> None:
+def test_gateways_hold_the_pool_cluster_and_no_node_local_ones(
+    fleet: Fleet, envoys: list[Envoy]
+) -> None:
+    import httpx
+
     for envoy in envoys:
-        assert set(envoy.endpoint_weights("qwen3/node/node-a")) == set(fleet.addresses[:2])
-        assert set(envoy.endpoint_weights("qwen3/node/node-b")) == {fleet.addresses[2]}
+        assert set(envoy.endpoint_weights("qwen3")) == set(fleet.addresses[:3])
+        names = {line.split("::", 1)[0]
+                 for line in httpx.get(f"{envoy.admin}/clusters").text.splitlines()}
+        assert not any("/node/" in n or "/prefer/" in n for n in names), names
 
 
 def test_model_header_selects_the_pool(fleet: Fleet, envoys: list[Envoy]) -> None:

@@ -71,13 +71,14 @@ async def test_push_order_is_clusters_endpoints_listeners_routes(
     # The client asks for CDS and LDS at once; endpoints follow clusters, routes listeners.
     assert firsts.index(types.ENDPOINT) > firsts.index(types.CLUSTER)
     assert firsts.index(types.ROUTE) > firsts.index(types.LISTENER)
-    assert set(client.held[types.ENDPOINT]) == {"qwen3", "qwen3/node/node-a", "qwen3/node/node-b"}
+    # Its own node's assignment and the pool's; not another node's (it has no cluster for it).
+    assert set(client.held[types.ENDPOINT]) == {"qwen3", "qwen3/node/node-a"}
     task.cancel()
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 async def test_only_changed_endpoints_are_sent(plane: Plane, delta: bool) -> None:
-    client = AdsClient(target=plane.target, node_id="e1", delta=delta)
+    client = AdsClient(target=plane.target, node_id="e1", node="node-b", delta=delta)
     task = await connect(client)
     seen = len(client.received)
     plane.set(A, B, Replica("10.0.0.4", 8000, "node-b"))
@@ -94,7 +95,7 @@ async def test_only_changed_endpoints_are_sent(plane: Plane, delta: bool) -> Non
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
 async def test_nack_is_counted_recorded_and_not_resent(plane: Plane, delta: bool) -> None:
     client = AdsClient(
-        target=plane.target, node_id="e1", delta=delta,
+        target=plane.target, node_id="e1", node="node-c", delta=delta,
         reject=lambda t, names: "bad endpoint" if t == types.ENDPOINT and
         "qwen3/node/node-c" in names else None,
     )
@@ -110,7 +111,7 @@ async def test_nack_is_counted_recorded_and_not_resent(plane: Plane, delta: bool
 
 
 async def test_delta_removal_and_reconnect_with_known_versions(plane: Plane) -> None:
-    client = AdsClient(target=plane.target, node_id="e1", delta=True)
+    client = AdsClient(target=plane.target, node_id="e1", node="node-b", delta=True)
     task = await connect(client)
     seen = len(client.received)
     plane.set(A)
@@ -146,7 +147,7 @@ async def test_delta_removal_and_reconnect_with_known_versions(plane: Plane) -> 
 async def test_a_new_cluster_gets_its_endpoints_and_old_ones_are_not_resent(
     plane: Plane, delta: bool
 ) -> None:
-    client = AdsClient(target=plane.target, node_id="e1", delta=delta)
+    client = AdsClient(target=plane.target, node_id="e1", node="node-c", delta=delta)
     task = await connect(client)
     seen = len(client.received)
     plane.set(A, B, C)

@@ -31,8 +31,8 @@ HEADER = """\
 def render() -> str:
     settings = EnvoySettings(extproc_address="127.0.0.1:9002")
     pool = Pool("qwen3", (Replica("10.0.0.1", 8000, "node-a"),))
-    clusters, _ = resources.build_clusters_and_endpoints(
-        [resources.PoolInput(pool=pool, weights=capacity_weights(pool))], settings)
+    clusters = resources.build_clusters(
+        [resources.PoolInput(pool=pool, weights=capacity_weights(pool))], "", settings)
     listener = resources.build_listener(View(node="node-a"), settings)
     manager = listener.filter_chains[0].filters[0]
     doc = {

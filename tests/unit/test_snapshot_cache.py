@@ -17,8 +17,7 @@ SETTINGS = EnvoySettings()
 
 def shared_for(*pools: Pool) -> dict[str, Sequence[Message]]:
     inputs = [resources.PoolInput(pool=p, weights=capacity_weights(p)) for p in pools]
-    clusters, assignments = resources.build_clusters_and_endpoints(inputs, SETTINGS)
-    return {types.CLUSTER: clusters, types.ENDPOINT: assignments}
+    return {types.ENDPOINT: resources.build_endpoints(inputs)}
 
 
 def per_view(view: View) -> Mapping[str, Sequence[Message]]:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import pytest
 
-from xds_server.policy.views import HybridSettings, keep_share
+from xds_server.policy.views import HybridSettings, keep_shares
+
+
+def keep_share(node: str, utilization: Mapping[str, float], capacity: Mapping[str, int],
+               settings: HybridSettings) -> int:
+    return keep_shares([node], utilization, capacity, settings)[node]
 
 S = HybridSettings(room_threshold=0.6, keep_step=1)
 CAPACITY = {"a": 2, "b": 2, "c": 4}

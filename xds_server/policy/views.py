@@ -15,7 +15,7 @@ off, and hands over its excess in proportion to how far it is past that point.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 #: Keep shares are integers out of this total (Envoy's weighted clusters take integers).
@@ -41,25 +41,32 @@ class HybridSettings:
             raise ValueError("keep_step must be in 1..1000")
 
 
-def keep_share(
-    node: str,
+def keep_shares(
+    nodes: Iterable[str],
     node_utilization: Mapping[str, float],
     capacity: Mapping[str, int],
     settings: HybridSettings,
-) -> int:
-    """Per mille of a pool's requests an Envoy on `node` keeps on its node (0: none ready)."""
-    if not settings.local_first or node not in node_utilization:
-        return 0
-    u = node_utilization[node]
-    rest_capacity = sum(c for n, c in capacity.items() if n != node and n in node_utilization)
-    u_rest = (
-        sum(node_utilization[n] * c for n, c in capacity.items()
-            if n != node and n in node_utilization) / rest_capacity
-        if rest_capacity
-        else 1.0  # nowhere else to go
-    )
-    floor = max(settings.room_threshold, u_rest)
-    spill = 0.0 if u <= floor or floor >= 1 else min(1.0, (u - floor) / (1 - floor))
-    keep = 1.0 - spill
-    step = settings.keep_step
-    return round(keep * PER_MILLE / step) * step
+) -> dict[str, int]:
+    """Per mille of a pool's requests an Envoy on each node keeps there (0: none ready).
+
+    The pool's totals are summed once and each node's own part taken out, so a fleet of
+    N nodes costs O(N), not O(N²).
+    """
+    ready = {n: c for n, c in capacity.items() if n in node_utilization}
+    total_capacity = sum(ready.values())
+    total_used = sum(node_utilization[n] * c for n, c in ready.items())
+    shares: dict[str, int] = {}
+    for node in nodes:
+        if not settings.local_first or node not in node_utilization:
+            shares[node] = 0
+            continue
+        u = node_utilization[node]
+        own = ready.get(node, 0)
+        rest_capacity = total_capacity - own
+        # Nowhere else to go: the rest of the pool counts as full.
+        u_rest = (total_used - u * own) / rest_capacity if rest_capacity > 0 else 1.0
+        floor = max(settings.room_threshold, u_rest)
+        spill = 0.0 if u <= floor or floor >= 1 else min(1.0, (u - floor) / (1 - floor))
+        step = settings.keep_step
+        shares[node] = round((1.0 - spill) * PER_MILLE / step) * step
+    return shares

@@ -61,8 +61,6 @@ from xds_server.settings import EnvoySettings
 
 LISTENER_NAME = "hybridlb_http"
 ROUTE_CONFIG_NAME = "hybridlb_routes"
-#: Endpoint metadata namespace (also what `%UPSTREAM_METADATA(hybridlb:...)%` reads).
-METADATA_NS = "hybridlb"
 #: The namespace Envoy's subset load balancer and the router's dynamic match read.
 LB_NS = "envoy.lb"
 #: The Gateway API Inference Extension's name for the picked endpoint (header and metadata).
@@ -338,7 +336,6 @@ def _lb_endpoint(replica: Replica, weight: int) -> endpoint_components_pb2.LbEnd
 @functools.lru_cache(maxsize=1 << 15)
 def _lb_endpoint_base(replica: Replica) -> endpoint_components_pb2.LbEndpoint:
     draining = replica.state is ReplicaState.DRAINING
-    node = struct_pb2.Value(string_value=replica.node)
     return endpoint_components_pb2.LbEndpoint(
         endpoint=endpoint_components_pb2.Endpoint(
             address=address_pb2.Address(
@@ -348,15 +345,14 @@ def _lb_endpoint_base(replica: Replica) -> endpoint_components_pb2.LbEndpoint:
             ),
         ),
         health_status=health_check_pb2.DRAINING if draining else health_check_pb2.HEALTHY,
+        # Only what Envoy uses: the node, for the pinned cluster's subsets. (The locality
+        # says the node too, but subsets match endpoint metadata.) Every byte here is sent
+        # to every Envoy for every replica on every weight change.
         metadata=base_pb2.Metadata(
             filter_metadata={
-                METADATA_NS: struct_pb2.Struct(
-                    fields={
-                        "node": node,
-                        "capacity": struct_pb2.Value(number_value=replica.capacity),
-                    }
+                LB_NS: struct_pb2.Struct(
+                    fields={"node": struct_pb2.Value(string_value=replica.node)}
                 ),
-                LB_NS: struct_pb2.Struct(fields={"node": node}),
             }
         ),
     )
@@ -397,26 +393,35 @@ def build_load_assignment(
     )
 
 
-def build_clusters_and_endpoints(
-    pools: Sequence[PoolInput], settings: EnvoySettings
-) -> tuple[list[cluster_pb2.Cluster], list[endpoint_pb2.ClusterLoadAssignment]]:
-    """The shared resources of every pool: its clusters and their endpoints."""
-    clusters: list[cluster_pb2.Cluster] = []
+def build_endpoints(pools: Sequence[PoolInput]) -> list[endpoint_pb2.ClusterLoadAssignment]:
+    """Every pool's endpoint assignments, the same for every Envoy: the whole pool, and each
+    node's part (an Envoy subscribes only to the ones its clusters name)."""
     assignments: list[endpoint_pb2.ClusterLoadAssignment] = []
-    if settings.extproc_address:
-        clusters.append(extproc_cluster(settings))
     for item in pools:
         pool = item.pool
-        clusters.extend(_pool_clusters(pool.name, settings))
         localities = _localities(pool.replicas, item.weights)
         assignments.append(endpoint_pb2.ClusterLoadAssignment(
             cluster_name=cluster_name(pool.name), endpoints=list(localities.values())))
         for node in item.all_nodes:
-            clusters.extend(_node_clusters(pool.name, node, settings))
             assignments.append(endpoint_pb2.ClusterLoadAssignment(
                 cluster_name=local_cluster_name(pool.name, node),
                 endpoints=[localities[node]] if node in localities else []))
-    return clusters, assignments
+    return assignments
+
+
+def build_clusters(
+    pools: Sequence[PoolInput], node: str, settings: EnvoySettings
+) -> list[cluster_pb2.Cluster]:
+    """One Envoy's clusters: every pool's, plus its own node's local ones. An Envoy never
+    routes to another node's local cluster, so it neither holds nor updates them."""
+    clusters: list[cluster_pb2.Cluster] = []
+    if settings.extproc_address:
+        clusters.append(extproc_cluster(settings))
+    for item in pools:
+        clusters.extend(_pool_clusters(item.pool.name, settings))
+        if node and node in item.all_nodes:
+            clusters.extend(_node_clusters(item.pool.name, node, settings))
+    return clusters
 
 
 @functools.lru_cache(maxsize=1024)
