@@ -464,6 +464,10 @@ class Run:
                  f"(xDS :{server.xds_port}, admin :{server.admin_port})")
         startup: dict[str, Any] = {"server_ready_s": ready_at - started}
         counts = server.resource_counts()
+        # Every stream (and the Envoy) sits on a node: its view holds the pool's clusters
+        # (counted as a gateway holds them) plus its node's two, and it subscribes to two
+        # assignments, the pool's and its node's; the other nodes' it never receives.
+        counts = {**counts, "CDS": counts["CDS"] + 2, "EDS_all": counts["EDS"], "EDS": 2}
         self.assignments = counts["EDS"]
         self.result["resources"] = counts
         progress(f"the snapshot holds {counts['CDS']} clusters and {counts['EDS']} assignments")
