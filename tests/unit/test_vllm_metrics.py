@@ -40,7 +40,8 @@ def test_a_nan_rank_is_left_out_the_others_count() -> None:
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
-        ("<html>502 Bad Gateway</html>", "not Prometheus text"),
+        ("<html>502 Bad Gateway</html>", "no vllm:num_requests_running"),
+        ('vllm:num_requests_running{engine="0" 1\n', "not Prometheus text"),
         ("", "no vllm:num_requests_running"),
         ("vllm:num_requests_running 1\n", "missing vllm:num_requests_waiting"),
         ("vllm:num_requests_running -1\nvllm:num_requests_waiting 0\n", "running=-1"),

@@ -19,6 +19,7 @@ WAITING = "vllm:num_requests_waiting"
 KV_USAGE = "vllm:kv_cache_usage_perc"
 KV_USAGE_LEGACY = "vllm:gpu_cache_usage_perc"
 _WANTED = {RUNNING, WAITING, KV_USAGE, KV_USAGE_LEGACY}
+_WANTED_PREFIXES = tuple(_WANTED)
 
 
 class MetricsTextError(ValueError):
@@ -32,8 +33,16 @@ def parse_rank_loads(text: str) -> list[RankLoad]:
     out); a body with no engine left is an error, so that the caller counts it once.
     """
     values: dict[str, dict[str, float]] = {}
+    # A vLLM /metrics is hundreds of histogram lines; the parser (pure Python) need only see
+    # the three gauges. A line is kept when it starts with a wanted name and then a label
+    # set or a space, so `vllm:num_requests_running_x` is not mistaken for it.
+    wanted = "\n".join(
+        line for line in text.splitlines()
+        if line.startswith(_WANTED_PREFIXES) and line.split("{", 1)[0].split(" ", 1)[0]
+        in _WANTED
+    )
     try:
-        for family in text_string_to_metric_families(text):
+        for family in text_string_to_metric_families(wanted):
             for sample in family.samples:
                 if sample.name not in _WANTED:
                     continue
