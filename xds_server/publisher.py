@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -68,6 +69,7 @@ class Publisher:
         self._memory: dict[str, Memory] = {}
         #: (pool, node) -> when the clusters of a node that lost its last replica go away.
         self._lingering: dict[tuple[str, str], float] = {}
+        self._published_lingering: tuple[tuple[str, str], ...] = ()
         self.published = Published()
 
     async def run(self) -> None:
@@ -105,6 +107,22 @@ class Publisher:
             for p in pools
         ]
         keep = {p.name: self._keep_shares(p, decisions[p.name]) for p in pools}
+        weights = {i.pool.name: i.weights for i in inputs}
+        lingering = tuple(sorted(self._lingering))
+        if (self._cache.ready and pools == self.published.pools and weights ==
+                self.published.weights and keep == self.published.keep
+                and lingering == self._published_lingering):
+            # Most load readings move no published weight (the deadband): explain them, but
+            # build and diff nothing.
+            self.published = dataclasses.replace(
+                self.published, state_version=self._state.version,
+                explain={name: d.explain for name, d in decisions.items()},
+                node_utilization={name: d.node_utilization for name, d in decisions.items()},
+                at=now,
+            )
+            self._export(inputs, now)
+            return False
+        self._published_lingering = lingering
         assignments = resources.build_endpoints(inputs)
         shared: dict[str, Sequence[Message]] = {types.ENDPOINT: assignments}
         settings = self._settings
@@ -132,7 +150,7 @@ class Publisher:
             state_version=self._state.version,
             xds_version=self._cache.version,
             pools=pools,
-            weights={i.pool.name: i.weights for i in inputs},
+            weights=weights,
             explain={name: d.explain for name, d in decisions.items()},
             keep=keep,
             node_utilization={name: d.node_utilization for name, d in decisions.items()},
