@@ -207,13 +207,20 @@ class AdsServer:
 
     # --- state of the world -------------------------------------------------------------
 
-    def _on_sotw_request(
-        self, info: StreamInfo, request: discovery_pb2.DiscoveryRequest
-    ) -> str | None:
+    def _type_url(self, info: StreamInfo, request: Any) -> str | None:
+        """Identify the Envoy on its first request; the type asked for, if we serve it."""
         self._identify(info, request.node)
         type_url = str(request.type_url)
         if type_url not in types.PUSH_ORDER:
             log.warning("envoy %s asked for unsupported type %s", info.node_id, type_url)
+            return None
+        return type_url
+
+    def _on_sotw_request(
+        self, info: StreamInfo, request: discovery_pb2.DiscoveryRequest
+    ) -> str | None:
+        type_url = self._type_url(info, request)
+        if type_url is None:
             return None
         state = info.types.setdefault(type_url, TypeState())
         names = set(request.resource_names)
@@ -230,10 +237,8 @@ class AdsServer:
     def _on_delta_request(
         self, info: StreamInfo, request: discovery_pb2.DeltaDiscoveryRequest
     ) -> str | None:
-        self._identify(info, request.node)
-        type_url = str(request.type_url)
-        if type_url not in types.PUSH_ORDER:
-            log.warning("envoy %s asked for unsupported type %s", info.node_id, type_url)
+        type_url = self._type_url(info, request)
+        if type_url is None:
             return None
         first = type_url not in info.types
         state = info.types.setdefault(type_url, TypeState())
