@@ -336,4 +336,6 @@ async def test_unannotated_vllm_pods_and_several_pools(
         assert (qwen.address, qwen.capacity, qwen.dp_rank) == ("10.0.0.1:8100", 2, 2)
         assert [r.address for r in by_name["llama"].replicas] == ["10.0.0.2:8200"]
         assert by_name["mistral"].replicas == ()
-        assert {w.namespace for w in kube.watches()} == {"ml", "team", ""}
+        # Watches reconnect (server-side timeouts, a list between two watches): wait for all.
+        await until(lambda: {w.namespace for w in kube.watches()} == {"ml", "team", ""},
+                    "a watch in each namespace and one across all")
