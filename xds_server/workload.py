@@ -27,6 +27,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import aiohttp
 
@@ -242,9 +243,23 @@ class Replayer:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
+    #: Exceptions of `route` recorded as a failed request rather than raised.
+    route_errors: ClassVar[tuple[type[Exception], ...]] = ()
+
+    async def route(
+        self, session: aiohttp.ClientSession, arrival: Arrival
+    ) -> tuple[str, Mapping[str, str]]:
+        """Where a request goes (base URL) and with which headers: its entry point's Envoy.
+
+        A subclass may decide per request (the benchmark's oracle); the latency clock starts
+        after this returns, so the decision is not charged to the request.
+        """
+        return self.urls[arrival.entry], self.headers
+
     async def _send(self, session: aiohttp.ClientSession, arrival: Arrival) -> None:
-        sent_at = time.monotonic()
-        result = Result(arrival=arrival, sent_s=sent_at - self._started)
+        deciding = time.monotonic()
+        result = Result(arrival=arrival, sent_s=deciding - self._started)
+        sent_at = deciding
         self.sent += 1
         self.sent_by_entry[arrival.entry] += 1
         self.in_flight += 1
@@ -255,9 +270,13 @@ class Replayer:
             "ignore_eos": True,
             "stream": True,
         }
+        recorded: tuple[type[Exception], ...] = (aiohttp.ClientError, TimeoutError,
+                                                 *self.route_errors)
         try:
-            async with session.post(self.urls[arrival.entry] + "/v1/completions", json=body,
-                                    headers=dict(self.headers)) as response:
+            url, headers = await self.route(session, arrival)
+            sent_at = time.monotonic()
+            async with session.post(url + "/v1/completions", json=body,
+                                    headers=dict(headers)) as response:
                 result.status = response.status
                 result.replica = response.headers.get(REPLICA_HEADER, "")
                 rank = response.headers.get(RANK_HEADER)
@@ -269,7 +288,7 @@ class Replayer:
         except asyncio.CancelledError:
             result.error = "cancelled"
             raise
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except recorded as exc:
             result.error = f"{type(exc).__name__}: {exc}"[:200]
         finally:
             result.e2e_s = time.monotonic() - sent_at

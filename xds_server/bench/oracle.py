@@ -22,11 +22,11 @@ import time
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import aiohttp
 
-from xds_server.workload import RANK_HEADER, REPLICA_HEADER, Arrival, Replayer, Result, prompt_text
+from xds_server.workload import Arrival, Replayer
 
 #: vLLM's header that pins a request to one of the API server's local ranks.
 DP_RANK_HEADER = "X-data-parallel-rank"
@@ -106,46 +106,17 @@ class OracleReplayer(Replayer):
         if self._pending[key] <= 0:
             del self._pending[key]
 
-    async def _send(self, session: aiohttp.ClientSession, arrival: Arrival) -> None:
+    #: `choose` with no queue to choose from, or a /sim/state that is not JSON.
+    route_errors: ClassVar[tuple[type[Exception], ...]] = (ValueError,)
+
+    async def route(
+        self, session: aiohttp.ClientSession, arrival: Arrival
+    ) -> tuple[str, Mapping[str, str]]:
+        """Straight to the rank `choose` picks from the true queues, read now."""
         deciding = time.monotonic()
-        result = Result(arrival=arrival, sent_s=deciding - self._started)
-        sent_at = deciding
-        self.sent += 1
-        self.sent_by_entry[arrival.entry] += 1
-        self.in_flight += 1
-        try:
-            target = choose(await self._queues(session), self._pending, self._rng)
-            sent_at = time.monotonic()
-            self.decision_s.append(sent_at - deciding)
-            key = (target.address, target.rank)
-            self._pending[key] += 1
-            asyncio.get_running_loop().call_later(self.visible_after_s, self._forget, key)
-            body = {
-                "model": self.model,
-                "prompt": prompt_text(arrival.prompt_tokens),
-                "max_tokens": arrival.output_tokens,
-                "ignore_eos": True,
-                "stream": True,
-            }
-            headers = {**self.headers, DP_RANK_HEADER: str(target.rank)}
-            async with session.post(f"http://{target.address}/v1/completions", json=body,
-                                    headers=headers) as response:
-                result.status = response.status
-                result.replica = response.headers.get(REPLICA_HEADER, "")
-                rank = response.headers.get(RANK_HEADER)
-                result.rank = int(rank) if rank is not None and rank.isdigit() else None
-                if response.status != 200:
-                    result.error = (await response.text())[:200] or f"HTTP {response.status}"
-                else:
-                    await self._read_stream(response, result, sent_at)
-        except asyncio.CancelledError:
-            result.error = "cancelled"
-            raise
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            result.error = f"{type(exc).__name__}: {exc}"[:200]
-        finally:
-            result.e2e_s = time.monotonic() - sent_at
-            self.in_flight -= 1
-            self.results.append(result)
-            if self.on_result is not None:
-                self.on_result(result)
+        target = choose(await self._queues(session), self._pending, self._rng)
+        self.decision_s.append(time.monotonic() - deciding)
+        key = (target.address, target.rank)
+        self._pending[key] += 1
+        asyncio.get_running_loop().call_later(self.visible_after_s, self._forget, key)
+        return f"http://{target.address}", {**self.headers, DP_RANK_HEADER: str(target.rank)}
