@@ -10,8 +10,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, cast
+from typing import Any, Literal, TypeVar, cast
 
 import yaml
 
@@ -258,14 +259,15 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             scrape_timeout_s=get("scrape-timeout-s"),
             scrape_concurrency=get("scrape-concurrency"),
         ),
-        policy=_policy(
+        policy=_checked(
+            PolicySettings, "weight policy",
             max_num_seqs=get("max-num-seqs"), waiting_factor=get("waiting-factor"),
             stale_after_s=get("stale-after-s"), smoothing_s=get("smoothing-s"),
             max_step_per_s=get("max-step-per-s"), deadband=get("deadband"),
             min_share=get("min-share"),
         ),
-        hybrid=_hybrid(room_threshold=get("room-threshold"), keep_step=get("keep-step"),
-                       local_first=get("local-first")),
+        hybrid=_checked(HybridSettings, "hybrid routing", room_threshold=get("room-threshold"),
+                        keep_step=get("keep-step"), local_first=get("local-first")),
         extproc=ExtprocSettings(
             port=get("extproc-port"),
             pick=PickSettings(max_num_seqs=get("max-num-seqs"),
@@ -323,18 +325,15 @@ def _lb_policy(value: str) -> Literal["least_request", "round_robin"]:
     return cast(Literal["least_request", "round_robin"], value)
 
 
-def _hybrid(**values: Any) -> HybridSettings:
-    try:
-        return HybridSettings(**values)
-    except ValueError as exc:
-        raise SystemExit(f"hybrid routing: {exc}") from exc
+_T = TypeVar("_T")
 
 
-def _policy(**values: Any) -> PolicySettings:
+def _checked(kind: Callable[..., _T], what: str, **values: Any) -> _T:
+    """A settings group whose own validation failed ends the command with a clear message."""
     try:
-        return PolicySettings(**values)
+        return kind(**values)
     except ValueError as exc:
-        raise SystemExit(f"weight policy: {exc}") from exc
+        raise SystemExit(f"{what}: {exc}") from exc
 
 
 def run(args: argparse.Namespace) -> int:
