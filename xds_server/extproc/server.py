@@ -25,13 +25,10 @@ from google.protobuf import struct_pb2
 from xds_server.extproc.pick import PickSettings, Unreadable, pick, read_request
 from xds_server.extproc.state import PickerState, PrefixOwners
 from xds_server.metrics import Metrics
+from xds_server.xds.resources import DESTINATION_HEADER, LB_NS, PICKER_NODE_METADATA
 
 log = logging.getLogger(__name__)
 
-DESTINATION_HEADER = "x-gateway-destination-endpoint"
-LB_NS = "envoy.lb"
-#: gRPC metadata the listener's ext_proc filter sends: the node of the asking Envoy.
-NODE_METADATA = "x-hybridlb-node"
 
 
 class Picker(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -48,7 +45,7 @@ class Picker(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     async def Process(
         self, requests: AsyncIterator[ep.ProcessingRequest], context: Any
     ) -> AsyncIterator[ep.ProcessingResponse]:
-        node = dict(context.invocation_metadata() or ()).get(NODE_METADATA, "")
+        node = dict(context.invocation_metadata() or ()).get(PICKER_NODE_METADATA, "")
         content_type = ""
         asked_pool = ""
         async for request in requests:

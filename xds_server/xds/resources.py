@@ -65,6 +65,8 @@ ROUTE_CONFIG_NAME = "hybridlb_routes"
 LB_NS = "envoy.lb"
 #: The Gateway API Inference Extension's name for the picked endpoint (header and metadata).
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
+#: gRPC metadata on the ext_proc stream naming the asking Envoy's node (the picker reads it).
+PICKER_NODE_METADATA = "x-hybridlb-node"
 EXTPROC_CLUSTER = "hybridlb_extproc"
 _HTTP_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 
@@ -385,14 +387,6 @@ def _localities(
     }
 
 
-def build_load_assignment(
-    name: str, replicas: Iterable[Replica], weights: Weights
-) -> endpoint_pb2.ClusterLoadAssignment:
-    return endpoint_pb2.ClusterLoadAssignment(
-        cluster_name=name, endpoints=list(_localities(replicas, weights).values())
-    )
-
-
 def build_endpoints(pools: Sequence[PoolInput]) -> list[endpoint_pb2.ClusterLoadAssignment]:
     """Every pool's endpoint assignments, the same for every Envoy: the whole pool, and each
     node's part (an Envoy subscribes only to the ones its clusters name)."""
@@ -582,7 +576,7 @@ def _extproc_filter(view: View, settings: EnvoySettings) -> hcm_pb2.HttpFilter:
         grpc_service=grpc_service_pb2.GrpcService(
             envoy_grpc=grpc_service_pb2.GrpcService.EnvoyGrpc(cluster_name=EXTPROC_CLUSTER),
             # The picker prefers replicas on the asking Envoy's node.
-            initial_metadata=[base_pb2.HeaderValue(key="x-hybridlb-node", value=view.node)],
+            initial_metadata=[base_pb2.HeaderValue(key=PICKER_NODE_METADATA, value=view.node)],
         ),
         failure_mode_allow=True,
         message_timeout=_duration(settings.extproc_timeout_s),
