@@ -19,13 +19,14 @@ the CA and the addresses' host names; with `--xds-tls-cert/--xds-tls-key` it is 
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
+
+from xds_server.addresses import is_ip, parse_address
 
 XDS_CLUSTER = "hybridlb_xds"
 ADMIN_CLUSTER = "hybridlb_admin"
@@ -108,7 +109,7 @@ def build_bootstrap(
             "clusters": [
                 {
                     "name": XDS_CLUSTER,
-                    "type": "STATIC" if all(_is_ip(h) for h, _ in xds) else "STRICT_DNS",
+                    "type": "STATIC" if all(is_ip(h) for h, _ in xds) else "STRICT_DNS",
                     "connect_timeout": "1s",
                     "typed_extension_protocol_options": {
                         "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
@@ -155,7 +156,7 @@ class XdsTls:
 def _xds_tls_socket(tls: XdsTls, hosts: list[str]) -> dict[str, Any]:
     """UpstreamTlsContext: verify the server against `ca` and the hosts' names (SAN), send
     SNI for a host name, and present a client certificate for mutual TLS when given."""
-    sans = [{"san_type": "IP_ADDRESS" if _is_ip(h) else "DNS", "matcher": {"exact": h}}
+    sans = [{"san_type": "IP_ADDRESS" if is_ip(h) else "DNS", "matcher": {"exact": h}}
             for h in dict.fromkeys(hosts)]
     common: dict[str, Any] = {
         "alpn_protocols": ["h2"],
@@ -170,7 +171,7 @@ def _xds_tls_socket(tls: XdsTls, hosts: list[str]) -> dict[str, Any]:
                  "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
         "common_tls_context": common,
     }
-    names = [h for h in hosts if not _is_ip(h)]
+    names = [h for h in hosts if not is_ip(h)]
     if names:
         context["sni"] = names[0]
     return {"name": "envoy.transport_sockets.tls", "typed_config": context}
@@ -212,7 +213,7 @@ def _admin_cluster(admin_host: str, admin_port: int) -> dict[str, Any]:
     host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(admin_host, admin_host)
     return {
         "name": ADMIN_CLUSTER,
-        "type": "STATIC" if _is_ip(host) else "STRICT_DNS",
+        "type": "STATIC" if is_ip(host) else "STRICT_DNS",
         "connect_timeout": "1s",
         "load_assignment": {
             "cluster_name": ADMIN_CLUSTER,
@@ -223,16 +224,7 @@ def _admin_cluster(admin_host: str, admin_port: int) -> dict[str, Any]:
     }
 
 
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
-
-
 def run(args: argparse.Namespace) -> int:
-    from xds_server.sources.static_file import parse_address
 
     try:
         (host, port), *more = [parse_address(a) for a in args.xds_address]

@@ -14,13 +14,13 @@ ignored, as if it were absent: the pod keeps routing on the next source's value.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import shlex
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from xds_server.addresses import is_ip
 from xds_server.model import Replica, ReplicaState
 
 T = TypeVar("T")
@@ -146,7 +146,7 @@ def pod_to_replica(pod: Mapping[str, Any], *, default_pool: str = "") -> PodRepl
     draining = bool(meta.get("deletionTimestamp"))
     if not draining and not _ready(status):
         return PodReplica(pod=key, skipped="not Ready")
-    if not _is_ip(str(host)):
+    if not is_ip(str(host)):
         problem = Problem("ip", f"status.podIP {host!r} is not an IP address")
         return PodReplica(pod=key, skipped="bad pod IP", problems=(problem,))
 
@@ -295,14 +295,6 @@ def _ready(status: Mapping[str, Any]) -> bool:
         _mapping(c).get("type") == "Ready" and _mapping(c).get("status") == "True"
         for c in _list(status.get("conditions"))
     )
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _vllm_container(containers: Sequence[Mapping[str, Any]]) -> Mapping[str, Any] | None:

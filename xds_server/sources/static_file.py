@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import ipaddress
 import logging
 import re
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from xds_server.addresses import is_ip, parse_address
 from xds_server.metrics import Metrics
 from xds_server.model import Pool, Replica
 from xds_server.state import State
@@ -41,18 +41,6 @@ _REPLICA_KEYS = {"address", "node", "capacity", "zone"}
 
 class PoolFileError(ValueError):
     """The pool file cannot be used; the message says where and why."""
-
-
-def parse_address(text: str) -> tuple[str, int]:
-    """`IP:PORT` or `[IPv6]:PORT` into (host, port)."""
-    match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)
-    if not match:
-        raise ValueError(f"address {text!r} is not HOST:PORT")
-    host = match.group(1) or match.group(3)
-    port = int(match.group(2) or match.group(4))
-    if not 0 < port < 65536:
-        raise ValueError(f"port {port} in {text!r} is out of range")
-    return host, port
 
 
 def parse_pools(text: str, *, origin: str = "") -> tuple[Pool, ...]:
@@ -111,7 +99,7 @@ def _parse_replica(raw: Any, where: str, origin: str) -> Replica:
         host, port = parse_address(str(raw.get("address", "")))
     except ValueError as exc:
         raise PoolFileError(f"{where}.address: {exc}") from exc
-    if not _is_ip(host):
+    if not is_ip(host):
         # Envoy's EDS takes IP literals only and will reject (NACK) this endpoint.
         log.warning("%s.address: %r is not an IP address; Envoy's EDS will reject it", where, host)
     node = raw.get("node")
@@ -124,14 +112,6 @@ def _parse_replica(raw: Any, where: str, origin: str) -> Replica:
     if not isinstance(zone, str):
         raise PoolFileError(f"{where}.zone: {zone!r} is not a string")
     return Replica(host=host, port=port, node=node, capacity=capacity, zone=zone, origin=origin)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 class StaticFileSource:

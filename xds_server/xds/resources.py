@@ -18,7 +18,6 @@ pool's traffic goes to `P/prefer/N` versus `P`.
 from __future__ import annotations
 
 import functools
-import ipaddress
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -55,6 +54,7 @@ from envoy.type.v3 import percent_pb2
 from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
+from xds_server.addresses import is_ip
 from xds_server.model import Pool, Replica, ReplicaState, View, Weights
 from xds_server.policy.views import PER_MILLE
 from xds_server.settings import EnvoySettings
@@ -202,7 +202,7 @@ def extproc_cluster(settings: EnvoySettings) -> cluster_pb2.Cluster:
     )
     return cluster_pb2.Cluster(
         name=EXTPROC_CLUSTER,
-        type=cluster_pb2.Cluster.STATIC if _is_ip(host) else cluster_pb2.Cluster.STRICT_DNS,
+        type=cluster_pb2.Cluster.STATIC if is_ip(host) else cluster_pb2.Cluster.STRICT_DNS,
         connect_timeout=_duration(0.25),
         typed_extension_protocol_options={_HTTP_OPTIONS: _any(options)},
         load_assignment=endpoint_pb2.ClusterLoadAssignment(
@@ -213,14 +213,6 @@ def extproc_cluster(settings: EnvoySettings) -> cluster_pb2.Cluster:
                         address=host.strip("[]"), port_value=int(port)))))])],
         ),
     )
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        return False
-    return True
 
 
 def _eds_cluster(
