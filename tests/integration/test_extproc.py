@@ -47,6 +47,11 @@ class PickerProcess(Process):
         wait_for(lambda: httpx.get(f"http://127.0.0.1:{self.admin_port}/readyz").status_code
                  == 200, 20, "picker ready")
 
+    def view(self) -> dict[str, dict[str, float]]:
+        """The picker's own view of the replicas, by address (its /debug/state)."""
+        doc = httpx.get(f"http://127.0.0.1:{self.admin_port}/debug/state").json()
+        return {r["address"]: r for pool in doc["pools"] for r in pool["replicas"]}
+
     def count(self, outcome: str) -> float:
         from prometheus_client.parser import text_string_to_metric_families
 

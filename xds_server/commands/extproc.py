@@ -29,7 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--poll-interval-s", type=float, default=0.5,
                         help="how often /debug/state is read (default 0.5)")
     parser.add_argument("--admin-port", type=int, default=0,
-                        help="serve /healthz, /readyz and /metrics here (default: off)")
+                        help="serve /healthz, /readyz, /metrics and /debug/state (the picker's "
+                        "view of the replicas) here (default: off)")
     parser.add_argument("--admin-host", default="127.0.0.1", help="(default 127.0.0.1)")
     parser.add_argument("--model-header", default="x-model",
                         help="header that names the pool, set on picked requests (default x-model)")
@@ -85,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
         runner = None
         if args.admin_port:
             runner = web.AppRunner(admin.build_app(
-                metrics=metrics, ready=state.ready.is_set, state=lambda: {}), access_log=None)
+                metrics=metrics, ready=state.ready.is_set, state=state.describe), access_log=None)
             await runner.setup()
             await web.TCPSite(runner, args.admin_host, args.admin_port).start()
         log.info("ext_proc endpoint picker on %s:%d, following %s", args.host, port,

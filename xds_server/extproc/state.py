@@ -95,6 +95,7 @@ class RemoteState:
         self._pools: dict[str, list[tuple[Candidate, float]]] = {}
         self._pending = PendingPicks()
         self._failing = False
+        self._read_at = 0.0
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
@@ -102,6 +103,7 @@ class RemoteState:
             try:
                 doc = await asyncio.to_thread(self._fetch)
                 self._pools = _parse(doc)
+                self._read_at = time.time()
                 self.ready.set()
                 if self._failing:
                     log.info("control plane %s answers again", self._url)
@@ -130,6 +132,21 @@ class RemoteState:
 
     def default_pool(self) -> str:
         return next(iter(self._pools), "")
+
+    def describe(self) -> dict[str, Any]:
+        """The picker's view for its /debug/state: what it would pick from, and how old."""
+        return {
+            "control_plane": self._url,
+            "read_age_s": round(time.time() - self._read_at, 3) if self._read_at else None,
+            "failing": self._failing,
+            "pools": [
+                {"name": name, "replicas": [
+                    {"address": c.address, "node": c.node, "capacity": c.capacity,
+                     "running": c.running, "waiting": c.waiting, "pending": c.pending}
+                    for c in self.candidates(name) or ()]}
+                for name in self._pools
+            ],
+        }
 
     def note_pick(self, address: str) -> None:
         self._pending.add(address)
