@@ -6,6 +6,8 @@ Metrics read *from* vLLM live with the load sources, not here.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -87,3 +89,25 @@ class Metrics:
             "hybridlb_endpoint_weight", "Endpoint weight published to Envoy",
             ["pool", "replica", "node"], registry=r,
         )
+
+
+class GaugeFamily:
+    """A labelled gauge set as a whole: series not in the new mapping go, the rest are reused.
+
+    Clearing and re-labelling 10,000 replicas' series on every load reading cost the
+    publisher 0.45 s (prometheus_client validates the labels of every `labels()` call).
+    """
+
+    def __init__(self, gauge: Gauge) -> None:
+        self._gauge = gauge
+        self._children: dict[tuple[str, ...], Gauge] = {}
+
+    def replace(self, values: Mapping[tuple[str, ...], float]) -> None:
+        for key in self._children.keys() - values.keys():
+            self._gauge.remove(*key)
+            del self._children[key]
+        for key, value in values.items():
+            child = self._children.get(key)
+            if child is None:
+                child = self._children[key] = self._gauge.labels(*key)
+            child.set(value)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from google.protobuf.message import Message
 
-from xds_server.metrics import Metrics
+from xds_server.metrics import GaugeFamily, Metrics
 from xds_server.model import Pool, ReplicaState, View, Weights
 from xds_server.policy.views import HybridSettings, keep_shares
 from xds_server.policy.weights import Decision, Explanation, Memory, PolicySettings, decide
@@ -61,6 +61,9 @@ class Publisher:
         self._state = state
         self._cache = cache
         self._metrics = metrics
+        self._replica_counts = GaugeFamily(metrics.replicas)
+        self._weights = GaugeFamily(metrics.weight)
+        self._load_ages = GaugeFamily(metrics.load_age)
         self._settings = settings
         self._policy = policy or PolicySettings()
         self._hybrid = hybrid or HybridSettings()
@@ -193,22 +196,25 @@ class Publisher:
         }
 
     def _export(self, inputs: Sequence[resources.PoolInput], now: float) -> None:
-        m = self._metrics
-        m.replicas.clear()
-        m.weight.clear()
-        m.load_age.clear()
+        counts: dict[tuple[str, ...], float] = {}
+        weights: dict[tuple[str, ...], float] = {}
+        ages: dict[tuple[str, ...], float] = {}
         loads = self._state.loads
         for item in inputs:
+            pool = item.pool.name
             for state in ReplicaState:
-                count = sum(1 for r in item.pool.replicas if r.state is state)
-                m.replicas.labels(item.pool.name, state.value).set(count)
+                counts[pool, state.value] = 0
             for r in item.pool.replicas:
-                m.weight.labels(item.pool.name, r.address, r.node).set(
-                    item.weights.endpoints.get(r.address, 0)
-                )
-                load = loads.get(r.address)
+                address = r.address
+                counts[pool, r.state.value] += 1
+                weights[pool, address, r.node] = item.weights.endpoints.get(address, 0)
+                load = loads.get(address)
                 if load is not None:
-                    m.load_age.labels(item.pool.name, r.address).set(max(0.0, now - load.read_at))
+                    ages[pool, address] = max(0.0, now - load.read_at)
+        self._replica_counts.replace(counts)
+        self._weights.replace(weights)
+        self._load_ages.replace(ages)
+        m = self._metrics
         # Shared resources, and the per-view ones as a gateway's view holds them.
         gateway = self._cache.resources_for(View())
         for type_url in types.PUSH_ORDER:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from pathlib import Path
@@ -355,5 +356,18 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"hybridlb serve: {exc}") from exc
         await app.run()
 
+    _tune_gc()
     asyncio.run(main())
     return 0
+
+
+def _tune_gc() -> None:
+    """Keep Python's cycle collector off the update path of a large fleet.
+
+    Measured at 10,000 replicas: the collector took 0.6-1.1 s of a 1.3-2.0 s pool-file parse
+    (hundreds of youngest-generation passes, and full passes over every imported module's
+    objects). The imports are frozen out of its sight, and the youngest generation waits for
+    50,000 new objects instead of 700; refcounting still frees everything acyclic at once.
+    """
+    gc.freeze()
+    gc.set_threshold(50_000, 20, 10)

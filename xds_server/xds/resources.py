@@ -101,7 +101,7 @@ class PoolInput:
     #: replica (kept a while so no route points at a cluster that is already gone).
     nodes: tuple[str, ...] = ()
 
-    @property
+    @functools.cached_property
     def all_nodes(self) -> tuple[str, ...]:
         return tuple(sorted(set(self.pool.nodes) | set(self.nodes)))
 
