@@ -132,14 +132,14 @@ class Publisher:
         names = [p.name for p in pools]
 
         def per_view(view: View) -> Mapping[str, Sequence[Message]]:
-            routes = [
+            routes = tuple(
                 resources.PoolRoute(
                     pool=name,
                     node=view.node if view.node in keep[name] else "",
                     keep_per_mille=keep[name].get(view.node, 0),
                 )
                 for name in names
-            ]
+            )
             return {
                 types.CLUSTER: resources.build_clusters(inputs, view.node, settings),
                 types.LISTENER: [resources.build_listener(view, settings)],

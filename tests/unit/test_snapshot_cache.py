@@ -11,6 +11,7 @@ from xds_server.policy.weights import capacity_weights
 from xds_server.settings import EnvoySettings
 from xds_server.xds import resources, types
 from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.snapshot import encode_all
 
 SETTINGS = EnvoySettings()
 
@@ -21,7 +22,7 @@ def shared_for(*pools: Pool) -> dict[str, Sequence[Message]]:
 
 
 def per_view(view: View) -> Mapping[str, Sequence[Message]]:
-    routes = [resources.PoolRoute(pool="qwen3", node=view.node, keep_per_mille=1000)]
+    routes = (resources.PoolRoute(pool="qwen3", node=view.node, keep_per_mille=1000),)
     return {types.LISTENER: [resources.build_listener(view, SETTINGS)],
             types.ROUTE: [resources.build_route_config(routes, SETTINGS)]}
 
@@ -58,3 +59,15 @@ def test_views_share_encoded_resources_and_differ_in_their_listener() -> None:
     assert one[types.LISTENER]["hybridlb_http"].version != \
         two[types.LISTENER]["hybridlb_http"].version
     assert cache.resources_for(View("a", 10001)) is one
+
+
+def test_a_message_object_met_again_is_not_encoded_again() -> None:
+    listener = resources.build_listener(View("a", 10001), SETTINGS)
+    once = encode_all([listener], by_identity=True)["hybridlb_http"]
+    assert encode_all([listener], by_identity=True)["hybridlb_http"] is once
+    # An equal message that is another object is encoded anew, to the same version; and
+    # without by_identity every call encodes.
+    twin = resources.build_listener.__wrapped__(View("a", 10001), SETTINGS)
+    fresh = encode_all([twin], by_identity=True)["hybridlb_http"]
+    assert fresh is not once and fresh.version == once.version
+    assert encode_all([listener])["hybridlb_http"] is not once

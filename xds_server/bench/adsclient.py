@@ -70,9 +70,13 @@ class AdsClient:
     async def run(self, channel: grpc.aio.Channel | None = None) -> None:
         """Stream until cancelled or the server ends the stream."""
         own = channel is None
-        channel = channel or grpc.aio.insecure_channel(
-            self.target, options=[("grpc.max_receive_message_length", 256 * 1024 * 1024)]
-        )
+        channel = channel or grpc.aio.insecure_channel(self.target, options=[
+            ("grpc.max_receive_message_length", 256 * 1024 * 1024),
+            # Receive windows as large as Envoy's (its HTTP/2 initial_stream_window_size
+            # defaults to 256 MiB); gRPC's 64 KiB default would make the server wait for
+            # window updates from this one busy client process, which Envoy never does.
+            ("grpc.http2.lookahead_bytes", 256 * 1024 * 1024),
+        ])
         method = "DeltaAggregatedResources" if self.delta else "StreamAggregatedResources"
         request_type: Any = (
             discovery_pb2.DeltaDiscoveryRequest if self.delta else discovery_pb2.DiscoveryRequest

@@ -97,7 +97,7 @@ class SnapshotCache:
     ) -> Resources:
         merged: dict[str, Mapping[str, Entry]] = {t: shared.get(t, {}) for t in types.PUSH_ORDER}
         for type_url, messages in builder(view).items():
-            own = encode_all(messages, previous.get(type_url))
+            own = encode_all(messages, previous.get(type_url), by_identity=True)
             merged[type_url] = {**merged.get(type_url, {}), **own}
         return merged
 

@@ -514,11 +514,14 @@ def _routes_for(
     ]
 
 
+@functools.lru_cache(maxsize=8192)
 def build_route_config(
-    routes: Sequence[PoolRoute], settings: EnvoySettings
+    routes: tuple[PoolRoute, ...], settings: EnvoySettings
 ) -> route_pb2.RouteConfiguration:
     """`x-model: NAME` picks the pool (anything else: the first pool); `x-hybridlb-node` pins
-    a node; otherwise the view's keep share decides between its node and the whole pool."""
+    a node; otherwise the view's keep share decides between its node and the whole pool.
+
+    Memoized: views with the same keep shares share one message, and so one encoding."""
     entries: list[route_components_pb2.Route] = []
     for route in routes:
         entries.extend(_routes_for(route, settings, model=route.pool))
@@ -621,7 +624,9 @@ def _pin_failure_reply(settings: EnvoySettings) -> hcm_pb2.LocalReplyConfig:
     )
 
 
+@functools.lru_cache(maxsize=8192)
 def build_listener(view: View, settings: EnvoySettings) -> listener_pb2.Listener:
+    """A view's listener; memoized, as it changes only with the view and the settings."""
     port = view.listener_port or settings.listener_port
     manager = hcm_pb2.HttpConnectionManager(
         stat_prefix="hybridlb",

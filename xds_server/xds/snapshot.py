@@ -9,6 +9,7 @@ entries' bytes joined: no stream ever re-serializes a pool's endpoints.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
@@ -46,14 +47,51 @@ def encode(message: Message) -> Entry:
     return Entry(name=name, version=version, sotw=sotw, delta=delta)
 
 
+class _EncodedByIdentity:
+    """Entries of messages encoded before, by the message object's identity.
+
+    The builders memoize their messages and never mutate one they returned, so the same
+    object met again (a pool's clusters in 200 views, a listener from one snapshot to the
+    next) has the same bytes: at 200 views that is most of the per-view work. The message
+    is held with its entry, so its id cannot be reused while cached.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._entries: OrderedDict[int, tuple[Message, Entry]] = OrderedDict()
+        self._capacity = capacity
+
+    def __call__(self, message: Message) -> Entry:
+        key = id(message)
+        hit = self._entries.get(key)
+        if hit is not None and hit[0] is message:
+            self._entries.move_to_end(key)
+            return hit[1]
+        entry = encode(message)
+        self._entries[key] = (message, entry)
+        if len(self._entries) > self._capacity:
+            self._entries.popitem(last=False)
+        return entry
+
+
+_encode_memoized = _EncodedByIdentity(capacity=8192)
+
+
 def encode_all(
-    messages: Iterable[Message], previous: Mapping[str, Entry] | None = None
+    messages: Iterable[Message],
+    previous: Mapping[str, Entry] | None = None,
+    *,
+    by_identity: bool = False,
 ) -> dict[str, Entry]:
-    """Encode messages by name, reusing a previous entry object when the content is the same."""
+    """Encode messages by name, reusing a previous entry object when the content is the same.
+
+    `by_identity` for the builders' memoized messages (the per-view ones): an object met
+    before is not encoded again. Fresh messages (a new snapshot's endpoints) gain nothing
+    from it and would only fill the memo with large assignments.
+    """
     previous = previous or {}
     out: dict[str, Entry] = {}
     for message in messages:
-        entry = encode(message)
+        entry = _encode_memoized(message) if by_identity else encode(message)
         old = previous.get(entry.name)
         out[entry.name] = old if old is not None and old.version == entry.version else entry
     return out
