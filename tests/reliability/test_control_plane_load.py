@@ -144,9 +144,15 @@ async def test_streams_churn_without_stale_resources_or_memory_growth(tmp_path: 
         rss["end"], cycled = server.memory_info().rss, connects - warm_connects
         stop_cycling.set()
         await asyncio.gather(*cyclers)
-        await asyncio.sleep(0.5)  # the server notices the last cancellations
-        streams = cp.metric("hybridlb_xds_streams")
-        envoys = len(cp.state()["envoys"])
+        # The server notices the last cancellations a moment later: wait for the count to
+        # settle (it must reach exactly the survivors), without blocking the clients' loop.
+        deadline = time.monotonic() + 20
+        while True:
+            streams = cp.metric("hybridlb_xds_streams")
+            envoys = len(cp.state()["envoys"])
+            if streams == envoys == LONG_LIVED + 4 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.2)
     finally:
         for t in tasks + cyclers:
             t.cancel()
