@@ -26,6 +26,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="simulator wall seconds per simulated second (default 20)")
     routing.add_argument("--max-num-seqs", type=int, default=4,
                          help="requests running per simulated rank (default 4)")
+    routing.add_argument("--point-s", type=float, default=None, metavar="S",
+                         help="seconds of load per point and policy (default 5; 6 with "
+                         "--quick): longer points let queues build, at the cost of run time")
+    routing.add_argument("--repeats", type=int, default=None, metavar="N",
+                         help="interleaved repeats (default 3; 1 with --quick)")
+    routing.add_argument("--points", default=None, metavar="NAMES",
+                         help="only these of the case's points, comma-separated "
+                         "(e.g. 85%%,slow-replica)")
     extproc = sub.add_parser("extproc", help="latency the ext_proc picker adds; picks per core")
     extproc.add_argument("--out", default="bench/results", help="output folder")
     extproc.add_argument("--requests", type=int, default=1000,

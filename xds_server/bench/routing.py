@@ -157,9 +157,22 @@ def make_plan(args: argparse.Namespace) -> Plan:
     points = CASE_POINTS[case]
     if args.quick:
         points = tuple(p for p in points if p.name in ("85%", "95%"))[:1]
+    if args.points:
+        wanted = [name.strip() for name in args.points.split(",") if name.strip()]
+        unknown = sorted(set(wanted) - {p.name for p in CASE_POINTS[case]})
+        if unknown:
+            raise SystemExit(f"hybridlb bench routing: case {case} has no point "
+                             f"{', '.join(unknown)}; it has "
+                             f"{', '.join(p.name for p in CASE_POINTS[case])}")
+        points = tuple(p for p in CASE_POINTS[case] if p.name in wanted)
+    repeats = (1 if args.quick else 3) if args.repeats is None else args.repeats
+    duration_s = (6.0 if args.quick else 5.0) if args.point_s is None else args.point_s
+    if repeats < 1 or duration_s <= 0:
+        raise SystemExit("hybridlb bench routing: --repeats must be 1 or more and --point-s "
+                         "above 0")
     return Plan(
-        case=case, quick=args.quick, repeats=1 if args.quick else 3,
-        duration_s=6.0 if args.quick else 5.0, points=points, policies=(),
+        case=case, quick=args.quick, repeats=repeats,
+        duration_s=duration_s, points=points, policies=(),
         time_scale=args.time_scale, max_num_seqs=args.max_num_seqs,
         probe_s=12.0 if args.quick else 20.0,
     )
