@@ -1,9 +1,11 @@
 """What the ext_proc endpoint picker costs: latency added per request, and picks per core.
 
-Two identical Envoys in front of the same instant upstreams, one control plane each; the
+Three identical Envoys in front of the same instant upstreams, one control plane each; the
 only difference is that B's listener asks the picker (a `hybridlb extproc` process) before
-routing. Requests alternate A, B, A, B ... one at a time, so both see the same machine at
-the same moment; each repeat reports the medians and p99 of both and their difference.
+routing, and C's asks a picker that decides nothing (`fixed_picker`: the real protocol, its
+first answer replayed), which tells the exchange's cost from the decision's. Requests go to
+A, B, C, A, B, C ... one at a time, so all see the same machine at the same moment; each
+repeat reports the medians and p99 of each and the differences to A.
 Then the picker alone is driven over gRPC by a separate process at full speed, and its
 rate is divided by the CPU it used: picks per CPU-second, i.e. per core.
 """
@@ -30,6 +32,9 @@ from xds_server.commands.bootstrap import build_bootstrap
 from xds_server.ports import free_ports
 
 ENVOY = str(Path(sys.executable).with_name("envoy"))
+SIDES = ("without", "with", "fixed")
+LABELS = {"without": "without picker", "with": "with picker",
+          "fixed": "with a picker that decides nothing"}
 BODY = json.dumps({
     "model": "bench", "max_tokens": 1, "prompt": "Summarize the following text. " * 30,
 }).encode()
@@ -118,12 +123,14 @@ def main(args: argparse.Namespace) -> int:
         pools.write_text(yaml.safe_dump({"pools": [{"name": "bench", "replicas": [
             {"address": f"127.0.0.1:{p}", "node": f"node-{i}"}
             for i, p in enumerate(upstream_ports)]}]}))
-        picker_port, picker_admin = free_ports(2)
+        picker_port, picker_admin, fixed_port = free_ports(3)
+        pickers = {"with": picker_port, "fixed": fixed_port}
         urls: dict[str, str] = {}
         planes: dict[str, str] = {}
-        for name in ("without", "with"):
+        for name in SIDES:
             xds, admin, listener, envoy_admin = free_ports(4)
-            extra = ["--extproc-address", f"127.0.0.1:{picker_port}"] if name == "with" else []
+            extra = (["--extproc-address", f"127.0.0.1:{pickers[name]}"] if name in pickers
+                     else [])
             _start(stack, f"cp-{name}", [
                 sys.executable, "-m", "xds_server", "serve", "--static", str(pools),
                 "--metrics", "none", "--xds-host", "127.0.0.1", "--xds-port", str(xds),
@@ -140,6 +147,8 @@ def main(args: argparse.Namespace) -> int:
             sys.executable, "-m", "xds_server", "extproc", "--host", "127.0.0.1",
             "--port", str(picker_port), "--control-plane", planes["with"],
             "--admin-port", str(picker_admin)], workdir)
+        _start(stack, "fixed-picker", [sys.executable, "-m", "xds_server.bench.fixed_picker",
+                                       str(fixed_port), planes["fixed"]], workdir)
         for name, url in urls.items():
             wait_until(_prober(url), timeout_s=120, what=f"envoy {name}")
         wait_until(lambda: _http_ok(f"http://127.0.0.1:{picker_admin}/readyz"), timeout_s=30,
@@ -147,7 +156,7 @@ def main(args: argparse.Namespace) -> int:
         repeats = []
         for r in range(args.repeats):
             report.progress(f"repeat {r + 1}/{args.repeats}: {args.requests} requests each, "
-                            "alternating without/with the picker")
+                            "taking turns: without, with the picker, with the fixed picker")
             lat = asyncio.run(_alternate(urls, args.requests))
             repeats.append({name: report.distribution(values) for name, values in lat.items()})
         picks_before = _picked(picker_admin)
@@ -159,9 +168,12 @@ def main(args: argparse.Namespace) -> int:
         hammer["picker_cpu_s"] = cpu
         hammer["picks_per_s"] = hammer["picked"] / args.hammer_seconds
         hammer["picks_per_cpu_s"] = hammer["picked"] / cpu if cpu else float("nan")
-    added_p50 = [r["with"]["p50"] - r["without"]["p50"] for r in repeats]
-    added_p99 = [r["with"]["p99"] - r["without"]["p99"] for r in repeats]
+    added = {side: {q: [r[side][q] - r["without"][q] for r in repeats] for q in ("p50", "p99")}
+             for side in ("with", "fixed")}
+    added_p50, added_p99 = added["with"]["p50"], added["with"]["p99"]
     summary = {"added_p50_s": report.spread(added_p50), "added_p99_s": report.spread(added_p99),
+               "fixed_added_p50_s": report.spread(added["fixed"]["p50"]),
+               "fixed_added_p99_s": report.spread(added["fixed"]["p99"]),
                "target_p50_under_1ms": report.spread(added_p50)["median"] < 0.001}
     doc = {"benchmark": "extproc", "params": params, **report.git_commit(),
            "machine": report.machine(), "repeats": repeats, "summary": summary,
@@ -169,12 +181,14 @@ def main(args: argparse.Namespace) -> int:
     report.write_json(out / "extproc.json", doc)
     table = report.markdown_table(
         ["", "p50", "p99"],
-        [[f"{name} picker",
-          *(report.with_spread(report.spread(r[name][q] for r in repeats))
+        [[LABELS[name],
+          *(report.with_spread(report.spread(r[name][q] for r in repeats), fmt=report.milliseconds)
             for q in ("p50", "p99"))]
-         for name in ("without", "with")]
-        + [["added", report.with_spread(report.spread(added_p50)),
-            report.with_spread(report.spread(added_p99))]])
+         for name in SIDES]
+        + [[f"added by the {what}",
+            *(report.with_spread(report.spread(added[side][q]), fmt=report.milliseconds)
+              for q in ("p50", "p99"))]
+           for side, what in (("with", "picker"), ("fixed", "exchange alone (fixed picker)"))])
     text = (f"# ext_proc picker cost\n\nMedian (min-max) over {args.repeats} interleaved "
             f"repeats of {args.requests} requests per side, one at a time, "
             f"{len(BODY)}-byte chat body, instant upstream.\n\n{table}\n\n"
@@ -187,7 +201,7 @@ def main(args: argparse.Namespace) -> int:
 
 
 def _plot(path: Path, repeats: list[dict[str, dict[str, float]]]) -> None:
-    """p50 and p99 of each repeat, without and with the picker, side by side."""
+    """p50 and p99 of each repeat, for each side, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -196,10 +210,9 @@ def _plot(path: Path, repeats: list[dict[str, dict[str, float]]]) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.2))
     for ax, q in zip(axes, ("p50", "p99"), strict=True):
         xs = range(len(repeats))
-        ax.bar([x - 0.2 for x in xs], [r["without"][q] * 1000 for r in repeats], 0.4,
-               label="without picker")
-        ax.bar([x + 0.2 for x in xs], [r["with"][q] * 1000 for r in repeats], 0.4,
-               label="with picker")
+        for i, side in enumerate(SIDES):
+            ax.bar([x + (i - 1) * 0.27 for x in xs], [r[side][q] * 1000 for r in repeats],
+                   0.27, label=LABELS[side])
         ax.set_title(f"{q} latency per repeat")
         ax.set_xlabel("repeat")
         ax.set_ylabel("ms")
