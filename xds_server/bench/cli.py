@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "--quick): longer points let queues build, at the cost of run time")
     routing.add_argument("--repeats", type=int, default=None, metavar="N",
                          help="interleaved repeats (default 3; 1 with --quick)")
+    routing.add_argument("--policies", default=None, metavar="NAMES",
+                         help="only these of the case's policies, comma-separated "
+                         "(e.g. round-robin,weights-scrape,oracle)")
     routing.add_argument("--points", default=None, metavar="NAMES",
                          help="only these of the case's points, comma-separated "
                          "(e.g. 85%%,slow-replica)")

@@ -445,6 +445,14 @@ def _raise_exit(signum: int, frame: FrameType | None) -> None:
 
 def main(args: argparse.Namespace) -> int:
     plan = make_plan(args)
+    names = CASE_POLICIES[plan.case]
+    if args.policies:
+        wanted = [name.strip() for name in args.policies.split(",") if name.strip()]
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise SystemExit(f"hybridlb bench routing: case {plan.case} has no policy "
+                             f"{', '.join(unknown)}; it has {', '.join(names)}")
+        names = tuple(n for n in names if n in wanted)
     out = Path(args.out)
     workdir = Path(tempfile.mkdtemp(prefix="hybridlb-bench-routing-"))
     previous = signal.signal(signal.SIGTERM, _raise_exit)
@@ -452,7 +460,7 @@ def main(args: argparse.Namespace) -> int:
     available = policies(with_prometheus, plan.max_num_seqs)
     skipped: dict[str, str] = {}
     chosen = []
-    for name in CASE_POLICIES[plan.case]:
+    for name in names:
         policy = available[name]
         if name == EXTPROC_SLOT and not extproc_usable():
             skipped[name] = "`hybridlb serve` cannot host the ext_proc picker in this tree"
