@@ -119,13 +119,16 @@ class App:
                         model_header=self.settings.envoy.model_header)
         server = grpc.aio.server()
         add_to_server(server, picker)
+        # The same identity as the ADS server: one process, one certificate (and client CA).
+        served = self.settings.xds.tls
         try:
-            self.extproc_port = server.add_insecure_port(f"{s.host}:{s.port}")
+            self.extproc_port = tls.add_port(server, f"{s.host}:{s.port}", served)
         except RuntimeError as exc:
             raise SystemExit(f"cannot listen for ext_proc on {s.host}:{s.port}: {exc}") from exc
         await server.start()
         self._extproc = server
-        log.info("ext_proc endpoint picker on %s:%d", s.host, self.extproc_port)
+        log.info("ext_proc endpoint picker on %s:%d%s", s.host, self.extproc_port,
+                 _tls_mode(served))
 
     async def stop(self) -> None:
         if self._extproc is not None:

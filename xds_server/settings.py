@@ -40,6 +40,28 @@ class TlsSettings:
 
 
 @dataclass(frozen=True)
+class UpstreamTls:
+    """Files for Envoy's TLS to a gRPC server (the control plane, the picker), as paths
+    on Envoy's side: `ca` verifies the server; `cert` and `key` make it mutual TLS."""
+
+    ca: str
+    cert: str | None = None
+    key: str | None = None
+
+    @classmethod
+    def from_flags(
+        cls, ca: str | None, cert: str | None, key: str | None, *, flags: str
+    ) -> UpstreamTls | None:
+        """From a command's `{flags}-ca/-cert/-key` (e.g. `--xds-tls`); None without a CA.
+        Combinations that cannot work end the command with a message."""
+        if (cert is None) != (key is None):
+            raise SystemExit(f"{flags}-cert and {flags}-key go together")
+        if cert is not None and ca is None:
+            raise SystemExit(f"{flags}-cert needs {flags}-ca (the server's CA)")
+        return None if ca is None else cls(ca, cert, key)
+
+
+@dataclass(frozen=True)
 class XdsSettings:
     """The ADS gRPC server."""
 
@@ -78,6 +100,8 @@ class EnvoySettings:
     extproc_address: str = ""
     #: How long Envoy waits for a pick before routing by the weights (fail open).
     extproc_timeout_s: float = 0.2
+    #: Envoys reach the picker over TLS (mutual with a client certificate); None: plaintext.
+    extproc_tls: UpstreamTls | None = None
     #: Requests carrying this header stick to a replica (bounded-load consistent hashing).
     session_header: str = "x-session-id"
     #: Bound of that hashing: no replica above this percent of the mean load (>= 100).

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import grpc
+import httpx
 import pytest
 from envoy.config.core.v3 import base_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
@@ -33,7 +34,7 @@ from tests.harness import (
 )
 from tests.reliability import certs
 from xds_server.bench.adsclient import AdsClient
-from xds_server.commands.bootstrap import XdsTls
+from xds_server.settings import UpstreamTls
 from xds_server.xds import types
 
 pytestmark = [pytest.mark.reliability, pytest.mark.envoy]
@@ -104,7 +105,7 @@ def test_envoy_over_mutual_tls_and_rotation_without_restart(
     client = pki["client"]
 
     def envoy(name: str, ca: certs.Pair, with_cert: bool = True) -> Envoy:
-        return Envoy(tmp_path, xds_port=cp.xds_port, name=name, bootstrap={"xds_tls": XdsTls(
+        return Envoy(tmp_path, xds_port=cp.xds_port, name=name, bootstrap={"xds_tls": UpstreamTls(
             str(ca.cert), str(client.cert) if with_cert else None,
             str(client.key) if with_cert else None)})
 
@@ -173,4 +174,67 @@ def test_incomplete_tls_flags_end_serve_with_a_message(flags: list[str]) -> None
     parser = argparse.ArgumentParser()
     serve.add_arguments(parser)
     with pytest.raises(SystemExit, match="--tls-"):
+        serve.settings_from_args(parser.parse_args(["--static", "p.yaml", *flags]))
+
+
+def test_envoy_reaches_the_hosted_picker_over_mutual_tls(
+    tmp_path: Path, pki: dict[str, certs.Pair]
+) -> None:
+    """`serve --extproc-port` with `--tls-*`: its picker serves the same certificate, and the
+    ext_proc cluster it pushes makes Envoy speak mutual TLS to it; picks are obeyed."""
+    ports = free_ports(2)
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    pools = tmp_path / "pools.yaml"
+    write_pools(pools, [(addresses[0], "node-a"), (addresses[1], "node-b")])
+    server, client, ca = pki["server1"], pki["client"], pki["ca1"]
+    cp = ControlPlane(tmp_path, pools, listener_port=free_ports(1)[0], extra=[
+        "--tls-cert", str(server.cert), "--tls-key", str(server.key),
+        "--tls-client-ca", str(ca.cert), "--metrics", "none",
+        "--extproc-port", str(free_ports(1)[0]), "--extproc-timeout-s", "2",
+        "--extproc-tls-ca", str(ca.cert), "--extproc-tls-cert", str(client.cert),
+        "--extproc-tls-key", str(client.key)])
+    envoy = Envoy(tmp_path, xds_port=cp.xds_port, bootstrap={"xds_tls": UpstreamTls(
+        str(ca.cert), str(client.cert), str(client.key))})
+    with running(Upstreams(tmp_path, ports), cp, envoy):
+        assert "ext_proc endpoint picker on" in cp.output()
+        assert "(mutual TLS)" in cp.output().split("ext_proc endpoint picker on", 1)[1]
+
+        def picked() -> bool:
+            r = httpx.post(envoy.url + "/v1/completions", timeout=10,
+                           json={"model": "qwen3", "prompt": "hello"})
+            return bool(r.status_code == 200 and r.headers.get("x-hybridlb-picked")
+                        == r.headers["x-hybridlb-replica"])
+
+        wait_for(picked, 30, "a pick over mutual TLS, obeyed")
+        assert all(picked() for _ in range(10))
+        # Envoy's side of it: TLS handshakes to the picker, none failed.
+        stats = httpx.get(envoy.admin + "/stats").text
+        handshakes = [ln for ln in stats.splitlines()
+                      if ln.startswith("cluster.hybridlb_extproc.ssl.handshake:")]
+        assert handshakes and int(handshakes[0].split(":")[1]) > 0, handshakes
+        # A plaintext client is refused by the hosted picker.
+        picker_port = int(cp.output().split("ext_proc endpoint picker on ", 1)[1]
+                          .split()[0].rsplit(":", 1)[1])
+        assert not _pick_works(picker_port, None)
+        assert _pick_works(picker_port, _credentials(ca, client))
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--extproc-port", "1", "--tls-cert", "c", "--tls-key", "k"], "--extproc-tls-ca"),
+    (["--extproc-tls-ca", "ca"], "needs a picker"),
+    (["--extproc-address", "h:1", "--extproc-tls-ca", "ca", "--extproc-tls-cert", "c"],
+     "go together"),
+    (["--extproc-address", "h:1", "--extproc-tls-cert", "c", "--extproc-tls-key", "k"],
+     "needs --extproc-tls-ca"),
+])
+def test_picker_tls_flags_that_cannot_work_end_serve_with_a_message(
+    flags: list[str], message: str
+) -> None:
+    import argparse
+
+    from xds_server.commands import serve
+
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    with pytest.raises(SystemExit, match=message):
         serve.settings_from_args(parser.parse_args(["--static", "p.yaml", *flags]))

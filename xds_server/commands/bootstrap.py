@@ -21,12 +21,13 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
 from xds_server.addresses import is_ip, parse_address
+from xds_server.settings import UpstreamTls
+from xds_server.xds.upstream_tls import transport_socket
 
 XDS_CLUSTER = "hybridlb_xds"
 ADMIN_CLUSTER = "hybridlb_admin"
@@ -79,7 +80,7 @@ def build_bootstrap(
     stats_port: int | None = None,
     stats_host: str = "0.0.0.0",
     more_xds: Sequence[tuple[str, int]] = (),
-    xds_tls: XdsTls | None = None,
+    xds_tls: UpstreamTls | None = None,
 ) -> dict[str, Any]:
     """`more_xds`: further control-plane replicas after `xds_host:xds_port`."""
     xds = [(xds_host, xds_port), *more_xds]
@@ -135,46 +136,13 @@ def build_bootstrap(
         },
     }
     if xds_tls is not None:
-        doc["static_resources"]["clusters"][0]["transport_socket"] = _xds_tls_socket(
+        doc["static_resources"]["clusters"][0]["transport_socket"] = transport_socket(
             xds_tls, [h for h, _ in xds])
     if stats_port is not None:
         static = doc["static_resources"]
         static["listeners"] = [_stats_listener(stats_host, stats_port)]
         static["clusters"].append(_admin_cluster(admin_host, admin_port))
     return doc
-
-
-@dataclass(frozen=True)
-class XdsTls:
-    """Files for Envoy's TLS to the control plane (paths as Envoy will see them)."""
-
-    ca: str
-    cert: str | None = None
-    key: str | None = None
-
-
-def _xds_tls_socket(tls: XdsTls, hosts: list[str]) -> dict[str, Any]:
-    """UpstreamTlsContext: verify the server against `ca` and the hosts' names (SAN), send
-    SNI for a host name, and present a client certificate for mutual TLS when given."""
-    sans = [{"san_type": "IP_ADDRESS" if is_ip(h) else "DNS", "matcher": {"exact": h}}
-            for h in dict.fromkeys(hosts)]
-    common: dict[str, Any] = {
-        "alpn_protocols": ["h2"],
-        "validation_context": {"trusted_ca": {"filename": tls.ca},
-                               "match_typed_subject_alt_names": sans},
-    }
-    if tls.cert is not None and tls.key is not None:
-        common["tls_certificates"] = [{"certificate_chain": {"filename": tls.cert},
-                                       "private_key": {"filename": tls.key}}]
-    context: dict[str, Any] = {
-        "@type": "type.googleapis.com/"
-                 "envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-        "common_tls_context": common,
-    }
-    names = [h for h in hosts if not is_ip(h)]
-    if names:
-        context["sni"] = names[0]
-    return {"name": "envoy.transport_sockets.tls", "typed_config": context}
 
 
 def _stats_listener(host: str, port: int) -> dict[str, Any]:
@@ -230,16 +198,13 @@ def run(args: argparse.Namespace) -> int:
         (host, port), *more = [parse_address(a) for a in args.xds_address]
     except ValueError as exc:
         raise SystemExit(f"--xds-address: {exc}") from exc
-    if (args.xds_tls_cert is None) != (args.xds_tls_key is None):
-        raise SystemExit("--xds-tls-cert and --xds-tls-key go together")
-    if args.xds_tls_cert is not None and args.xds_tls_ca is None:
-        raise SystemExit("--xds-tls-cert needs --xds-tls-ca (the control plane's CA)")
+    xds_tls = UpstreamTls.from_flags(args.xds_tls_ca, args.xds_tls_cert, args.xds_tls_key,
+                                     flags="--xds-tls")
     doc = build_bootstrap(
         xds_host=host,
         xds_port=port,
         more_xds=more,
-        xds_tls=XdsTls(args.xds_tls_ca, args.xds_tls_cert, args.xds_tls_key)
-        if args.xds_tls_ca is not None else None,
+        xds_tls=xds_tls,
         node=args.node,
         node_id=args.id,
         admin_host=args.admin_host,

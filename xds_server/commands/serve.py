@@ -31,6 +31,7 @@ from xds_server.settings import (
     Settings,
     StaticSettings,
     TlsSettings,
+    UpstreamTls,
     XdsSettings,
 )
 from xds_server.sources.prometheus import PrometheusQueries
@@ -173,6 +174,13 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
                         "filter (default with --extproc-port: 127.0.0.1:PORT)"),
     "extproc-timeout-s": (float, EnvoySettings.extproc_timeout_s,
                           "how long Envoy waits for a pick before routing by the weights"),
+    "extproc-tls-ca": (str, None, "PEM CA, as a path on the Envoys' side: Envoys reach the "
+                       "picker over TLS and verify it against this CA and the host of "
+                       "--extproc-address (a picker hosted here serves --tls-cert)"),
+    "extproc-tls-cert": (str, None, "PEM client certificate, as a path on the Envoys' side, "
+                         "for mutual TLS to the picker (with --extproc-tls-key)"),
+    "extproc-tls-key": (str, None, "PEM private key of --extproc-tls-cert, on the Envoys' "
+                        "side"),
 }
 
 
@@ -242,6 +250,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             extproc_timeout_s=get("extproc-timeout-s"),
             extproc_address=get("extproc-address")
             or (f"127.0.0.1:{get('extproc-port')}" if get("extproc-port") else ""),
+            extproc_tls=UpstreamTls.from_flags(get("extproc-tls-ca"), get("extproc-tls-cert"),
+                                               get("extproc-tls-key"), flags="--extproc-tls"),
         ),
         admin=AdminSettings(host=get("admin-host"), port=get("admin-port")),
         static=StaticSettings(path=get("static"), poll_interval_s=get("static-poll-interval-s")),
@@ -280,6 +290,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 def _check(settings: Settings) -> Settings:
     settings.xds.tls.check("hybridlb serve")
+    hosted = settings.extproc.port and settings.envoy.extproc_tls is not None
+    if hosted and not settings.xds.tls.enabled:
+        raise SystemExit("--extproc-tls-ca with --extproc-port: the picker hosted here serves "
+                         "the control plane's certificate; give --tls-cert and --tls-key")
+    if settings.extproc.port and settings.xds.tls.enabled and settings.envoy.extproc_tls is None:
+        raise SystemExit("--extproc-port with --tls-cert: the picker hosted here serves TLS; "
+                         "give --extproc-tls-ca (and for mutual TLS --extproc-tls-cert/-key) "
+                         "so that Envoys speak TLS to it")
+    if settings.envoy.extproc_tls is not None and not settings.envoy.extproc_address:
+        raise SystemExit("--extproc-tls-ca needs a picker: --extproc-port or --extproc-address")
     if settings.loads.mode == "prometheus" and not settings.loads.prometheus_url:
         raise SystemExit("--metrics prometheus needs --prometheus-url")
     return settings

@@ -47,17 +47,19 @@ from envoy.extensions.load_balancing_policies.common.v3 import common_pb2 as com
 from envoy.extensions.load_balancing_policies.least_request.v3 import least_request_pb2
 from envoy.extensions.load_balancing_policies.override_host.v3 import override_host_pb2
 from envoy.extensions.retry.host.previous_hosts.v3 import previous_hosts_pb2
+from envoy.extensions.transport_sockets.tls.v3 import tls_pb2  # noqa: F401 (Any type)
 from envoy.extensions.upstreams.http.v3 import http_protocol_options_pb2
 from envoy.type.matcher.v3 import string_pb2
 from envoy.type.metadata.v3 import metadata_pb2
 from envoy.type.v3 import percent_pb2
-from google.protobuf import any_pb2, duration_pb2, struct_pb2, wrappers_pb2
+from google.protobuf import any_pb2, duration_pb2, json_format, struct_pb2, wrappers_pb2
 from google.protobuf.message import Message
 
 from xds_server.addresses import is_ip
 from xds_server.model import Pool, Replica, ReplicaState, View, Weights
 from xds_server.policy.views import PER_MILLE
 from xds_server.settings import EnvoySettings
+from xds_server.xds import upstream_tls
 
 LISTENER_NAME = "hybridlb_http"
 ROUTE_CONFIG_NAME = "hybridlb_routes"
@@ -200,7 +202,7 @@ def extproc_cluster(settings: EnvoySettings) -> cluster_pb2.Cluster:
             http2_protocol_options=protocol_pb2.Http2ProtocolOptions()
         )
     )
-    return cluster_pb2.Cluster(
+    cluster = cluster_pb2.Cluster(
         name=EXTPROC_CLUSTER,
         type=cluster_pb2.Cluster.STATIC if is_ip(host) else cluster_pb2.Cluster.STRICT_DNS,
         connect_timeout=_duration(0.25),
@@ -213,6 +215,11 @@ def extproc_cluster(settings: EnvoySettings) -> cluster_pb2.Cluster:
                         address=host.strip("[]"), port_value=int(port)))))])],
         ),
     )
+    if settings.extproc_tls is not None:
+        cluster.transport_socket.CopyFrom(json_format.ParseDict(
+            upstream_tls.transport_socket(settings.extproc_tls, [host.strip("[]")]),
+            base_pb2.TransportSocket()))
+    return cluster
 
 
 def _eds_cluster(
