@@ -102,6 +102,11 @@ async def test_nack_is_counted_recorded_and_not_resent(plane: Plane, delta: bool
     task = await connect(client)
     plane.set(A, B, C)
     await client.wait_until(lambda: "qwen3/node/node-c" in client.held.get(types.ENDPOINT, {}))
+    # The server counts the NACK when it reads it: wait for that, then a while longer for
+    # any (wrong) resend of the rejected config.
+    async with asyncio.timeout(10):
+        while plane.metrics.nacks.labels("EDS")._value.get() < 1:
+            await asyncio.sleep(0.02)
     await asyncio.sleep(0.3)
     assert plane.metrics.nacks.labels("EDS")._value.get() == 1
     sends_of_c = sum("qwen3/node/node-c" in r.names for r in client.received
