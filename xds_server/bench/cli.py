@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     routing.add_argument("--repeats", type=int, default=None, metavar="N",
                          help="interleaved repeats (default 3; 1 with --quick)")
     routing.add_argument("--policies", default=None, metavar="NAMES",
-                         help="only these of the case's policies, comma-separated "
-                         "(e.g. round-robin,weights-scrape,oracle)")
+                         help="these policies instead of the case's, comma-separated, any the "
+                         "bench knows (e.g. round-robin,weights-scrape,oracle)")
     routing.add_argument("--points", default=None, metavar="NAMES",
                          help="only these of the case's points, comma-separated "
                          "(e.g. 85%%,slow-replica)")

@@ -122,6 +122,10 @@ def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
                "plane (fails open to the weights)"),
         Policy("fresh-damped", ("--metrics", "scrape", "--local-first", "false", *room),
                "1 s old loads (direct scrape), damped"),
+        Policy("weights-steady", ("--metrics", "scrape", "--local-first", "false", *room,
+                                  "--smoothing-s", "10", "--deadband", "0.25"),
+               "weights from a 1 s scrape, moved only by lasting differences (10 s smoothing, "
+               "25% deadband)"),
         Policy("fresh-undamped", ("--metrics", "scrape", "--local-first", "false", *room,
                                   *UNDAMPED), "1 s old loads, undamped"),
         Policy("stale-damped", (*stale5, "--local-first", "false", *room),
@@ -447,12 +451,13 @@ def main(args: argparse.Namespace) -> int:
     plan = make_plan(args)
     names = CASE_POLICIES[plan.case]
     if args.policies:
-        wanted = [name.strip() for name in args.policies.split(",") if name.strip()]
-        unknown = sorted(set(wanted) - set(names))
+        # Any policy the bench knows, in the order given: a case is a default, not a limit.
+        known = tuple(policies(True, plan.max_num_seqs))
+        names = tuple(dict.fromkeys(n.strip() for n in args.policies.split(",") if n.strip()))
+        unknown = sorted(set(names) - set(known))
         if unknown:
-            raise SystemExit(f"hybridlb bench routing: case {plan.case} has no policy "
-                             f"{', '.join(unknown)}; it has {', '.join(names)}")
-        names = tuple(n for n in names if n in wanted)
+            raise SystemExit(f"hybridlb bench routing: no policy {', '.join(unknown)}; "
+                             f"there are {', '.join(known)}")
     out = Path(args.out)
     workdir = Path(tempfile.mkdtemp(prefix="hybridlb-bench-routing-"))
     previous = signal.signal(signal.SIGTERM, _raise_exit)
