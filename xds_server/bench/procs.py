@@ -8,7 +8,10 @@ first, SIGKILL when it does not go in time.
 from __future__ import annotations
 
 import contextlib
+import shutil
+import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -16,6 +19,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import psutil
+
+from xds_server.bench.report import progress
 
 
 class ProcessExited(RuntimeError):
@@ -139,3 +144,25 @@ class ProcessMeter:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
         return self._peak_sampled
+
+
+@contextlib.contextmanager
+def scratch(prefix: str) -> Iterator[Path]:
+    """A benchmark run's working directory (logs, generated files), with SIGTERM ending the
+    run like Ctrl-C: through the `finally` blocks that stop every process. Removed when the
+    run succeeds; kept, and said where, when it fails."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    previous = signal.signal(signal.SIGTERM, _raise_exit)
+    try:
+        yield workdir
+    except BaseException:
+        progress(f"logs kept in {workdir}")
+        raise
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_exit(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)

@@ -20,13 +20,10 @@ import dataclasses
 import math
 import os
 import shutil
-import signal
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import aiohttp
@@ -34,6 +31,7 @@ import aiohttp
 from xds_server.bench import report
 from xds_server.bench.fleet import ENVOYS, Fleet, instant_endpoint
 from xds_server.bench.oracle import OracleReplayer
+from xds_server.bench.procs import scratch
 from xds_server.bench.report import progress
 from xds_server.bench.routing_report import write_outputs
 from xds_server.bench.routing_stats import latency, mean_cv, on_node_share, per_rank_depths
@@ -443,10 +441,6 @@ def estimate_capacity(plan: Plan, ranks: dict[str, int]) -> float:
     return per_rank * sum(ranks.values()) / plan.time_scale
 
 
-def _raise_exit(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(args: argparse.Namespace) -> int:
     plan = make_plan(args)
     names = CASE_POLICIES[plan.case]
@@ -459,8 +453,6 @@ def main(args: argparse.Namespace) -> int:
             raise SystemExit(f"hybridlb bench routing: no policy {', '.join(unknown)}; "
                              f"there are {', '.join(known)}")
     out = Path(args.out)
-    workdir = Path(tempfile.mkdtemp(prefix="hybridlb-bench-routing-"))
-    previous = signal.signal(signal.SIGTERM, _raise_exit)
     with_prometheus = shutil.which("prometheus") is not None
     available = policies(with_prometheus, plan.max_num_seqs)
     skipped: dict[str, str] = {}
@@ -483,12 +475,11 @@ def main(args: argparse.Namespace) -> int:
         "timing_model": timing_model(plan), "skipped_policies": skipped,
         "fleet": {}, "policies": {p.name: p.what for p in plan.policies},
     }
-    progress(f"routing bench, case {plan.case}{' (quick)' if plan.quick else ''}: "
-             f"{len(plan.policies)} policies x {len(plan.points)} points x {plan.repeats} "
-             f"repeats; logs in {workdir}")
-    ok = False
     try:
-        with contextlib.ExitStack() as stack:
+        with scratch("hybridlb-bench-routing-") as workdir, contextlib.ExitStack() as stack:
+            progress(f"routing bench, case {plan.case}{' (quick)' if plan.quick else ''}: "
+                     f"{len(plan.policies)} policies x {len(plan.points)} points x "
+                     f"{plan.repeats} repeats; logs in {workdir}")
             fleet = Fleet(workdir=workdir, stack=stack, sim_args=sim_args(plan),
                           with_prometheus=with_prometheus)
             fleet.start()
@@ -501,14 +492,9 @@ def main(args: argparse.Namespace) -> int:
             doc["runs"] = bench.runs
             doc["series"] = {k: [[t, s] for t, s in v] for k, v in bench.series.items()}
             progress("stopping")
-        ok = True
     except (RuntimeError, TimeoutError) as exc:
         progress(f"failed: {exc}")
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if ok:
-            shutil.rmtree(workdir, ignore_errors=True)
     doc["run_time_s"] = time.monotonic() - bench_started
     stem = "routing" if plan.case == "main" else f"routing-{plan.case}"
     for path in write_outputs(doc, out, stem):

@@ -26,11 +26,8 @@ import logging
 import math
 import os
 import queue
-import shutil
-import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -42,7 +39,7 @@ import httpx
 import yaml
 
 from xds_server.bench import report
-from xds_server.bench.procs import Managed, ProcessMeter, managed, wait_until
+from xds_server.bench.procs import Managed, ProcessMeter, managed, scratch, wait_until
 from xds_server.bench.report import progress
 from xds_server.commands.bootstrap import build_bootstrap
 from xds_server.ports import free_ports
@@ -831,18 +828,11 @@ def plot(path: Path, params: Params, updates: Sequence[Update]) -> None:
     plt.close(fig)
 
 
-def _raise_exit(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(args: argparse.Namespace) -> int:
     params = Params.from_args(args)
     # Each admin poll would be an INFO line; the progress lines are what the reader wants.
     logging.getLogger("httpx").setLevel(logging.WARNING)
     out = Path(args.out)
-    workdir = Path(tempfile.mkdtemp(prefix="hybridlb-bench-xds-"))
-    # SIGTERM ends the run like Ctrl-C: through the finally blocks that stop every process.
-    previous = signal.signal(signal.SIGTERM, _raise_exit)
     doc: dict[str, Any] = {
         "benchmark": "xds",
         "params": asdict(params),
@@ -854,23 +844,15 @@ def main(args: argparse.Namespace) -> int:
             "delta": sum(_is_delta(i, params.delta_share) for i in range(params.streams)),
         },
     }
-    ok = False
     try:
-        with contextlib.ExitStack() as stack:
+        with scratch("hybridlb-bench-xds-") as workdir, contextlib.ExitStack() as stack:
             run = Run(params, workdir, stack)
             doc.update(run.run())
             doc["machine"]["loadavg_at_end"] = list(os.getloadavg())
             progress("stopping")
-        ok = True
     except (RuntimeError, TimeoutError) as exc:
         progress(f"failed: {exc}")
         return 1
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-        if ok:
-            shutil.rmtree(workdir, ignore_errors=True)
-        else:
-            progress(f"logs kept in {workdir}")
     doc["summary"] = summarize(params, run.updates)
     doc["targets"] = judge(doc["summary"], doc, run.updates)
     doc["updates"] = [asdict(u) for u in run.updates]
