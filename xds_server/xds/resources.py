@@ -194,8 +194,10 @@ def _affinity_cluster(pool: str, settings: EnvoySettings) -> cluster_pb2.Cluster
     return cluster
 
 
+@functools.lru_cache(maxsize=64)
 def extproc_cluster(settings: EnvoySettings) -> cluster_pb2.Cluster:
-    """Where Envoy reaches the endpoint picker (HTTP/2 for gRPC)."""
+    """Where Envoy reaches the endpoint picker (HTTP/2 for gRPC). Memoized like the other
+    clusters: every view's build asks for it, and one object is encoded once."""
     host, _, port = settings.extproc_address.rpartition(":")
     options = http_protocol_options_pb2.HttpProtocolOptions(
         explicit_http_config=http_protocol_options_pb2.HttpProtocolOptions.ExplicitHttpConfig(
