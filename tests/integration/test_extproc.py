@@ -101,12 +101,13 @@ def test_picker_sends_each_request_to_the_least_loaded_replica(stack: Stack) -> 
     flood = [pool.submit(complete, f"http://{busy}", max_tokens=200)
              for busy in a[:2] for _ in range(12)]
     try:
+        # The picker decides from its own poll of the control plane, which lags the control
+        # plane's view: wait until the picker itself sees the queues.
         def loaded() -> bool:
-            replicas = stack.cp.state()["pools"][0]["replicas"]
-            return all((r["load"] or {}).get("waiting", 0) >= 6
-                       for r in replicas if r["address"] in a[:2])
+            view = stack.picker.view()
+            return all(view.get(busy, {}).get("waiting", 0) >= 6 for busy in a[:2])
 
-        wait_for(loaded, 20, "two replicas with queues")
+        wait_for(loaded, 20, "the picker seeing two replicas with queues")
         picked_before = stack.picker.count("picked")
         responses = [complete(stack.envoy.url) for _ in range(20)]
         missing = [dict(r.headers) for r in responses if "x-hybridlb-picked" not in r.headers]
