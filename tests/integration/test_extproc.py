@@ -6,7 +6,6 @@ import concurrent.futures
 import json
 import signal
 import sys
-import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -133,7 +132,10 @@ def test_same_long_prefix_lands_on_the_same_replica(stack: Stack) -> None:
     same = set()
     for i in range(10):
         same.add(complete(stack.envoy.url, shared + f"question {i}").headers["x-hybridlb-replica"])
-        time.sleep(0.05)  # a chat's turns are not back to back
+        # A chat's turns are not back to back: by the next one the load readings include
+        # this one, so the picker's own count of recent picks does not outweigh the prefix.
+        wait_for(lambda: all(r["pending"] == 0 for r in stack.picker.view().values()), 20,
+                 "the picker's readings to include its picks")
     assert len(same) == 1
     spread = {complete(stack.envoy.url, f"{i} " * 200).headers["x-hybridlb-replica"]
               for i in range(30)}

@@ -67,7 +67,9 @@ async def test_each_bad_replica_fails_alone_and_is_counted(
         (2.0, 1.0)
     assert set(again) == set(loads)
     for reason, count in {"parse": 4, "timeout": 1, "http": 1}.items():
-        assert metrics.load_errors.labels("scrape", reason)._value.get() == 2 * count, reason
+        assert metrics.registry.get_sample_value(
+            "hybridlb_load_errors_total", {"source": "scrape", "reason": reason}) == 2 * count, \
+            reason
     # One warning per failing replica, not one per scrape.
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 6

@@ -194,6 +194,22 @@ def test_pool_file_parses_or_raises_pool_file_error(text: str) -> None:
     assert all(isinstance(p, Pool) for p in pools)
 
 
+class CountingPath(type(Path())):  # type: ignore[misc]
+    """A path that counts its reads: the static source's polls, made observable."""
+
+    reads = 0
+
+    def read_bytes(self) -> bytes:
+        self.reads += 1
+        return super().read_bytes()
+
+
+def invalid_files(metrics: Metrics) -> float:
+    value = metrics.registry.get_sample_value(
+        "hybridlb_source_errors_total", {"source": "static", "reason": "invalid"})
+    return value or 0.0
+
+
 @settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=pool_file)
@@ -207,7 +223,7 @@ def test_bad_pool_file_edit_keeps_the_last_good_pools_with_one_log_line_and_a_co
         pass
     else:
         return  # a valid file is simply applied: not this property
-    path = tmp_path / "pools.yaml"
+    path = CountingPath(tmp_path / "pools.yaml")
     path.write_text("pools:\n- name: qwen3\n  replicas:\n"
                     "  - {address: '127.0.0.1:8001', node: node-a}\n")
     state, metrics = State(), Metrics()
@@ -219,18 +235,20 @@ def test_bad_pool_file_edit_keeps_the_last_good_pools_with_one_log_line_and_a_co
     async def edit() -> None:
         task = asyncio.create_task(source.run())
         path.write_text(text)
-        counter = metrics.source_errors.labels("static", "invalid")
-        for _ in range(400):
-            if counter._value.get():
-                break
-            await asyncio.sleep(0.005)
-        await asyncio.sleep(0.03)  # more polls of the same content: no second line
+        async with asyncio.timeout(10):
+            while not invalid_files(metrics):
+                await asyncio.sleep(0.005)
+            # Two more polls of the same content (a poll reads only after the previous one
+            # was handled, so the third read means two were): no second line, no second count.
+            polled = path.reads
+            while path.reads < polled + 3:
+                await asyncio.sleep(0.005)
         task.cancel()
 
     with caplog.at_level(logging.INFO, logger="xds_server.sources.static_file"):
         asyncio.run(edit())
     assert state.pools == good
-    assert metrics.source_errors.labels("static", "invalid")._value.get() == 1
+    assert invalid_files(metrics) == 1
     rejected = [r for r in caplog.records if "rejected" in r.getMessage()]
     assert len(rejected) == 1 and r"keeping the last good pools" in rejected[0].getMessage()
 

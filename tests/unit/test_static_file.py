@@ -76,7 +76,8 @@ async def test_broken_edit_keeps_last_good_pools_and_counts(tmp_path: Path) -> N
     try:
         path.write_text("pools: [")
         async with asyncio.timeout(5):
-            while metrics.source_errors.labels("static", "invalid")._value.get() < 1:
+            while not metrics.registry.get_sample_value(
+                    "hybridlb_source_errors_total", {"source": "static", "reason": "invalid"}):
                 await asyncio.sleep(0.01)
         assert state.pools == good
         path.write_text("pools:\n  - {name: b, replicas: [{address: '10.0.0.1:80', node: n}]}")

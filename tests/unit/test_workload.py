@@ -151,7 +151,6 @@ async def completions(request: web.Request) -> web.StreamResponse:
                                            "x-hybridlb-rank": "3"})
     await response.prepare(request)
     await response.write(b'data: {"choices": [{"text": " sim"}]}\n\n')
-    await asyncio.sleep(0.2)
     await response.write(b'data: {"choices": [{"text": " lab"}]}\n\n')
     if body["max_tokens"] != 14:  # 14: the stream breaks off without [DONE]
         await response.write(b"data: [DONE]\n\n")
@@ -195,13 +194,69 @@ async def test_replayer_records_ttft_e2e_replica_rank_and_failures(server: str) 
     assert good.ok and good.status == 200
     assert (good.replica, good.rank) == ("10.0.0.1:8000", 3)
     assert good.ttft_s is not None and good.e2e_s is not None
-    # TTFT is the first event, before the server paused for 0.2 s; e2e is after the pause.
-    assert good.e2e_s - good.ttft_s >= 0.1
+    assert good.e2e_s >= good.ttft_s
     failed = by_index[1]
     assert not failed.ok and failed.status == 500 and "boom" in failed.error
     assert failed.replica == "10.0.0.2:8000"
     cut = by_index[2]
     assert not cut.ok and "[DONE]" in cut.error
+
+
+class FirstEventSeen(aiohttp.ClientResponse):
+    """A response that sets `seen` once the client has read a stream's first event, the
+    moment the replayer takes TTFT at: lets a test act between that and the stream's end."""
+
+    seen = asyncio.Event()
+
+    async def start(self, connection: aiohttp.connector.Connection) -> FirstEventSeen:
+        await super().start(connection)
+        self.content = _Watched(self.content)  # type: ignore[assignment]
+        return self
+
+
+class _Watched:
+    def __init__(self, reader: aiohttp.StreamReader) -> None:
+        self._reader = reader
+
+    async def readline(self) -> bytes:
+        line = await self._reader.readline()
+        if line.startswith(b"data:"):
+            FirstEventSeen.seen.set()
+        return line
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._reader, name)
+
+
+async def test_replayer_takes_ttft_at_the_first_event_not_at_the_end() -> None:
+    """The stream sends one event and never ends: TTFT is known all the same."""
+
+    async def first_event_only(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices": [{"text": " sim"}]}\n\n')
+        await asyncio.Event().wait()
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/completions", first_event_only)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    FirstEventSeen.seen = asyncio.Event()
+    try:
+        replayer = Replayer(urls={"a": url}, model="m")
+        async with aiohttp.ClientSession(response_class=FirstEventSeen) as session:
+            await replayer.run([arrival(0, 10)], session)
+            async with asyncio.timeout(10):
+                await FirstEventSeen.seen.wait()
+            await replayer.cancel()
+        [result] = replayer.results
+        assert result.error == "cancelled" and result.ttft_s is not None
+    finally:
+        await runner.cleanup()
 
 
 async def test_replayer_stops_sending_when_told(server: str) -> None:
