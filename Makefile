@@ -4,13 +4,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint prometheus bench-xds clean
+.PHONY: venv demo test test-repeat lint prometheus bench-xds clean
 
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test,bench]'
 	touch $(STAMP)
+
+venv: $(STAMP)
 
 demo: $(STAMP)
 	$(VENV)/bin/hybridlb demo
@@ -28,6 +30,13 @@ lint: $(STAMP)
 
 test: $(STAMP) prometheus lint
 	$(VENV)/bin/pytest -q
+
+# The suite N times in a clean clone of HEAD with BURN CPU burners beside it, each run's time
+# and result printed (.ci/repeat). PYTEST_ARGS narrows it, e.g. PYTEST_ARGS=tests/unit.
+N ?= 5
+BURN ?= 0
+test-repeat:
+	.ci/repeat $(N) $(BURN) $(PYTEST_ARGS)
 
 bench-xds: $(STAMP)
 	$(VENV)/bin/hybridlb bench xds --out bench/results
