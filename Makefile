@@ -2,19 +2,20 @@
 # Each creates or updates the virtual environment and installs what it needs.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# One stamp per extra installed: `make demo` installs the demo's, `make test` every tool's.
+STAMP := $(VENV)/.installed-test
 
 .PHONY: venv demo test test-repeat lint prometheus bench-xds clean
 
-$(STAMP): pyproject.toml
-	python3 -m venv $(VENV)
+$(VENV)/.installed-%: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,bench]'
-	touch $(STAMP)
+	$(PY) -m pip install -q -e '.[$*]'
+	touch $@
 
 venv: $(STAMP)
 
-demo: $(STAMP)
+demo: $(VENV)/.installed-demo
 	$(VENV)/bin/hybridlb demo
 
 # Debian's prometheus for the tests that need a real one; installed when root and missing.
@@ -38,7 +39,7 @@ BURN ?= 0
 test-repeat:
 	.ci/repeat $(N) $(BURN) $(PYTEST_ARGS)
 
-bench-xds: $(STAMP)
+bench-xds: $(VENV)/.installed-bench
 	$(VENV)/bin/hybridlb bench xds --out bench/results
 
 clean:

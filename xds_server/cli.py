@@ -12,16 +12,21 @@ import logging
 import sys
 from collections.abc import Sequence
 
-# command name -> (module, one-line help). Modules are imported lazily: `hybridlb status`
-# should not pay for grpc, and `hybridlb sim` should not pay for the xDS server.
-COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("xds_server.commands.serve", "run the xDS control plane"),
-    "bootstrap": ("xds_server.commands.bootstrap", "print an Envoy bootstrap for this server"),
-    "status": ("xds_server.commands.status", "show pools, replicas, weights and Envoys"),
-    "extproc": ("xds_server.commands.extproc", "run the ext_proc endpoint picker on its own"),
-    "sim": ("xds_server.sim.cli", "run simulated vLLM servers"),
-    "bench": ("xds_server.bench.cli", "run a benchmark"),
-    "demo": ("xds_server.demo.cli", "run a local demo: simulated GPUs, real Envoys, live view"),
+# command name -> (module, one-line help, the extra it needs). Modules are imported lazily:
+# `hybridlb status` should not pay for grpc, and `hybridlb sim` should not pay for the xDS
+# server. The first four are the runtime (`pip install vllm-hybrid-lb`); the tools need an
+# extra, and say so on an install without it.
+COMMANDS: dict[str, tuple[str, str, str | None]] = {
+    "serve": ("xds_server.commands.serve", "run the xDS control plane", None),
+    "bootstrap": ("xds_server.commands.bootstrap", "print an Envoy bootstrap for this server",
+                  None),
+    "status": ("xds_server.commands.status", "show pools, replicas, weights and Envoys", None),
+    "extproc": ("xds_server.commands.extproc", "run the ext_proc endpoint picker on its own",
+                None),
+    "sim": ("xds_server.sim.cli", "run simulated vLLM servers", "sim"),
+    "bench": ("xds_server.bench.cli", "run a benchmark", "bench"),
+    "demo": ("xds_server.demo.cli", "run a local demo: simulated GPUs, real Envoys, live view",
+             "demo"),
 }
 
 
@@ -35,11 +40,21 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     )
     parser.add_argument("--log-level", default="INFO", help="logging level (default INFO)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for name, (module_name, help_text) in COMMANDS.items():
+    for name, (module_name, help_text, extra) in COMMANDS.items():
         if only is not None and name != only:
             sub.add_parser(name, help=help_text)
             continue
-        module = importlib.import_module(module_name)
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if extra is None or (exc.name or "").startswith("xds_server"):
+                raise
+            missing = (f"`hybridlb {name}` needs the `{extra}` extra ({exc.name} is not "
+                       f"installed): pip install 'vllm-hybrid-lb[{extra}]'")
+            if only is not None:
+                raise SystemExit(missing) from exc
+            sub.add_parser(name, help=f"{help_text} (needs the `{extra}` extra)")
+            continue
         command = sub.add_parser(name, help=help_text, description=module.__doc__)
         command.set_defaults(_module=module)
         module.add_arguments(command)

@@ -134,12 +134,14 @@ def test_broken_pool_file_keeps_last_good_pools(fleet: Fleet, envoys: list[Envoy
 
 
 def test_status_command_shows_pools_weights_and_envoys(fleet: Fleet, envoys: list[Envoy]) -> None:
+    import os
     import subprocess
     import sys
 
     out = subprocess.run(
         [sys.executable, "-m", "xds_server", "status", "--admin", fleet.cp.admin],
-        capture_output=True, text=True, check=True, env={"COLUMNS": "200", "PATH": ""},
+        capture_output=True, text=True, check=True,
+        env={"PATH": "", "PYTHONPATH": os.environ.get("PYTHONPATH", "")},
     ).stdout
     assert "pool qwen3" in out
     for address in fleet.addresses[:3]:

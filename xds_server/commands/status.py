@@ -29,44 +29,49 @@ def fetch_state(admin: str, timeout_s: float = 5.0) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
     doc = fetch_state(args.admin)
     if args.json:
         print(json.dumps(doc, indent=2))
         return 0
-    console = Console()
-    console.print(f"xDS version {doc.get('xds_version')}, state version {doc.get('state_version')}")
+    print(f"xDS version {doc.get('xds_version')}, state version {doc.get('state_version')}")
     for pool in doc.get("pools", []):
-        table = Table(title=f"pool {pool['name']}")
-        for column in ("replica", "node", "capacity", "state", "running", "waiting",
-                       "kv", "age s", "weight", "utilization"):
-            table.add_column(column, justify="left" if column in ("replica", "node", "state")
-                             else "right")
+        rows = []
         for r in pool["replicas"]:
             load = r.get("load") or {}
-            table.add_row(
+            rows.append([
                 r["address"], r["node"], str(r["capacity"]), r["state"],
                 _fmt(load.get("running")), _fmt(load.get("waiting")),
                 _fmt(load.get("kv_cache_usage")), _fmt(load.get("age_s")),
                 _fmt(r.get("weight")),
                 _fmt((r.get("weight_inputs") or {}).get("utilization")),
-            )
-        console.print(table)
-    envoys = Table(title="connected Envoys")
-    for column in ("id", "node", "protocol", "listener", "keeps on its node", "acked", "nacked"):
-        envoys.add_column(column)
+            ])
+        print(_table(f"pool {pool['name']}",
+                     ["replica", "node", "capacity", "state", "running", "waiting", "kv",
+                      "age s", "weight", "utilization"], rows, left=3))
+    rows = []
     for e in doc.get("envoys", []):
         acked = " ".join(f"{t}:{v[:8]}" for t, v in sorted(e.get("acked", {}).items()) if v)
         nacked = " ".join(sorted(e.get("nacked", {})))
         keep = " ".join(f"{pool}:{per_mille / 10:.0f}%"
                         for pool, per_mille in sorted(e.get("keep_per_mille", {}).items()))
-        envoys.add_row(e["id"], e.get("node") or "(gateway)", e["protocol"],
-                       str(e.get("listener_port") or "default"), keep or "-", acked,
-                       nacked or "-")
-    console.print(envoys)
+        rows.append([e["id"], e.get("node") or "(gateway)", e["protocol"],
+                     str(e.get("listener_port") or "default"), keep or "-", acked,
+                     nacked or "-"])
+    print(_table("connected Envoys", ["id", "node", "protocol", "listener",
+                                      "keeps on its node", "acked", "nacked"], rows, left=7))
     return 0
+
+
+def _table(title: str, header: list[str], rows: list[list[str]], *, left: int) -> str:
+    """Plain aligned columns (the runtime image carries no table library): the first `left`
+    columns are names, aligned left; the rest are figures, aligned right."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = [f"\n{title}"]
+    for cells in (header, *rows):
+        lines.append("  ".join(cell.ljust(w) if i < left else cell.rjust(w)
+                               for i, (cell, w) in enumerate(zip(cells, widths, strict=True)))
+                     .rstrip())
+    return "\n".join(lines)
 
 
 def _fmt(value: Any) -> str:

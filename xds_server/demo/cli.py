@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import importlib.util
 import shutil
 import signal
 import subprocess
@@ -30,10 +31,14 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from rich.console import Console
+
 from xds_server.demo.fleet import MODEL, POOL, ChildExited, Fleet, FleetSettings
 from xds_server.demo.monitor import Monitor, Sample
 from xds_server.workload import Arrival, Burst, Entry, LengthMix, Result, schedule
 
+NO_PLOT = ("no plot (demo.png): matplotlib is not installed; it comes with the demo extra: "
+           "pip install 'vllm-hybrid-lb[demo]'")
 #: Share of the base load that enters through the central Envoys (the rest: node Envoys).
 CENTRAL_SHARE = 0.25
 #: The default rate as a share of the fleet's estimated capacity.
@@ -163,12 +168,13 @@ def run(args: argparse.Namespace) -> int:
                                  extproc=args.extproc)
     except ValueError as exc:
         raise SystemExit(f"hybridlb demo: {exc}") from exc
-    from rich.console import Console
-
     console = Console()
     if not console.is_terminal:
         # A log or a pipe: wide enough that the tables' names are not cut.
         console = Console(width=140)
+    if importlib.util.find_spec("matplotlib") is None:
+        # Said before the run, not after minutes of it.
+        console.print(f"[yellow]{NO_PLOT}[/]")
     out: Path = args.out
     logdir = out / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
@@ -320,9 +326,8 @@ def _report(args: argparse.Namespace, fleet: Fleet, settings: FleetSettings, out
                 f"loads from {summary['metrics_source']}",
             )
             summary["plot"] = "demo.png"
-        except ImportError:  # matplotlib comes with the `bench` extra, which `make demo` installs
-            console.print("[yellow]no plot: matplotlib is not installed "
-                          "(pip install 'vllm-hybrid-lb[bench]')[/]")
+        except ImportError:
+            console.print(f"[yellow]{NO_PLOT}[/]")
     report.write_json(out / "summary.json", summary)
     console.print(report.tables(summary))
     if outcome.error:
