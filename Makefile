@@ -15,7 +15,7 @@ $(VENV)/.installed-%: pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(VENV)/.installed-demo
+demo: $(VENV)/.installed-demo,plot
 	$(VENV)/bin/hybridlb demo
 
 # Debian's prometheus for the tests that need a real one; installed when root and missing.

@@ -47,12 +47,10 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
-            if extra is None or (exc.name or "").startswith("xds_server"):
-                raise
-            missing = (f"`hybridlb {name}` needs the `{extra}` extra ({exc.name} is not "
-                       f"installed): pip install 'vllm-hybrid-lb[{extra}]'")
             if only is not None:
-                raise SystemExit(missing) from exc
+                raise _needs_extra(name, exc) from exc
+            if extra is None:
+                raise
             sub.add_parser(name, help=f"{help_text} (needs the `{extra}` extra)")
             continue
         command = sub.add_parser(name, help=help_text, description=module.__doc__)
@@ -70,8 +68,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    code: int = args._module.run(args)
+    try:
+        code: int = args._module.run(args)
+    except ModuleNotFoundError as exc:  # a tool's lazy import (a benchmark's, say)
+        raise _needs_extra(args.command, exc) from exc
     return code
+
+
+def _needs_extra(command: str, exc: ModuleNotFoundError) -> BaseException:
+    """What to raise for a missing module: a tool command's missing extra is named (the lean
+    runtime install lacks them by design); anything else is a bug and raised as it is."""
+    extra = COMMANDS[command][2]
+    if extra is None or (exc.name or "").startswith("xds_server"):
+        return exc
+    return SystemExit(f"`hybridlb {command}` needs the `{extra}` extra ({exc.name} is not "
+                      f"installed): pip install 'vllm-hybrid-lb[{extra}]'")
 
 
 if __name__ == "__main__":

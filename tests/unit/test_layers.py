@@ -82,8 +82,9 @@ def test_the_runtime_imports_only_what_its_own_dependencies_install() -> None:
 
 
 def test_a_lean_install_runs_the_runtime_and_names_the_extra_a_tool_needs() -> None:
-    """With the extras' packages unimportable, every runtime module imports and `hybridlb
-    demo` says which extra to install."""
+    """With the extras' packages unimportable, every runtime module imports, and a tool says
+    which extra to install, whether it imports the missing package up front (the demo) or
+    only once it runs (a benchmark)."""
     script = f"""
 import importlib, importlib.abc, sys
 BLOCKED = {EXTRAS_ONLY!r}
@@ -96,13 +97,16 @@ sys.meta_path.insert(0, Lean())
 for module in {[m for m in RUNTIME if not m.endswith("__main__")]!r}:
     importlib.import_module(module)
 from xds_server.cli import main
-try:
-    main(["demo"])
-except SystemExit as exc:
-    print(exc)
+for command in (["demo"], ["bench", "xds", "--no-envoy"]):
+    try:
+        main(command)
+    except SystemExit as exc:
+        print(exc)
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "`hybridlb demo` needs the `demo` extra (rich is not installed): " \
         "pip install 'vllm-hybrid-lb[demo]'" in done.stdout
+    assert "`hybridlb bench` needs the `bench` extra (httpx is not installed): " \
+        "pip install 'vllm-hybrid-lb[bench]'" in done.stdout

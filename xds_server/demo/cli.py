@@ -37,8 +37,8 @@ from xds_server.demo.fleet import MODEL, POOL, ChildExited, Fleet, FleetSettings
 from xds_server.demo.monitor import Monitor, Sample
 from xds_server.workload import Arrival, Burst, Entry, LengthMix, Result, schedule
 
-NO_PLOT = ("no plot (demo.png): matplotlib is not installed; it comes with the demo extra: "
-           "pip install 'vllm-hybrid-lb[demo]'")
+NO_PLOT = ("no plot (demo.png): matplotlib is not installed; it comes with the plot extra: "
+           "pip install 'vllm-hybrid-lb[plot]'")
 #: Share of the base load that enters through the central Envoys (the rest: node Envoys).
 CENTRAL_SHARE = 0.25
 #: The default rate as a share of the fleet's estimated capacity.
