@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shutil
 import subprocess
 import sys
@@ -372,11 +373,27 @@ def test_the_control_plane_reads_the_vllm_template_as_one_replica_per_node(
     assert (found.replica.port, found.replica.capacity) == (8000, 8)
 
 
-def rendered(overlay: str) -> list[Doc]:
+def rendered(overlay: str | Path) -> list[Doc]:
     assert KUBECTL is not None
     out = subprocess.run([KUBECTL, "kustomize", str(DEPLOY / overlay)], check=True,
                          capture_output=True, text=True, timeout=60).stdout
     return [d for d in yaml.safe_load_all(out) if d is not None]
+
+
+def bound_accounts(binding: Doc) -> set[tuple[str, str]]:
+    """(namespace, name) of a binding's ServiceAccount subjects as the API server's RBAC
+    authorizer reads them: on a RoleBinding, a subject without a namespace is in the
+    binding's own (kubernetes pkg/registry/rbac/validation/rule.go, appliesToUser)."""
+    own = binding["metadata"].get("namespace", "")
+    return {(s.get("namespace") or own, s["name"]) for s in binding["subjects"]
+            if s["kind"] == "ServiceAccount"}
+
+
+def applied_with_namespace_flag(objects: list[Doc], namespace: str) -> list[Doc]:
+    """What `kubectl apply -k DIR -n NAMESPACE` creates: an object that names no namespace
+    goes to NAMESPACE (kubectl refuses one that names another: see the cluster-wide test)."""
+    assert all(o["metadata"].get("namespace") in (None, namespace) for o in objects)
+    return [{**o, "metadata": {**o["metadata"], "namespace": namespace}} for o in objects]
 
 
 needs_kubectl = pytest.mark.skipif(KUBECTL is None, reason="kubectl (built-in kustomize) missing")
@@ -401,7 +418,54 @@ def test_kustomize_renders_every_overlay_into_one_namespace(overlay: str) -> Non
                 if "configMap" in volume:
                     assert ("ConfigMap", volume["configMap"]["name"]) in by_kind
         if o["kind"] == "RoleBinding":
-            assert all(s["namespace"] == "hybridlb" for s in o["subjects"])
+            assert bound_accounts(o) == {("hybridlb", "hybridlb")}
+
+
+@needs_kubectl
+@pytest.mark.parametrize("namespace", ["ml", "hybridlb"])
+def test_namespaced_rbac_binds_the_account_of_the_namespace_it_is_applied_in(
+    namespace: str,
+) -> None:
+    """`kubectl apply -k deploy/rbac -n ml` binds ml's hybridlb account, the one it creates,
+    not an account of some namespace written in the file."""
+    objects = applied_with_namespace_flag(rendered("rbac"), namespace)
+    (binding,) = [o for o in objects if o["kind"] == "RoleBinding"]
+    accounts = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in objects
+                if o["kind"] == "ServiceAccount"}
+    assert bound_accounts(binding) == accounts == {(namespace, "hybridlb")}
+
+
+@needs_kubectl
+def test_rbac_for_pods_elsewhere_binds_the_control_planes_account() -> None:
+    """examples/rbac-elsewhere: the Role and binding in the pods' namespace, the subject the
+    account deploy/base creates in the control plane's."""
+    objects = rendered("examples/rbac-elsewhere")
+    assert {(o["kind"], o["metadata"]["namespace"]) for o in objects} == {
+        ("Role", "ml"), ("RoleBinding", "ml")}
+    (binding,) = [o for o in objects if o["kind"] == "RoleBinding"]
+    (account,) = [o for o in rendered("base") if o["kind"] == "ServiceAccount"]
+    assert bound_accounts(binding) == {
+        (account["metadata"]["namespace"], account["metadata"]["name"])}
+
+
+@needs_kubectl
+def test_cluster_wide_rbac_binds_the_account_it_creates_wherever_kustomize_puts_it(
+    tmp_path: Path,
+) -> None:
+    """A ClusterRoleBinding must name its subject's namespace. The kustomization sets it (to
+    the control plane's), so `kubectl apply -k ... -n other` is refused on the mismatch
+    rather than binding an account nothing runs as; a kustomization's `namespace:` moves the
+    subject along with the account."""
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
+        "namespace": "ml",
+        "resources": [str(Path(os.path.relpath(DEPLOY / "rbac/cluster-wide", tmp_path)))]}))
+    for objects, namespace in ((rendered("rbac/cluster-wide"), "hybridlb"),
+                               (rendered(tmp_path), "ml")):
+        (binding,) = [o for o in objects if o["kind"] == "ClusterRoleBinding"]
+        (account,) = [o for o in objects if o["kind"] == "ServiceAccount"]
+        assert account["metadata"]["namespace"] == namespace
+        assert bound_accounts(binding) == {(namespace, "hybridlb")}
 
 
 @needs_kubectl

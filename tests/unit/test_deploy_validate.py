@@ -38,7 +38,7 @@ ENVOY = Path(sys.executable).with_name("envoy")
 OPENSSL = shutil.which("openssl")
 # Every kustomization a user applies on its own, rbac/ alone included.
 KUSTOMIZATIONS = ["base", "overlays/gateway", "overlays/node-local", "overlays/full",
-                  "examples/vllm", "rbac", "rbac/cluster-wide"]
+                  "examples/vllm", "examples/rbac-elsewhere", "rbac", "rbac/cluster-wide"]
 # The newest Kubernetes the package has schemas for, and the oldest still supported upstream
 # when this was written (the machine's kubectl is 1.32): an object must pass both.
 KUBERNETES_VERSIONS = [kubernetes_validate.latest_version(), "1.32"]
