@@ -1,10 +1,12 @@
 """Generate the Grafana dashboards (JSON) of the fleet and of the control plane.
 
 Why generated rather than exported from Grafana: every panel's query is written once here,
-with the same label filter for every panel and a layout computed rather than dragged, so a
-renamed metric or label is one edit; the JSON stays reviewable in a diff; and the tests read
-the JSON this writes, substitute the variables and run every query against a real
-Prometheus that scraped a real stack, so a dashboard cannot silently show "No data".
+with the same label filter for every panel, so a renamed metric or label is one edit; the JSON
+stays reviewable in a diff; and the tests read the JSON this writes, substitute the variables
+and run every query against a real Prometheus that scraped a real stack, so a dashboard cannot
+silently show "No data". The dashboards' structure (panels, targets, variables, the grid
+layout) comes from Grafana's own typed builders, grafana-foundation-sdk (the `test` extra);
+this file only says what to show.
 
     python deploy/monitoring/dashboards/generate.py          # rewrite the JSON files
     python deploy/monitoring/dashboards/generate.py --check  # exit 1 if they are stale
@@ -19,12 +21,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from grafana_foundation_sdk.builders import common as common_builder
+from grafana_foundation_sdk.builders import dashboard as dashboard_builder
+from grafana_foundation_sdk.builders import prometheus, timeseries
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models import common
+from grafana_foundation_sdk.models import dashboard as model
+
 HERE = Path(__file__).parent
-DS = {"type": "prometheus", "uid": "${datasource}"}
+DS = model.DataSourceRef(type_val="prometheus", uid="${datasource}")
 RATE = "$__rate_interval"
 #: vLLM's series of the selected pools and nodes.
 VLLM = 'pool=~"$pool", node=~"$node"'
@@ -53,7 +63,6 @@ class Panel:
     unit: str = "short"
     width: int = 12
     stack: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -62,69 +71,53 @@ class Row:
     panels: list[Panel]
 
 
-def _variables(*, pool_query: str, node_query: str) -> list[dict[str, Any]]:
-    def query_var(name: str, label: str, query: str) -> dict[str, Any]:
-        return {
-            "name": name, "label": label, "type": "query", "datasource": DS,
-            "query": {"query": query, "refId": name}, "definition": query,
-            "refresh": 2, "sort": 1, "multi": True, "includeAll": True, "allValue": ".*",
-            "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
-        }
-
-    return [
-        {"name": "datasource", "label": "Prometheus", "type": "datasource",
-         "query": "prometheus", "current": {}, "hide": 0},
-        query_var("pool", "Pool", pool_query),
-        query_var("node", "Node", node_query),
-    ]
+def _variable(name: str, label: str, query: str) -> dashboard_builder.QueryVariable:
+    return (dashboard_builder.QueryVariable(name).label(label).datasource(DS)
+            .query({"query": query, "refId": name})
+            .refresh(model.VariableRefresh.ON_TIME_RANGE_CHANGED)
+            .sort(model.VariableSort.ALPHABETICAL_ASC)
+            .multi(True).include_all(True).all_value(".*")
+            .current(model.VariableOption(selected=True, text=["All"], value=["$__all"])))
 
 
-def _dashboard(uid: str, title: str, description: str, rows: list[Row],
-               variables: list[dict[str, Any]]) -> dict[str, Any]:
-    panels: list[dict[str, Any]] = []
-    y = 0
-    next_id = 1
+def _dashboard(uid: str, title: str, description: str, rows: list[Row]) -> dict[str, Any]:
+    board = (dashboard_builder.Dashboard(title).uid(uid).description(description)
+             .tags(["hybridlb", "vllm", "envoy"]).timezone("browser").editable()
+             .refresh("10s").time("now-1h", "now")
+             .with_variable(dashboard_builder.DatasourceVariable("datasource")
+                            .label("Prometheus").type("prometheus"))
+             .with_variable(_variable("pool", "Pool", "label_values(hybridlb_replicas, pool)"))
+             .with_variable(_variable(
+                 "node", "Node", 'label_values(hybridlb_endpoint_weight{pool=~"$pool"}, node)')))
     for row in rows:
-        panels.append({"type": "row", "title": row.title, "id": next_id, "collapsed": False,
-                       "gridPos": {"h": 1, "w": 24, "x": 0, "y": y}, "panels": []})
-        next_id += 1
-        y += 1
-        x = 0
+        board = board.with_row(dashboard_builder.Row(row.title))
         for panel in row.panels:
-            if x + panel.width > 24:
-                x, y = 0, y + 8
-            panels.append(_timeseries(panel, next_id, x, y))
-            next_id += 1
-            x += panel.width
-        y += 8
-    return {
-        "uid": uid, "title": title, "description": description,
-        "tags": ["hybridlb", "vllm", "envoy"], "timezone": "browser", "editable": True,
-        "schemaVersion": 39, "version": 1, "refresh": "10s",
-        "time": {"from": "now-1h", "to": "now"},
-        "templating": {"list": variables}, "annotations": {"list": []},
-        "panels": panels,
-    }
+            board = board.with_panel(_timeseries(panel))
+    built = json.loads(json.dumps(board.build(), cls=JSONEncoder))
+    # Grafana gives a panel without an id one when it loads the dashboard, but links and
+    # the "view panel" URL use them: fixed ids, in order.
+    for panel_id, panel in enumerate(built["panels"], start=1):
+        panel["id"] = panel_id
+    return dict(built)
 
 
-def _timeseries(panel: Panel, panel_id: int, x: int, y: int) -> dict[str, Any]:
-    custom: dict[str, Any] = {"lineWidth": 1, "fillOpacity": 10, "showPoints": "never"}
+def _timeseries(panel: Panel) -> timeseries.Panel:
+    built = (timeseries.Panel().title(panel.title).description(panel.description)
+             .datasource(DS).span(panel.width).height(8).unit(panel.unit)
+             .line_width(1).fill_opacity(40 if panel.stack else 10)
+             .show_points(common.VisibilityMode.NEVER)
+             .legend(common_builder.VizLegendOptions()
+                     .display_mode(common.LegendDisplayMode.LIST)
+                     .placement(common.LegendPlacement.BOTTOM).show_legend(True))
+             .tooltip(common_builder.VizTooltipOptions()
+                      .mode(common.TooltipDisplayMode.MULTI).sort(common.SortOrder.DESCENDING)))
     if panel.stack:
-        custom |= {"stacking": {"mode": "normal", "group": "A"}, "fillOpacity": 40}
-    return {
-        "type": "timeseries", "id": panel_id, "title": panel.title,
-        "description": panel.description, "datasource": DS,
-        "gridPos": {"h": 8, "w": panel.width, "x": x, "y": y},
-        "fieldConfig": {"defaults": {"unit": panel.unit, "custom": custom}, "overrides": []},
-        "options": {"legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
-                    "tooltip": {"mode": "multi", "sort": "desc"}},
-        "targets": [
-            {"refId": chr(ord("A") + i), "datasource": DS, "expr": expr, "legendFormat": legend,
-             "range": True}
-            for i, (expr, legend) in enumerate(panel.targets)
-        ],
-        **panel.extra,
-    }
+        built = built.stacking(common_builder.StackingConfig()
+                               .mode(common.StackingMode.NORMAL).group("A"))
+    for i, (expr, legend) in enumerate(panel.targets):
+        built = built.with_target(prometheus.Dataquery().ref_id(chr(ord("A") + i))
+                                  .datasource(DS).expr(expr).legend_format(legend).range())
+    return built
 
 
 def fleet() -> dict[str, Any]:
@@ -215,8 +208,6 @@ def fleet() -> dict[str, Any]:
         "Queue depth and KV use per replica and node, published weights, requests and time "
         "to first token, and how each Envoy splits local and spilled traffic.",
         rows,
-        _variables(pool_query="label_values(hybridlb_replicas, pool)",
-                   node_query='label_values(hybridlb_endpoint_weight{pool=~"$pool"}, node)'),
     )
 
 
@@ -283,12 +274,11 @@ def control_plane() -> dict[str, Any]:
         "Connected Envoys, xDS pushes and NACKs, snapshot builds and the freshness of the "
         "loads behind the weights.",
         rows,
-        _variables(pool_query="label_values(hybridlb_replicas, pool)",
-                   node_query='label_values(hybridlb_endpoint_weight{pool=~"$pool"}, node)'),
     )
 
 
-DASHBOARDS = {"hybridlb-fleet.json": fleet, "hybridlb-control-plane.json": control_plane}
+DASHBOARDS: dict[str, Callable[[], dict[str, Any]]] = {
+    "hybridlb-fleet.json": fleet, "hybridlb-control-plane.json": control_plane}
 
 
 def render() -> dict[str, str]:
