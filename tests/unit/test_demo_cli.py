@@ -1,7 +1,10 @@
 """`hybridlb demo`'s command line: the help renders, the default load follows the fleet's
-size."""
+size, a missing plotting library is said up front."""
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +46,16 @@ def test_bad_flags_are_refused_before_anything_starts(flags: list[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["demo", *flags])
     assert "hybridlb demo" in str(exit_.value.code)
+
+
+def test_without_matplotlib_the_demo_says_first_that_it_will_write_no_plot(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An install without the plot extra (None in sys.modules: the import system's "not
+    there"); the run ends at once on a bad flag, after the notice."""
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    with pytest.raises(SystemExit, match="must be positive"):
+        main(["demo", "--duration", "0", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "no plot (demo.png): matplotlib is not installed" in out
+    assert "pip install 'vllm-hybrid-lb[plot]'" in out

@@ -160,6 +160,13 @@ class Outcome:
 
 
 def run(args: argparse.Namespace) -> int:
+    console = Console()
+    if not console.is_terminal:
+        # A log or a pipe: wide enough that the tables' names are not cut.
+        console = Console(width=140)
+    if importlib.util.find_spec("matplotlib") is None:
+        # Said first, not after minutes of a run.
+        console.print(NO_PLOT, style="yellow", markup=False)
     if args.duration <= 0 or (args.rate is not None and args.rate <= 0):
         raise SystemExit("hybridlb demo: --duration and --rate must be positive")
     try:
@@ -168,13 +175,6 @@ def run(args: argparse.Namespace) -> int:
                                  extproc=args.extproc)
     except ValueError as exc:
         raise SystemExit(f"hybridlb demo: {exc}") from exc
-    console = Console()
-    if not console.is_terminal:
-        # A log or a pipe: wide enough that the tables' names are not cut.
-        console = Console(width=140)
-    if importlib.util.find_spec("matplotlib") is None:
-        # Said before the run, not after minutes of it.
-        console.print(f"[yellow]{NO_PLOT}[/]")
     out: Path = args.out
     logdir = out / "logs"
     logdir.mkdir(parents=True, exist_ok=True)
@@ -327,7 +327,7 @@ def _report(args: argparse.Namespace, fleet: Fleet, settings: FleetSettings, out
             )
             summary["plot"] = "demo.png"
         except ImportError:
-            console.print(f"[yellow]{NO_PLOT}[/]")
+            console.print(NO_PLOT, style="yellow", markup=False)
     report.write_json(out / "summary.json", summary)
     console.print(report.tables(summary))
     if outcome.error:
