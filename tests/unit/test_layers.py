@@ -18,7 +18,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "xds_server"
-TOOLS = ("xds_server.sim", "xds_server.bench", "xds_server.demo", "xds_server.workload")
+TOOLS = ("xds_server.sim", "xds_server.bench", "xds_server.demo", "xds_server.workload",
+         "xds_server.ports")
 #: What only the extras install: a runtime module importing one of these breaks a lean pod.
 EXTRAS_ONLY = ("rich", "matplotlib", "PIL", "psutil", "httpx")
 
