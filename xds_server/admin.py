@@ -1,8 +1,14 @@
-"""The admin HTTP server: /healthz, /readyz, /metrics, /debug/state. Read-only by design."""
+"""The admin HTTP server: /healthz, /readyz, /metrics, /debug/state. Read-only by design.
+
+/debug/state is rendered at most once per `DEBUG_STATE_MAX_AGE_S` and the same bytes go to
+every reader: 200 concurrent readers once took `serve` to 1 GiB and delayed config updates
+by seconds, each building its own copy of every stream's (then uncapped) node id.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -80,12 +86,37 @@ def _explain(published: Published, pool: str, address: str) -> dict[str, float] 
     return None if explanation is None else dataclasses.asdict(explanation)
 
 
+#: How stale /debug/state may be: short enough for a person or a test polling it.
+DEBUG_STATE_MAX_AGE_S = 0.2
+
+
+class Rendered:
+    """A JSON document built and encoded at most once per `max_age_s`."""
+
+    def __init__(self, build: Callable[[], dict[str, Any]], *, max_age_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._build = build
+        self._max_age_s = max_age_s
+        self._clock = clock
+        self._body = b""
+        self._at = -float("inf")
+
+    def body(self) -> bytes:
+        now = self._clock()
+        if now - self._at >= self._max_age_s:
+            self._body = json.dumps(self._build()).encode()
+            self._at = now
+        return self._body
+
+
 def build_app(
     *,
     metrics: Metrics,
     ready: Callable[[], bool],
     state: Callable[[], dict[str, Any]],
 ) -> web.Application:
+    rendered = Rendered(state, max_age_s=DEBUG_STATE_MAX_AGE_S)
+
     async def healthz(request: web.Request) -> web.Response:
         return web.Response(text="ok\n")
 
@@ -101,7 +132,7 @@ def build_app(
         )
 
     async def debug(request: web.Request) -> web.Response:
-        return web.json_response(state())
+        return web.Response(body=rendered.body(), content_type="application/json")
 
     app = web.Application()
     app.router.add_get("/healthz", healthz)

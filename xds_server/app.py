@@ -26,6 +26,7 @@ from xds_server.sources.loads import LoadLoop
 from xds_server.sources.static_file import StaticFileSource
 from xds_server.state import State
 from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.guard import AdsGuard, NodeSan
 from xds_server.xds.server import AdsServer
 
 log = logging.getLogger(__name__)
@@ -83,9 +84,15 @@ class App:
                 ("grpc.keepalive_time_ms", int(s.xds.keepalive_s * 1000)),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
+                # An Envoy opens one ADS stream per connection; the total is capped per peer.
+                ("grpc.max_concurrent_streams", 16),
             ]
         )
-        server.add_generic_rpc_handlers((self.ads.handler(),))
+        mutual = s.xds.tls.client_ca is not None
+        server.add_generic_rpc_handlers((AdsGuard(
+            self.ads.handler(), metrics=self.metrics, max_streams=s.xds.max_streams,
+            max_streams_per_peer=s.xds.max_streams_per_peer,
+            node_san=NodeSan(s.xds.node_san) if mutual and s.xds.node_san else None),))
         try:
             self.xds_port = tls.add_port(server, f"{s.xds.host}:{s.xds.port}", s.xds.tls)
         except RuntimeError as exc:

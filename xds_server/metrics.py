@@ -57,6 +57,17 @@ class Metrics:
         self.push_bytes = Counter(
             "hybridlb_xds_push_bytes_total", "Bytes of xDS responses sent", ["type"], registry=r
         )
+        self.refused_streams = Counter(
+            "hybridlb_xds_refused_streams_total",
+            "ADS streams ended by the control plane, by reason (too_many_streams, "
+            "too_many_from_peer, malformed, node_not_in_certificate)",
+            ["reason"], registry=r,
+        )
+        self.log_suppressed = Counter(
+            "hybridlb_log_suppressed_total",
+            "Log lines left out by rate limiting, by kind (what a client can repeat)",
+            ["what"], registry=r,
+        )
         self.acks = Counter(
             "hybridlb_xds_acks_total", "Responses Envoy accepted", ["type"], registry=r
         )

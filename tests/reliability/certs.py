@@ -29,13 +29,16 @@ def ca(directory: Path, name: str) -> Pair:
     return pair
 
 
-def issue(directory: Path, name: str, by: Pair, *, server: bool) -> Pair:
-    """A leaf signed by `by`: a server (SANs 127.0.0.1, localhost) or a client."""
+def issue(directory: Path, name: str, by: Pair, *, server: bool, uris: tuple[str, ...] = ()
+          ) -> Pair:
+    """A leaf signed by `by`: a server (SANs 127.0.0.1, localhost) or a client, with URI
+    SANs `uris` (a SPIFFE id naming the Envoy's node)."""
     pair = Pair(directory / f"{name}.pem", directory / f"{name}.key")
     csr = directory / f"{name}.csr"
     ext = directory / f"{name}.ext"
-    ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nextendedKeyUsage=serverAuth\n"
-                   if server else "extendedKeyUsage=clientAuth\n")
+    sans = [*(["IP:127.0.0.1", "DNS:localhost"] if server else []), *(f"URI:{u}" for u in uris)]
+    ext.write_text((f"subjectAltName={','.join(sans)}\n" if sans else "")
+                   + f"extendedKeyUsage={'serverAuth' if server else 'clientAuth'}\n")
     _openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
              "-keyout", str(pair.key), "-out", str(csr), "-subj", f"/CN={name}")
     _openssl("x509", "-req", "-in", str(csr), "-CA", str(by.cert), "-CAkey", str(by.key),

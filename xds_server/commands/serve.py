@@ -87,13 +87,24 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
                                      "full relist of the pods, a safety net for the watch"),
     "kubernetes-watch-timeout-s": (int, KubernetesSettings.watch_timeout_s,
                                    "server-side end of each watch request (it then resumes)"),
-    "xds-host": (str, XdsSettings.host, "address the ADS gRPC server binds"),
+    "xds-host": (str, XdsSettings.host, "address the ADS gRPC server binds (in a cluster: "
+                 "the pod IP)"),
     "xds-port": (int, XdsSettings.port, "port of the ADS gRPC server (0: any free port)"),
+    "xds-max-receive-bytes": (int, XdsSettings.max_receive_bytes,
+                              "largest ADS request accepted (larger: the stream ends)"),
+    "xds-max-streams": (int, XdsSettings.max_streams,
+                        "ADS streams held at once; more are refused (RESOURCE_EXHAUSTED)"),
+    "xds-max-streams-per-peer": (int, XdsSettings.max_streams_per_peer,
+                                 "ADS streams held at once from one address; more are refused"),
     "tls-cert": (Path, None, "PEM certificate chain: serve ADS over TLS (re-read when the "
                  "file changes, no restart)"),
     "tls-key": (Path, None, "PEM private key of --tls-cert"),
     "tls-client-ca": (Path, None, "PEM CA bundle: require Envoys to present a client "
                       "certificate it signed (mutual TLS)"),
+    "tls-node-san": (str, XdsSettings.node_san,
+                     "with --tls-client-ca: an Envoy asking for a node's view must present a "
+                     "certificate with a URI SAN matching this ({node}: the node, *: any one "
+                     "path segment; empty: no check)"),
     "admin-host": (str, AdminSettings.host, "address the admin HTTP server binds"),
     "admin-port": (int, AdminSettings.port,
                    "port of the admin server: /healthz /readyz /metrics /debug/state"),
@@ -233,8 +244,12 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         return values.get(flag, _FLAGS[flag][1])
 
     return _check(Settings(
-        xds=XdsSettings(host=get("xds-host"), port=get("xds-port"), tls=TlsSettings(
-            cert=get("tls-cert"), key=get("tls-key"), client_ca=get("tls-client-ca"))),
+        xds=XdsSettings(
+            host=get("xds-host"), port=get("xds-port"),
+            max_receive_bytes=get("xds-max-receive-bytes"), max_streams=get("xds-max-streams"),
+            max_streams_per_peer=get("xds-max-streams-per-peer"), node_san=get("tls-node-san"),
+            tls=TlsSettings(cert=get("tls-cert"), key=get("tls-key"),
+                            client_ca=get("tls-client-ca"))),
         envoy=EnvoySettings(
             listener_port=get("listener-port"),
             listener_host=get("listener-host"),
@@ -289,7 +304,16 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _check(settings: Settings) -> Settings:
+    from xds_server.xds.guard import NodeSan  # gRPC and protobuf: slow to import
+
     settings.xds.tls.check("hybridlb serve")
+    if settings.xds.node_san:
+        try:
+            NodeSan(settings.xds.node_san)
+        except ValueError as exc:
+            raise SystemExit(f"--tls-node-san: {exc}") from exc
+    if min(settings.xds.max_streams, settings.xds.max_streams_per_peer) < 1:
+        raise SystemExit("--xds-max-streams and --xds-max-streams-per-peer must be at least 1")
     hosted = settings.extproc.port and settings.envoy.extproc_tls is not None
     if hosted and not settings.xds.tls.enabled:
         raise SystemExit("--extproc-tls-ca with --extproc-port: the picker hosted here serves "

@@ -24,6 +24,7 @@ from google.protobuf import struct_pb2
 
 from xds_server.extproc.pick import PickSettings, Unreadable, pick, read_request
 from xds_server.extproc.state import PickerState, PrefixOwners
+from xds_server.logsafe import clip
 from xds_server.metrics import Metrics
 from xds_server.xds.resources import DESTINATION_HEADER, LB_NS, PICKER_NODE_METADATA
 
@@ -99,7 +100,7 @@ class Picker(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
             info = read_request(body.body, content_type, self._settings)
         except Unreadable as exc:
             self._count(exc.reason)
-            log.debug("passing a request through: %s (%s)", exc.reason, exc)
+            log.debug("passing a request through: %s (%s)", exc.reason, clip(str(exc)))
             return passthrough
         # The pool as the router would choose it: the header, else the model if a pool has
         # that name, else the first pool.

@@ -19,6 +19,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.discovery.v3 import discovery_pb2
 
+from xds_server.logsafe import LogLimiter, clip
 from xds_server.metrics import Metrics
 from xds_server.model import View
 from xds_server.xds import types
@@ -66,7 +67,7 @@ class StreamInfo:
         return {
             "id": self.node_id,
             "stream": self.id,
-            "node": self.view.node,
+            "node": clip(self.view.node),
             "listener_port": self.view.listener_port,
             "protocol": self.protocol,
             "peer": self.peer,
@@ -96,7 +97,8 @@ def view_from_node(node: base_pb2.Node) -> View:
             if not 0 < port < 65536:
                 raise ValueError(value)
         except (TypeError, ValueError):
-            log.warning("envoy %s: ignoring bad listener_port %r in node metadata", node.id, value)
+            log.warning("envoy %s: ignoring bad listener_port %r in node metadata",
+                        clip(node.id), clip(str(value)))
             port = None
     return View(node=node_name, listener_port=port)
 
@@ -106,6 +108,8 @@ class AdsServer:
         self._cache = cache
         self._metrics = metrics
         self._streams: dict[str, StreamInfo] = {}
+        # What a client can repeat at will (connect, ask, NACK) is logged a few times a while.
+        self._logs = LogLimiter(metrics.log_suppressed)
         self._ids = itertools.count(1)
         self._nonces = itertools.count(1)
         # type URL -> (a resource mapping, its set version). Streams that want every resource
@@ -150,7 +154,7 @@ class AdsServer:
     async def _serve(
         self, requests: AsyncIterator[Any], context: Any, protocol: str
     ) -> AsyncIterator[bytes]:
-        info = StreamInfo(id=str(next(self._ids)), protocol=protocol, peer=_peer(context))
+        info = StreamInfo(id=str(next(self._ids)), protocol=protocol, peer=clip(_peer(context)))
         queue: asyncio.Queue[object] = asyncio.Queue()
         reader = asyncio.create_task(_read(requests, queue))
         self._cache.subscribe(queue)
@@ -163,7 +167,8 @@ class AdsServer:
                 if item is _EOF:
                     break
                 if isinstance(item, BaseException):
-                    log.info("stream %s (%s) ended: %s", info.id, info.node_id, item)
+                    self._logs.log(log, logging.INFO, "stream_ended", "stream %s (%s) ended: %s",
+                                   info.id, info.node_id, clip(str(item)))
                     break
                 if item is CHANGED:
                     pending_change = True
@@ -193,16 +198,19 @@ class AdsServer:
             self._cache.unsubscribe(queue)
             self._metrics.streams.labels(protocol).dec()
             self._streams.pop(info.id, None)
-            log.info("envoy %s (node %r) disconnected", info.node_id, info.view.node)
+            self._logs.log(log, logging.INFO, "disconnect", "envoy %s (node %r) disconnected",
+                           info.node_id, clip(info.view.node))
 
     def _identify(self, info: StreamInfo, node: base_pb2.Node) -> None:
         if info.node_id or not node.id:
             return
-        info.node_id = node.id
+        info.node_id = clip(node.id)
         info.view = view_from_node(node)
-        log.info(
+        self._logs.log(
+            log, logging.INFO, "connect",
             "envoy %s connected (%s, node %r, listener port %s, peer %s)",
-            node.id, info.protocol, info.view.node, info.view.listener_port, info.peer,
+            info.node_id, info.protocol, clip(info.view.node), info.view.listener_port,
+            info.peer,
         )
 
     # --- state of the world -------------------------------------------------------------
@@ -212,7 +220,9 @@ class AdsServer:
         self._identify(info, request.node)
         type_url = str(request.type_url)
         if type_url not in types.PUSH_ORDER:
-            log.warning("envoy %s asked for unsupported type %s", info.node_id, type_url)
+            self._logs.log(log, logging.WARNING, "unsupported_type",
+                           "envoy %s asked for unsupported type %s", info.node_id,
+                           clip(type_url))
             return None
         return type_url
 
@@ -271,12 +281,13 @@ class AdsServer:
             return  # a reply to an older response: only its subscription counts
         if error.code or error.message:
             state.nacked_version = version
-            state.nack_message = error.message
+            state.nack_message = clip(error.message)
             self._metrics.nacks.labels(types.short(type_url)).inc()
             # Not resent: Envoy keeps its last good config; the next change pushes again.
-            log.error(
-                "envoy %s (node %r) rejected %s version %s: %s",
-                info.node_id, info.view.node, types.short(type_url), version, error.message,
+            self._logs.log(
+                log, logging.ERROR, "nack", "envoy %s (node %r) rejected %s version %s: %s",
+                info.node_id, clip(info.view.node), types.short(type_url), version,
+                state.nack_message,
             )
         else:
             state.acked_version = version
