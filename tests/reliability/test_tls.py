@@ -12,14 +12,17 @@ import asyncio
 import os
 import shutil
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
 import httpx
 import pytest
 from envoy.config.core.v3 import base_pb2
+from envoy.service.discovery.v3 import discovery_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.service.ext_proc.v3 import external_processor_pb2_grpc as ep_grpc
+from google.protobuf import struct_pb2
 
 from tests.harness import (
     ControlPlane,
@@ -36,6 +39,7 @@ from tests.reliability import certs
 from xds_server.bench.adsclient import AdsClient
 from xds_server.settings import UpstreamTls
 from xds_server.xds import types
+from xds_server.xds.server import NODE_METADATA_KEY, SERVICE
 
 pytestmark = [pytest.mark.reliability, pytest.mark.envoy]
 
@@ -238,3 +242,69 @@ def test_picker_tls_flags_that_cannot_work_end_serve_with_a_message(
     serve.add_arguments(parser)
     with pytest.raises(SystemExit, match=message):
         serve.settings_from_args(parser.parse_args(["--static", "p.yaml", *flags]))
+
+
+async def _ads_outcome(port: int, creds: grpc.ChannelCredentials, node: str) -> str:
+    """"served" when a stream asking for `node`'s clusters gets an answer, else the status
+    that ended it. One request, then silence: a client still writing when the server ends
+    its stream may see its own write fail first (Python gRPC's INTERNAL)."""
+    metadata = struct_pb2.Struct()
+    metadata.update({NODE_METADATA_KEY: {"node": node}})
+    request = discovery_pb2.DiscoveryRequest(
+        node=base_pb2.Node(id=f"envoy-{node}", metadata=metadata), type_url=types.CLUSTER)
+
+    async def one() -> AsyncIterator[bytes]:
+        yield request.SerializeToString()
+        await asyncio.Event().wait()
+
+    async with grpc.aio.secure_channel(f"127.0.0.1:{port}", creds, options=[
+            ("grpc.ssl_target_name_override", "localhost")]) as channel:
+        call = channel.stream_stream(f"/{SERVICE}/StreamAggregatedResources",
+                                     request_serializer=lambda b: b,
+                                     response_deserializer=lambda b: b)(one())
+        try:
+            async for _ in call:
+                call.cancel()
+                return "served"
+        except grpc.aio.AioRpcError as exc:
+            return str(exc.code().name)
+        return "ended"
+
+
+def test_a_client_certificate_must_name_the_node_it_asks_for(
+    tmp_path: Path, pki: dict[str, certs.Pair]
+) -> None:
+    """With mutual TLS, a certificate whose SPIFFE id names node-a reads node-a's view (and
+    the node-less view every Envoy may have), never node-b's: PERMISSION_DENIED, counted.
+    A real Envoy on node-a with that certificate gets its routes."""
+    d, ca, server = tmp_path / "pki", pki["ca1"], pki["server1"]
+    node_a = certs.issue(d, "envoy-node-a", ca, server=False,
+                         uris=("spiffe://cluster.local/ns/hybridlb/node/node-a",))
+    nameless = pki["client"]
+    ports = free_ports(2)
+    addresses = [f"127.0.0.1:{p}" for p in ports]
+    pools = tmp_path / "pools.yaml"
+    write_pools(pools, [(addresses[0], "node-a"), (addresses[1], "node-b")])
+    cp = ControlPlane(tmp_path, pools, listener_port=free_ports(1)[0], extra=[
+        "--tls-cert", str(server.cert), "--tls-key", str(server.key),
+        "--tls-client-ca", str(ca.cert), "--metrics", "none"])
+    envoy = Envoy(tmp_path, xds_port=cp.xds_port, node="node-a", bootstrap={
+        "xds_tls": UpstreamTls(str(ca.cert), str(node_a.cert), str(node_a.key))})
+    with running(Upstreams(tmp_path, ports), cp, envoy):
+        # Local first: node-a's Envoy sends to node-a's replica while it has room.
+        wait_for(lambda: addresses[0] in served_by(envoy.url, 5), 30,
+                 "node-a's Envoy routed over mTLS")
+
+        def outcome(pair: certs.Pair, node: str) -> str:
+            return asyncio.run(_ads_outcome(cp.xds_port, _credentials(ca, pair), node))
+
+        assert outcome(node_a, "node-a") == "served"
+        assert outcome(node_a, "") == "served"
+        assert outcome(node_a, "node-b") == "PERMISSION_DENIED"
+        assert outcome(nameless, "node-a") == "PERMISSION_DENIED"
+        assert outcome(nameless, "") == "served"
+        assert cp.metric("hybridlb_xds_refused_streams_total",
+                         reason="node_not_in_certificate") == 2
+        assert "refused (node_not_in_certificate)" in cp.output()
+        # The Envoy's own stream was never disturbed.
+        assert envoy.alive() and addresses[0] in served_by(envoy.url, 5)
