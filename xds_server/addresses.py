@@ -16,6 +16,13 @@ def is_ip(host: str) -> bool:
     return True
 
 
+def host_port(host: str, port: int) -> str:
+    """`HOST:PORT`, an IPv6 literal in brackets (`[fd00::1]:18000`), as gRPC binds it."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
 def parse_address(text: str) -> tuple[str, int]:
     """`HOST:PORT` or `[IPv6]:PORT` into (host, port); ValueError says what is wrong."""
     match = re.fullmatch(r"\[([^\]]+)\]:(\d+)|([^:\[\]]+):(\d+)", text)

@@ -16,6 +16,7 @@ import grpc
 from aiohttp import web
 
 from xds_server import admin, tls
+from xds_server.addresses import host_port
 from xds_server.extproc.server import Picker, add_to_server
 from xds_server.extproc.state import LocalState
 from xds_server.metrics import Metrics
@@ -94,7 +95,7 @@ class App:
             max_streams_per_peer=s.xds.max_streams_per_peer,
             node_san=NodeSan(s.xds.node_san) if mutual and s.xds.node_san else None),))
         try:
-            self.xds_port = tls.add_port(server, f"{s.xds.host}:{s.xds.port}", s.xds.tls)
+            self.xds_port = tls.add_port(server, host_port(s.xds.host, s.xds.port), s.xds.tls)
         except RuntimeError as exc:
             raise SystemExit(f"cannot listen for xDS on {s.xds.host}:{s.xds.port}: {exc}") from exc
         await server.start()
@@ -129,7 +130,7 @@ class App:
         # The same identity as the ADS server: one process, one certificate (and client CA).
         served = self.settings.xds.tls
         try:
-            self.extproc_port = tls.add_port(server, f"{s.host}:{s.port}", served)
+            self.extproc_port = tls.add_port(server, host_port(s.host, s.port), served)
         except RuntimeError as exc:
             raise SystemExit(f"cannot listen for ext_proc on {s.host}:{s.port}: {exc}") from exc
         await server.start()

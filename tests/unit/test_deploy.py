@@ -207,7 +207,8 @@ def serve_settings(tmp_path: Path) -> Any:
              deployment["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
     config_path = Path(args[args.index("--config") + 1])
     assert mount[str(config_path.parent)] == "config"
-    return serve.settings_from_args(parser.parse_args(["--config", str(config)]))
+    flags = [str(config) if a == str(config_path) else a for a in args[1:]]
+    return serve.settings_from_args(parser.parse_args(flags))
 
 
 def test_the_configmap_is_a_config_serve_accepts(tmp_path: Path) -> None:
@@ -216,9 +217,10 @@ def test_the_configmap_is_a_config_serve_accepts(tmp_path: Path) -> None:
     assert settings.kubernetes.kubeconfig is None  # the pod's service account
     namespace = docs(DEPLOY / "base/kustomization.yaml")[0]["namespace"]
     assert {ns for p in settings.kubernetes.pools for ns in p.namespaces} == {namespace}
-    # The kubelet's probes and Prometheus come from outside the pod.
-    assert settings.admin.host == "0.0.0.0"
-    assert settings.xds.host == "0.0.0.0"
+    # The kubelet's probes, the Envoys and Prometheus reach the pod IP; nothing else binds.
+    assert settings.admin.host == settings.xds.host == "$(POD_IP)"
+    container = find("Deployment", "hybridlb")["spec"]["template"]["spec"]["containers"][0]
+    assert env_of(container)["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
 
 
 def test_probes_and_services_point_at_the_ports_serve_binds(tmp_path: Path) -> None:
@@ -239,6 +241,51 @@ def test_probes_and_services_point_at_the_ports_serve_binds(tmp_path: Path) -> N
     pdb = find("PodDisruptionBudget", "hybridlb")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
+
+
+def _policies_for(labels: dict[str, str]) -> list[Doc]:
+    return [d for _, d in all_docs() if d.get("kind") == "NetworkPolicy"
+            and d["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+
+
+def _admitted(policies: list[Doc], port: str | int) -> list[list[Doc]]:
+    """The `from` lists of the rules that open `port` (an empty list: from anywhere)."""
+    return [rule.get("from", []) for p in policies for rule in p["spec"]["ingress"]
+            if any(q["port"] == port for q in rule.get("ports", []))]
+
+
+PROMETHEUS = {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+              "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}
+
+
+def test_network_policies_admit_only_envoys_to_ads_and_only_prometheus_to_metrics() -> None:
+    control_plane = find("Deployment", "hybridlb")
+    policies = _policies_for(control_plane["spec"]["template"]["metadata"]["labels"])
+    assert policies and all(p["spec"]["policyTypes"] == ["Ingress"] for p in policies)
+    envoy_labels = find("Deployment", "hybridlb-gateway")["spec"]["template"]["metadata"][
+        "labels"]
+    # ADS (and the picker's port, when serve hosts it): Envoys of this namespace only.
+    for port in ("grpc-xds", 9002):
+        (sources,) = _admitted(policies, port)
+        assert len(sources) == 1 and set(sources[0]) == {"podSelector"}, sources
+        assert sources[0]["podSelector"]["matchLabels"].items() <= envoy_labels.items()
+    assert _admitted(policies, "admin") == [[PROMETHEUS]]
+    # Every port of the control plane is covered by some rule: none is open to all.
+    for port in control_plane["spec"]["template"]["spec"]["containers"][0]["ports"]:
+        assert _admitted(policies, port["name"]), port
+
+
+@pytest.mark.parametrize(("kind", "name"), [("Deployment", "hybridlb-gateway"),
+                                            ("DaemonSet", "hybridlb-node-envoy")])
+def test_envoys_listeners_are_open_and_their_stats_only_to_prometheus(
+    kind: str, name: str
+) -> None:
+    workload = find(kind, name)
+    policies = _policies_for(workload["spec"]["template"]["metadata"]["labels"])
+    assert _admitted(policies, "http") == [[]]
+    assert _admitted(policies, "stats") == [[PROMETHEUS]]
+    for port in pod_spec(workload)["containers"][0]["ports"]:
+        assert _admitted(policies, port["name"]), port
 
 
 # --- Envoy ----------------------------------------------------------------------------------
