@@ -48,3 +48,20 @@ def test_bad_config_says_what_is_wrong(tmp_path: Path, text: str, message: str) 
     config.write_text(text)
     with pytest.raises(SystemExit, match=message):
         settings("--config", str(config))
+
+
+def test_servers_bind_loopback_unless_told_otherwise() -> None:
+    s = settings("--static", "p.yaml")
+    assert s.xds.host == s.admin.host == "127.0.0.1"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--tls-node-san", "spiffe://td/ns/x"], "--tls-node-san"),
+    (["--xds-max-streams", "0"], "at least 1"),
+    (["--xds-max-streams-per-peer", "0"], "at least 1"),
+])
+def test_guard_settings_that_cannot_work_end_serve_with_a_message(
+    flags: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit, match=message):
+        settings("--static", "p.yaml", *flags)
