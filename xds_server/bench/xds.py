@@ -43,6 +43,7 @@ from xds_server.bench.procs import Managed, ProcessMeter, managed, scratch, wait
 from xds_server.bench.report import progress
 from xds_server.commands.bootstrap import build_bootstrap
 from xds_server.ports import free_ports
+from xds_server.settings import XdsSettings
 from xds_server.xds import types
 
 POOL = "bench"
@@ -130,6 +131,9 @@ class Server:
              "--static", str(pools),
              "--static-poll-interval-s", str(params.static_poll_interval_s),
              "--xds-host", "127.0.0.1", "--xds-port", str(self.xds_port),
+             # Every stream (and the Envoy) comes from this one address.
+             "--xds-max-streams-per-peer", str(params.streams + 1),
+             "--xds-max-streams", str(max(XdsSettings.max_streams, params.streams + 1)),
              "--admin-port", str(self.admin_port),
              "--listener-host", "127.0.0.1", "--listener-port", str(listener_port),
              # Weights from capacity alone: the 10.x.y.z replicas exist only in the file,

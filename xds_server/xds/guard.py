@@ -71,6 +71,7 @@ class AdsGuard:
         self._max_per_peer = max_streams_per_peer
         self._node_san = node_san
         self._per_peer: Counter[str] = Counter()
+        self._total = 0
         self._logs = LogLimiter(metrics.log_suppressed)
 
     def service(self, handler_call_details: Any) -> grpc.RpcMethodHandler | None:
@@ -86,7 +87,7 @@ class AdsGuard:
     def _guarded(self, behavior: Behavior) -> Behavior:
         async def guarded(requests: AsyncIterator[Any], context: Any) -> AsyncIterator[bytes]:
             peer = _peer_host(context)
-            if sum(self._per_peer.values()) >= self._max_streams:
+            if self._total >= self._max_streams:
                 await self._refuse(context, peer, _Refused(
                     grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_streams",
                     f"the control plane holds its maximum of {self._max_streams} streams"))
@@ -95,12 +96,14 @@ class AdsGuard:
                     grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_from_peer",
                     f"{self._max_per_peer} streams from this address already"))
             self._per_peer[peer] += 1
+            self._total += 1
             refused: list[_Refused] = []
             try:
                 async for response in behavior(self._checked(requests, context, refused),
                                                context):
                     yield response
             finally:
+                self._total -= 1
                 self._per_peer[peer] -= 1
                 if not self._per_peer[peer]:
                     del self._per_peer[peer]
