@@ -169,3 +169,25 @@ def test_the_guard_passes_unknown_methods_through() -> None:
     assert guard.service(Details("/other.Service/Method")) is None
     assert guard.service(Details(f"/{SERVICE}/StreamAggregatedResources")) is not None
     assert discovery_pb2.DiscoveryRequest  # the request type the handler parses
+
+
+async def test_what_a_reconnecting_client_repeats_is_logged_a_few_times_and_counted(
+    plane: Plane, caplog: pytest.LogCaptureFixture
+) -> None:
+    """30 streams in turn, each with a bad listener port: each connect, disconnect and bad
+    port would be a line; 10 of each kind get through per interval, the rest are counted."""
+    with caplog.at_level(logging.INFO):
+        for i in range(30):
+            client = AdsClient(target=plane.target, node_id=f"e{i}",
+                               listener_port="x" * 10_000)  # type: ignore[arg-type]
+            task = asyncio.create_task(client.run())
+            await client.wait_until(lambda c=client: types.CLUSTER in c.held)
+            task.cancel()
+            await asyncio.wait_for(_wait(lambda: not plane.ads.streams), 10)
+    lines = [r.getMessage() for r in caplog.records]
+    assert sum("bad listener_port" in line for line in lines) == 10
+    assert sum(" connected (" in line for line in lines) == 10
+    suppressed = plane.metrics.log_suppressed
+    assert suppressed.labels("bad_listener_port")._value.get() == 20
+    assert suppressed.labels("connect")._value.get() == 20
+    assert all(len(line) < 4 * MAX_CHARS for line in lines)

@@ -119,6 +119,7 @@ class AdsGuard:
         try:
             async for request in requests:
                 if allowed is not None and request.HasField("node"):
+                    # Unlogged: the server logs a bad listener port when it places the Envoy.
                     node = view_from_node(request.node).node
                     if node and node not in allowed:
                         refused.append(_Refused(

@@ -81,8 +81,9 @@ class StreamInfo:
         }
 
 
-def view_from_node(node: base_pb2.Node) -> View:
-    """Place an Envoy by its bootstrap node metadata; bad values fall back to the default."""
+def view_from_node(node: base_pb2.Node, logs: LogLimiter | None = None) -> View:
+    """Place an Envoy by its bootstrap node metadata; bad values fall back to the default
+    (and are logged through `logs`, when given)."""
     meta = node.metadata.fields.get(NODE_METADATA_KEY)
     if meta is None or not meta.HasField("struct_value"):
         return View()
@@ -97,8 +98,10 @@ def view_from_node(node: base_pb2.Node) -> View:
             if not 0 < port < 65536:
                 raise ValueError(value)
         except (TypeError, ValueError):
-            log.warning("envoy %s: ignoring bad listener_port %r in node metadata",
-                        clip(node.id), clip(str(value)))
+            if logs is not None:
+                logs.log(log, logging.WARNING, "bad_listener_port",
+                         "envoy %s: ignoring bad listener_port %r in node metadata",
+                         clip(node.id), clip(str(value)))
             port = None
     return View(node=node_name, listener_port=port)
 
@@ -205,7 +208,7 @@ class AdsServer:
         if info.node_id or not node.id:
             return
         info.node_id = clip(node.id)
-        info.view = view_from_node(node)
+        info.view = view_from_node(node, self._logs)
         self._logs.log(
             log, logging.INFO, "connect",
             "envoy %s connected (%s, node %r, listener port %s, peer %s)",
