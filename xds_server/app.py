@@ -93,6 +93,7 @@ class App:
         server.add_generic_rpc_handlers((AdsGuard(
             self.ads.handler(), metrics=self.metrics, max_streams=s.xds.max_streams,
             max_streams_per_peer=s.xds.max_streams_per_peer,
+            max_resource_names=s.xds.max_resource_names,
             node_san=NodeSan(s.xds.node_san) if mutual and s.xds.node_san else None),))
         try:
             self.xds_port = tls.add_port(server, host_port(s.xds.host, s.xds.port), s.xds.tls)

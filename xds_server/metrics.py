@@ -60,7 +60,7 @@ class Metrics:
         self.refused_streams = Counter(
             "hybridlb_xds_refused_streams_total",
             "ADS streams ended by the control plane, by reason (too_many_streams, "
-            "too_many_from_peer, malformed, node_not_in_certificate)",
+            "too_many_from_peer, too_many_names, malformed, node_not_in_certificate)",
             ["reason"], registry=r,
         )
         self.log_suppressed = Counter(

@@ -79,6 +79,9 @@ class XdsSettings:
     max_streams: int = 2048
     #: Streams held at once from one peer address (an Envoy holds one).
     max_streams_per_peer: int = 64
+    #: Resource names one request may carry (subscribed, unsubscribed, or a delta
+    #: reconnect's known versions); more end the stream. A real Envoy names a few per pool.
+    max_resource_names: int = 10_000
     #: With mutual TLS, a URI SAN of the client certificate must match this pattern for the
     #: node the Envoy asks for (`{node}`; `*`: any one path segment). Empty: no check.
     node_san: str = "spiffe://*/ns/*/node/{node}"

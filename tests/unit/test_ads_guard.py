@@ -10,6 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 import pytest
@@ -48,7 +49,8 @@ async def _plane(max_streams: int, per_peer: int) -> tuple[Plane, grpc.aio.Serve
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((AdsGuard(ads.handler(), metrics=metrics,
                                               max_streams=max_streams,
-                                              max_streams_per_peer=per_peer, node_san=None),))
+                                              max_streams_per_peer=per_peer,
+                                              max_resource_names=100, node_san=None),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     state.set_pools("test", [Pool("qwen3", (A,))])
@@ -134,6 +136,28 @@ async def test_a_malformed_request_ends_the_stream_with_invalid_argument(
     assert plane.ads.streams == {}  # and the server forgot it
 
 
+@pytest.mark.parametrize(("method", "request_"), [
+    ("StreamAggregatedResources", discovery_pb2.DiscoveryRequest(
+        type_url=types.ENDPOINT, resource_names=[f"c{i}" for i in range(101)])),
+    ("DeltaAggregatedResources", discovery_pb2.DeltaDiscoveryRequest(
+        type_url=types.CLUSTER, initial_resource_versions={f"c{i}": "1" for i in range(61)},
+        resource_names_subscribe=[f"s{i}" for i in range(40)])),
+], ids=["sotw", "delta"])
+async def test_a_request_naming_too_many_resources_ends_the_stream(
+    plane: Plane, method: str, request_: Any
+) -> None:
+    """The plane allows 100 names per request: 101 end the stream, counted."""
+    async def one() -> AsyncIterator[bytes]:
+        yield request_.SerializeToString()
+        await asyncio.Event().wait()
+
+    async with grpc.aio.insecure_channel(plane.target) as channel:
+        call = channel.stream_stream(f"/{SERVICE}/{method}", request_serializer=lambda b: b,
+                                     response_deserializer=lambda b: b)(one())
+        assert await asyncio.wait_for(call.code(), 10) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert plane.refused("too_many_names") == 1
+
+
 async def test_nack_text_and_node_ids_are_capped_and_on_one_line(
     plane: Plane, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -160,7 +184,7 @@ async def test_nack_text_and_node_ids_are_capped_and_on_one_line(
 def test_the_guard_passes_unknown_methods_through() -> None:
     ads = AdsServer(cache=SnapshotCache(), metrics=Metrics())
     guard = AdsGuard(ads.handler(), metrics=Metrics(), max_streams=1, max_streams_per_peer=1,
-                     node_san=None)
+                     max_resource_names=1, node_san=None)
 
     @dataclass
     class Details:

@@ -96,6 +96,9 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
                         "ADS streams held at once; more are refused (RESOURCE_EXHAUSTED)"),
     "xds-max-streams-per-peer": (int, XdsSettings.max_streams_per_peer,
                                  "ADS streams held at once from one address; more are refused"),
+    "xds-max-resource-names": (int, XdsSettings.max_resource_names,
+                               "resource names one ADS request may carry (a real Envoy names a "
+                               "few per pool); more end the stream (RESOURCE_EXHAUSTED)"),
     "tls-cert": (Path, None, "PEM certificate chain: serve ADS over TLS (re-read when the "
                  "file changes, no restart)"),
     "tls-key": (Path, None, "PEM private key of --tls-cert"),
@@ -247,7 +250,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         xds=XdsSettings(
             host=get("xds-host"), port=get("xds-port"),
             max_receive_bytes=get("xds-max-receive-bytes"), max_streams=get("xds-max-streams"),
-            max_streams_per_peer=get("xds-max-streams-per-peer"), node_san=get("tls-node-san"),
+            max_streams_per_peer=get("xds-max-streams-per-peer"),
+            max_resource_names=get("xds-max-resource-names"), node_san=get("tls-node-san"),
             tls=TlsSettings(cert=get("tls-cert"), key=get("tls-key"),
                             client_ca=get("tls-client-ca"))),
         envoy=EnvoySettings(
@@ -312,8 +316,10 @@ def _check(settings: Settings) -> Settings:
             NodeSan(settings.xds.node_san)
         except ValueError as exc:
             raise SystemExit(f"--tls-node-san: {exc}") from exc
-    if min(settings.xds.max_streams, settings.xds.max_streams_per_peer) < 1:
-        raise SystemExit("--xds-max-streams and --xds-max-streams-per-peer must be at least 1")
+    xds = settings.xds
+    if min(xds.max_streams, xds.max_streams_per_peer, xds.max_resource_names) < 1:
+        raise SystemExit("--xds-max-streams, --xds-max-streams-per-peer and "
+                         "--xds-max-resource-names must be at least 1")
     hosted = settings.extproc.port and settings.envoy.extproc_tls is not None
     if hosted and not settings.xds.tls.enabled:
         raise SystemExit("--extproc-tls-ca with --extproc-port: the picker hosted here serves "

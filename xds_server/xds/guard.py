@@ -8,7 +8,11 @@ Wraps the ADS server's handler, so the protocol code stays about the protocol:
   (a URI SAN such as `spiffe://<trust domain>/ns/<namespace>/node/<node>`): a certificate
   stolen from one node does not read another's view (PERMISSION_DENIED). An Envoy that
   names no node (a gateway) gets the view every Envoy may have;
-- a request that does not parse ends the stream with INVALID_ARGUMENT, not OK.
+- a request that does not parse ends the stream with INVALID_ARGUMENT, not OK;
+- a request naming more resources than `max_resource_names` ends it with
+  RESOURCE_EXHAUSTED: the server's work on a request is linear in the names (a delta
+  reconnect's made-up versions are each diffed and removed, on the event loop), and a real
+  Envoy names a few per pool (6 at 10,000 replicas on 1,250 nodes).
 
 Each refusal is counted (`hybridlb_xds_refused_streams_total{reason}`) and logged a few
 times per interval at most.
@@ -23,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from envoy.service.discovery.v3 import discovery_pb2
 from google.protobuf.message import DecodeError
 
 from xds_server.logsafe import LogLimiter, clip
@@ -63,12 +68,14 @@ class AdsGuard:
     """A gRPC generic handler (it has `service`) around the ADS server's."""
 
     def __init__(self, inner: grpc.GenericRpcHandler, *, metrics: Metrics, max_streams: int,
-                 max_streams_per_peer: int, node_san: NodeSan | None) -> None:
+                 max_streams_per_peer: int, max_resource_names: int,
+                 node_san: NodeSan | None) -> None:
         """`node_san`: the pattern client certificates must match (mutual TLS), or None."""
         self._inner = inner
         self._metrics = metrics
         self._max_streams = max_streams
         self._max_per_peer = max_streams_per_peer
+        self._max_names = max_resource_names
         self._node_san = node_san
         self._per_peer: Counter[str] = Counter()
         self._total = 0
@@ -118,6 +125,12 @@ class AdsGuard:
         allowed = self._allowed_nodes(context)
         try:
             async for request in requests:
+                names = _names(request)
+                if names > self._max_names:
+                    refused.append(_Refused(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, "too_many_names",
+                        f"a request names {names} resources; at most {self._max_names}"))
+                    return
                 if allowed is not None and request.HasField("node"):
                     # Unlogged: the server logs a bad listener port when it places the Envoy.
                     node = view_from_node(request.node).node
@@ -143,6 +156,14 @@ class AdsGuard:
                        "ADS stream from %s refused (%s): %s", clip(peer), refused.reason,
                        refused)
         await context.abort(refused.code, str(refused))
+
+
+def _names(request: Any) -> int:
+    """How many resource names a SotW or delta request carries."""
+    if isinstance(request, discovery_pb2.DiscoveryRequest):
+        return len(request.resource_names)
+    return (len(request.resource_names_subscribe) + len(request.resource_names_unsubscribe)
+            + len(request.initial_resource_versions))
 
 
 def _peer_host(context: Any) -> str:
