@@ -85,8 +85,6 @@ class App:
                 ("grpc.keepalive_time_ms", int(s.xds.keepalive_s * 1000)),
                 ("grpc.http2.max_pings_without_data", 0),
                 ("grpc.keepalive_permit_without_calls", 1),
-                # An Envoy opens one ADS stream per connection; the total is capped per peer.
-                ("grpc.max_concurrent_streams", 16),
             ]
         )
         mutual = s.xds.tls.client_ca is not None
