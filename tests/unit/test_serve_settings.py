@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from xds_server.addresses import host_port
 from xds_server.commands import serve
 
 
@@ -65,3 +66,12 @@ def test_guard_settings_that_cannot_work_end_serve_with_a_message(
 ) -> None:
     with pytest.raises(SystemExit, match=message):
         settings("--static", "p.yaml", *flags)
+
+
+@pytest.mark.parametrize(("host", "address"), [
+    ("10.0.0.1", "10.0.0.1:18000"), ("fd00::1", "[fd00::1]:18000"),
+    ("[fd00::1]", "[fd00::1]:18000"), ("localhost", "localhost:18000"),
+])
+def test_a_pod_ip_of_either_family_is_a_bind_address_grpc_takes(host: str, address: str) -> None:
+    """The deploy binds `$(POD_IP)`: an IPv6 pod IP needs brackets before the port."""
+    assert host_port(host, 18000) == address
