@@ -314,6 +314,7 @@ class Picker:
         if served is None or not s.picked:
             return
         address = served.string_value
+        self._count("served")
         if address and address != s.picked:
             # The proxy went down the fallback list: the request waits there, not at the pick.
             self._state.note_served(s.picked, address)
