@@ -219,3 +219,11 @@ def test_rare_log_says_how_many_it_held_back(caplog: pytest.LogCaptureFixture) -
     with caplog.at_level(logging.WARNING):
         rare.warning("x %s", "a")
     assert "0 more like it" in caplog.text
+
+
+def test_a_model_no_pool_is_named_after_goes_to_the_first_pool() -> None:
+    other = json.dumps({"model": "other", "prompt": "hi"}).encode()
+    out = run(picker(FakeState([A])), [headers(), body(other)])
+    set_headers = {h.header.key: h.header.raw_value.decode()
+                   for h in out[1].request_body.response.header_mutation.set_headers}
+    assert set_headers["x-model"] == "m"

@@ -275,9 +275,11 @@ class Picker:
             return None, None, None
         # The pool as the router would choose it: the header, else the model if a pool has
         # that name, else the first pool.
-        pool = s.asked_pool or (info.model if self._state.candidates(info.model) is not None
-                                else self._state.default_pool())
+        pool = s.asked_pool or info.model
         candidates = self._state.candidates(pool) if pool else None
+        if candidates is None and not s.asked_pool:
+            pool = self._state.default_pool()
+            candidates = self._state.candidates(pool) if pool else None
         if candidates is None:
             self._count("no_pool")
             return None, None, None

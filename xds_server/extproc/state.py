@@ -91,7 +91,7 @@ class LocalState:
                     pending=self._pending.since(r.address, read_at),
                     ranks=_with_pending(r.address, _local_ranks(
                         r.capacity, r.dp_rank, load.ranks if load else ()),
-                        self._pending, read_at),
+                        self._pending, read_at) if r.capacity > 1 else (),
                 ))
             return out
         return None
@@ -136,8 +136,8 @@ def _local_ranks(capacity: int, dp_rank: int, engines: Iterable[RankLoad]) -> tu
 
 def _with_pending(address: str, ranks: tuple[Rank, ...], pending: PendingPicks,
                   read_at: float) -> tuple[Rank, ...]:
-    return tuple(dataclasses.replace(k, pending=pending.since(_rank_key(address, k.index),
-                                                              read_at)) for k in ranks)
+    return tuple(Rank(k.index, k.running, k.waiting,
+                      pending.since(_rank_key(address, k.index), read_at)) for k in ranks)
 
 
 class RemoteState:
@@ -179,8 +179,9 @@ class RemoteState:
         if members is None:
             return None
         return [
-            dataclasses.replace(c, pending=self._pending.since(c.address, read_at),
-                                ranks=_with_pending(c.address, c.ranks, self._pending, read_at))
+            Candidate(c.address, c.node, c.capacity, c.running, c.waiting,
+                      self._pending.since(c.address, read_at),
+                      _with_pending(c.address, c.ranks, self._pending, read_at) if c.ranks else ())
             for c, read_at in members
         ]
 
