@@ -226,3 +226,35 @@ def test_a_client_cannot_choose_its_replica_while_the_picker_is_down(stack: Stac
         assert set(served) != {target}
     finally:
         stack.picker.start()
+
+
+def test_grpc_health_checks_as_the_protocol_asks(stack: Stack) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{stack.picker.port}") as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        for service in ("liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"):
+            reply = check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as unknown:
+            check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_malformed_message_ends_its_stream_counted_without_a_traceback(stack: Stack) -> None:
+    import grpc
+
+    before = stack.picker.count("malformed")
+    with grpc.insecure_channel(f"127.0.0.1:{stack.picker.port}") as channel:
+        process = channel.stream_stream(
+            "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+            request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw)
+        for _ in range(5):
+            with pytest.raises(grpc.RpcError) as ended:
+                list(process(iter([b"\xff\xff\xff\xff"]), timeout=5))
+            assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert stack.picker.count("malformed") == before + 5
+    log = stack.picker.output()
+    assert "Traceback" not in log
+    assert log.count("a malformed ext_proc message") == 1

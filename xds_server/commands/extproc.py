@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from xds_server import admin
-    from xds_server.extproc.server import Picker, add_to_server, new_server
+    from xds_server.extproc.server import Picker, add_health, add_to_server, new_server
     from xds_server.extproc.state import RemoteState
     from xds_server.metrics import Metrics
     from xds_server.settings import TlsSettings
@@ -85,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         server = new_server()
         add_to_server(server, Picker(state=state, metrics=metrics, settings=settings,
                                      model_header=args.model_header))
+        add_health(server, state.ready.is_set)
         try:
             port = add_port(server, f"{args.host}:{args.port}", tls)
         except RuntimeError as exc:

@@ -38,6 +38,7 @@ from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from envoy.type.v3 import http_status_pb2
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from xds_server.extproc.pick import (
     Candidate,
@@ -64,6 +65,7 @@ from xds_server.xds.resources import (
 log = logging.getLogger(__name__)
 
 _STREAMED = processing_mode_pb2.ProcessingMode.FULL_DUPLEX_STREAMED
+_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 #: A stream with no message for this long is ended: an Envoy's stream lives for one request.
 STREAM_IDLE_S = 600.0
 
@@ -402,7 +404,29 @@ def add_to_server(server: grpc.aio.Server, picker: Picker) -> None:
     handler = grpc.stream_stream_rpc_method_handler(
         picker.Process, request_deserializer=_parse_request, response_serializer=serialize)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
-        "envoy.service.ext_proc.v3.ExternalProcessor", {"Process": handler}),))
+        _SERVICE, {"Process": handler}),))
+
+
+class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """The gRPC health checks the protocol asks of a picker: `liveness` (the process answers),
+    `readiness` and the ext_proc service itself (it has a view of the replicas)."""
+
+    def __init__(self, ready: Callable[[], bool]) -> None:
+        self._ready = ready
+
+    async def Check(self, request: health_pb2.HealthCheckRequest,
+                    context: Any) -> health_pb2.HealthCheckResponse:
+        status = health_pb2.HealthCheckResponse
+        if request.service == "liveness":
+            return status(status=status.SERVING)
+        if request.service in ("", "readiness", _SERVICE):
+            return status(status=status.SERVING if self._ready() else status.NOT_SERVING)
+        await context.abort(grpc.StatusCode.NOT_FOUND, "unknown service")
+        raise AssertionError("abort returns only by raising")
+
+
+def add_health(server: grpc.aio.Server, ready: Callable[[], bool]) -> None:
+    health_pb2_grpc.add_HealthServicer_to_server(Health(ready), server)
 
 
 def new_server(limits: ServerLimits | None = None) -> grpc.aio.Server:
