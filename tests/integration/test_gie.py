@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,6 +170,8 @@ def test_a_client_sent_endpoint_header_is_dropped_before_the_picker(gateway: Gat
 # --- 2. This control plane's pushed ext_proc config with a picker written from the protocol.
 
 SELECT = "test-epp-endpoint-selection"
+DELAY = "test-epp-delay"
+TIMEOUT_S = 2.0
 
 
 class HeaderPicker(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
@@ -176,14 +179,21 @@ class HeaderPicker(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
     `x-gateway-destination-endpoint` header and `envoy.lb` metadata; every other message
     answered with "continue"."""
 
+    def __init__(self) -> None:
+        #: Requests that reached this picker still carrying a client's endpoint header.
+        self.saw_client_endpoint = 0
+
     def Process(self, requests: Iterator[ep.ProcessingRequest],
                 context: grpc.ServicerContext) -> Iterator[ep.ProcessingResponse]:
         for request in requests:
             kind = request.WhichOneof("request")
             if kind == "request_headers":
-                chosen = next((h.raw_value.decode() or h.value
-                               for h in request.request_headers.headers.headers
-                               if h.key == SELECT), "")
+                headers = {h.key: h.raw_value.decode() or h.value
+                           for h in request.request_headers.headers.headers}
+                self.saw_client_endpoint += CHOSEN in headers
+                if DELAY in headers:
+                    time.sleep(float(headers[DELAY]))  # past Envoy's message timeout
+                chosen = headers.get(SELECT, "")
                 common = ep.CommonResponse()
                 metadata = None
                 if chosen:
@@ -207,12 +217,13 @@ class HeaderPicker(ep_grpc.ExternalProcessorServicer):  # type: ignore[misc]
 
 
 class Pushed:
-    def __init__(self, workdir: Path, picker_port: int) -> None:
+    def __init__(self, workdir: Path, picker_port: int, picker: HeaderPicker) -> None:
+        self.picker = picker
         self.sim = Sim(workdir, replicas=3, nodes=3, name="sim2")
         self.cp = ControlPlane(workdir, self.sim.pools, listener_port=free_ports(1)[0],
                                name="cp2",
                                extra=["--extproc-address", f"127.0.0.1:{picker_port}",
-                                      "--extproc-timeout-s", "2"])
+                                      "--extproc-timeout-s", str(TIMEOUT_S)])
         self.envoy = Envoy(workdir, xds_port=self.cp.xds_port, name="envoy2")
 
 
@@ -220,10 +231,11 @@ class Pushed:
 def pushed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Pushed]:
     port = free_ports(1)[0]
     server = grpc.server(concurrent.futures.ThreadPoolExecutor(max_workers=8))
-    ep_grpc.add_ExternalProcessorServicer_to_server(HeaderPicker(), server)
+    picker = HeaderPicker()
+    ep_grpc.add_ExternalProcessorServicer_to_server(picker, server)
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
-    p = Pushed(tmp_path_factory.mktemp("pushed"), port)
+    p = Pushed(tmp_path_factory.mktemp("pushed"), port, picker)
     try:
         with running(p.sim, p.cp, p.envoy):
             wait_for(lambda: post(p.envoy.url).status_code == 200, 20, "routes")
@@ -245,3 +257,15 @@ def test_the_pushed_config_obeys_a_protocol_picker(pushed: Pushed, model_header:
 def test_without_a_pick_the_pushed_config_goes_by_the_weights(pushed: Pushed) -> None:
     served = {post(pushed.envoy.url).headers["x-hybridlb-replica"] for _ in range(30)}
     assert len(served) > 1
+
+
+def test_a_client_cannot_choose_its_replica_when_the_pick_times_out(pushed: Pushed) -> None:
+    target = pushed.sim.addresses[0]
+    served = []
+    for _ in range(5):
+        r = post(pushed.envoy.url, headers={CHOSEN: target, DELAY: str(TIMEOUT_S + 0.5)})
+        assert r.status_code == 200  # failed open ...
+        served.append(r.headers["x-hybridlb-replica"])
+    # ... to the weights, not to the replica the client named, which no picker ever saw.
+    assert set(served) != {target}
+    assert pushed.picker.saw_client_endpoint == 0
