@@ -227,3 +227,22 @@ def test_a_model_no_pool_is_named_after_goes_to_the_first_pool() -> None:
     set_headers = {h.header.key: h.header.raw_value.decode()
                    for h in out[1].request_body.response.header_mutation.set_headers}
     assert set_headers["x-model"] == "m"
+
+
+def test_a_stream_with_no_message_for_the_idle_time_is_ended(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from xds_server.extproc import server
+
+    monkeypatch.setattr(server, "STREAM_IDLE_S", 0.05)
+    p = picker(FakeState([A]))
+
+    async def silent() -> AsyncIterator[ep.ProcessingRequest | None]:
+        await asyncio.Event().wait()  # a peer that opened a stream and sends nothing
+        yield None
+
+    async def collect() -> list[ep.ProcessingResponse]:
+        return [r async for r in p.Process(silent(), FakeContext())]
+
+    assert asyncio.run(asyncio.wait_for(collect(), 5)) == []
+    assert p._metrics.extproc_requests.labels("idle_stream")._value.get() == 1
