@@ -48,3 +48,20 @@ def test_bad_config_says_what_is_wrong(tmp_path: Path, text: str, message: str) 
     config.write_text(text)
     with pytest.raises(SystemExit, match=message):
         settings("--config", str(config))
+
+
+@pytest.mark.parametrize(
+    ("argv", "host"),
+    [
+        (["--extproc-port", "9002"], "127.0.0.1"),
+        (["--extproc-port", "9002", "--extproc-address", "10.1.2.3:9002"], "10.1.2.3"),
+        (["--extproc-port", "9002", "--extproc-address", "[fd00::7]:9002"], "fd00::7"),
+        (["--extproc-port", "9002", "--extproc-address", "10.1.2.3:9002",
+          "--extproc-host", "0.0.0.0"], "0.0.0.0"),
+    ],
+    ids=["default", "from-address", "ipv6", "explicit"],
+)
+def test_the_hosted_picker_binds_where_its_pushed_address_says(
+    argv: list[str], host: str
+) -> None:
+    assert settings("--static", "pools.yaml", *argv).extproc.host == host
