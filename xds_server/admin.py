@@ -39,6 +39,7 @@ def debug_state(
                     "node": r.node,
                     "zone": r.zone,
                     "capacity": r.capacity,
+                    "dp_rank": r.dp_rank,
                     "state": r.state.value,
                     "origin": r.origin,
                     "load": None
@@ -48,6 +49,9 @@ def debug_state(
                         "waiting": load.waiting,
                         "kv_cache_usage": load.kv_cache_usage,
                         "age_s": round(now - load.read_at, 3),
+                        # Per engine (the global DP rank): the picker chooses a rank by them.
+                        "ranks": [{"engine": k.engine, "running": k.running,
+                                   "waiting": k.waiting} for k in load.ranks],
                     },
                     "weight": weights.endpoints.get(r.address) if weights else None,
                     "weight_inputs": _explain(published, pool.name, r.address),

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from xds_server import admin, tls
 from xds_server.addresses import host_port
-from xds_server.extproc.server import Picker, add_to_server
+from xds_server.extproc.server import Picker, add_health, add_to_server, new_server
 from xds_server.extproc.state import LocalState
 from xds_server.metrics import Metrics
 from xds_server.publisher import Publisher
@@ -124,8 +124,9 @@ class App:
         s = self.settings.extproc
         picker = Picker(state=LocalState(self.state), metrics=self.metrics, settings=s.pick,
                         model_header=self.settings.envoy.model_header)
-        server = grpc.aio.server()
+        server = new_server()
         add_to_server(server, picker)
+        add_health(server, self.ready)
         # The same identity as the ADS server: one process, one certificate (and client CA).
         served = self.settings.xds.tls
         try:

@@ -187,7 +187,8 @@ class KubernetesSettings:
 class ExtprocSettings:
     """The endpoint picker hosted inside `serve` (port 0: not hosted)."""
 
-    host: str = "0.0.0.0"
+    #: Where it binds: by default where its pushed address says (`--extproc-address`).
+    host: str = "127.0.0.1"
     port: int = 0
     pick: PickSettings = field(default_factory=PickSettings)
 

@@ -85,8 +85,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield s
 
 
-def complete(url: str, prompt: str = "hello", **kw: object) -> httpx.Response:
-    return httpx.post(url + "/v1/completions", timeout=60,
+def complete(url: str, prompt: str = "hello", headers: dict[str, str] | None = None,
+             **kw: object) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", timeout=60, headers=headers,
                       json={"model": MODEL, "prompt": prompt, "max_tokens": 4, **kw})
 
 
@@ -113,9 +114,11 @@ def test_picker_sends_each_request_to_the_least_loaded_replica(stack: Stack) -> 
         assert not missing, (missing[:2], stack.picker.count("picked") - picked_before,
                              [ln for ln in httpx.get(stack.envoy.admin + "/stats").text
                               .splitlines() if "ext_proc" in ln and not ln.endswith(" 0")])
-        # Envoy sent each request where the picker said (it echoes the pick back) ...
-        assert all(r.headers["x-hybridlb-picked"] == r.headers["x-hybridlb-replica"]
+        # Envoy sent each request where the picker said (it echoes the pick and its
+        # fallbacks back: the first of them) ...
+        assert all(r.headers["x-hybridlb-picked"].split(",")[0] == r.headers["x-hybridlb-replica"]
                    for r in responses)
+        assert all(len(r.headers["x-hybridlb-picked"].split(",")) == 3 for r in responses)
         # ... and the picker said: the replica without a queue.
         assert Counter(r.headers["x-hybridlb-replica"] for r in responses) == Counter({a[2]: 20})
         assert stack.picker.count("picked") >= picked_before + 20
@@ -181,3 +184,77 @@ def test_killed_picker_fails_open_and_picks_resume(stack: Stack) -> None:
         stack.picker.start()
         wait_for(lambda: (burst(5), stack.picker.count("picked") >= 5)[1], 20, "picks again")
     assert failures == []
+
+
+CHOSEN = "x-gateway-destination-endpoint"
+BIG = json.dumps({"model": MODEL, "prompt": "x" * 3_000_000}).encode()
+
+
+@pytest.mark.parametrize(
+    ("content", "headers"),
+    [
+        (b"hello", {"content-type": "text/plain"}),
+        (json.dumps({"model": MODEL, "prompt": "hi"}).encode(), {}),
+        (BIG, {"content-type": "application/json"}),
+    ],
+    ids=["text-plain", "no-content-type", "over-the-buffer-limit"],
+)
+def test_a_client_cannot_choose_its_replica_where_the_picker_passes_through(
+    stack: Stack, content: bytes, headers: dict[str, str]
+) -> None:
+    target = stack.sim.addresses[0]
+    served = []
+    for _ in range(9):
+        r = httpx.post(stack.envoy.url + "/v1/completions", content=content,
+                       headers={**headers, CHOSEN: target}, timeout=60)
+        # The picked route (it echoes the endpoint header) was not taken: the header was
+        # gone before routing, so override_host had nothing to honour.
+        assert "x-hybridlb-picked" not in r.headers, r.headers
+        served.append(r.headers["x-hybridlb-replica"])
+    assert set(served) != {target}
+
+
+def test_a_client_cannot_choose_its_replica_while_the_picker_is_down(stack: Stack) -> None:
+    target = stack.sim.addresses[0]
+    stack.picker.stop(signal.SIGKILL)
+    try:
+        served = []
+        for _ in range(9):
+            r = complete(stack.envoy.url, headers={CHOSEN: target})
+            assert "x-hybridlb-picked" not in r.headers, r.headers
+            served.append(r.headers["x-hybridlb-replica"])
+        assert set(served) != {target}
+    finally:
+        stack.picker.start()
+
+
+def test_grpc_health_checks_as_the_protocol_asks(stack: Stack) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(f"127.0.0.1:{stack.picker.port}") as channel:
+        check = health_pb2_grpc.HealthStub(channel).Check
+        for service in ("liveness", "readiness", "envoy.service.ext_proc.v3.ExternalProcessor"):
+            reply = check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as unknown:
+            check(health_pb2.HealthCheckRequest(service="nope"), timeout=5)
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_malformed_message_ends_its_stream_counted_without_a_traceback(stack: Stack) -> None:
+    import grpc
+
+    before = stack.picker.count("malformed")
+    with grpc.insecure_channel(f"127.0.0.1:{stack.picker.port}") as channel:
+        process = channel.stream_stream(
+            "/envoy.service.ext_proc.v3.ExternalProcessor/Process",
+            request_serializer=lambda raw: raw, response_deserializer=lambda raw: raw)
+        for _ in range(5):
+            with pytest.raises(grpc.RpcError) as ended:
+                list(process(iter([b"\xff\xff\xff\xff"]), timeout=5))
+            assert ended.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert stack.picker.count("malformed") == before + 5
+    log = stack.picker.output()
+    assert "Traceback" not in log
+    assert log.count("a malformed ext_proc message") == 1

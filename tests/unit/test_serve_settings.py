@@ -75,3 +75,20 @@ def test_guard_settings_that_cannot_work_end_serve_with_a_message(
 def test_a_pod_ip_of_either_family_is_a_bind_address_grpc_takes(host: str, address: str) -> None:
     """The deploy binds `$(POD_IP)`: an IPv6 pod IP needs brackets before the port."""
     assert host_port(host, 18000) == address
+
+
+@pytest.mark.parametrize(
+    ("argv", "host"),
+    [
+        (["--extproc-port", "9002"], "127.0.0.1"),
+        (["--extproc-port", "9002", "--extproc-address", "10.1.2.3:9002"], "10.1.2.3"),
+        (["--extproc-port", "9002", "--extproc-address", "[fd00::7]:9002"], "fd00::7"),
+        (["--extproc-port", "9002", "--extproc-address", "10.1.2.3:9002",
+          "--extproc-host", "0.0.0.0"], "0.0.0.0"),
+    ],
+    ids=["default", "from-address", "ipv6", "explicit"],
+)
+def test_the_hosted_picker_binds_where_its_pushed_address_says(
+    argv: list[str], host: str
+) -> None:
+    assert settings("--static", "pools.yaml", *argv).extproc.host == host

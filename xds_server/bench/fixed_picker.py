@@ -16,7 +16,7 @@ import sys
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
 from xds_server.extproc.pick import PickSettings
-from xds_server.extproc.server import Picker, add_to_server
+from xds_server.extproc.server import Picker, StreamState, add_to_server
 from xds_server.extproc.state import RemoteState
 from xds_server.metrics import Metrics
 
@@ -24,13 +24,11 @@ from xds_server.metrics import Metrics
 class ReplayingPicker(Picker):
     """The real picker's first pick, then the same answer without looking at the body."""
 
-    _answer: ep.ProcessingResponse | None = None
+    _answer: list[ep.ProcessingResponse] | None = None
 
-    def _on_body(
-        self, body: ep.HttpBody, content_type: str, asked_pool: str, node: str
-    ) -> ep.ProcessingResponse:
+    def _on_body(self, body: ep.HttpBody, s: StreamState) -> list[ep.ProcessingResponse]:
         if self._answer is None:
-            self._answer = super()._on_body(body, content_type, asked_pool, node)
+            self._answer = super()._on_body(body, s)
         return self._answer
 
 

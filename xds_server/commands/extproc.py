@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, default=9002, help="gRPC port (default 9002)")
-    parser.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind; in a pod, its IP or 0.0.0.0 (default 127.0.0.1)")
     parser.add_argument("--control-plane", default="http://127.0.0.1:18080",
                         help="the control plane's admin URL, whose /debug/state is followed "
                         "(default http://127.0.0.1:18080)")
@@ -52,14 +53,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"(default {d.locality_bonus})")
     parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
                         help=f"larger bodies are not parsed (default {d.max_body_bytes})")
+    parser.add_argument("--fallbacks", type=int, default=d.fallbacks,
+                        help=f"endpoints named after the pick for the proxy to fall back to "
+                        f"(default {d.fallbacks})")
+    parser.add_argument("--max-queue", type=int, default=d.max_queue,
+                        help="answer 429 when every candidate has more waiting requests than "
+                        "this (default 0: never)")
 
 
 def run(args: argparse.Namespace) -> int:
-    import grpc
     from aiohttp import web
 
     from xds_server import admin
-    from xds_server.extproc.server import Picker, add_to_server
+    from xds_server.extproc.server import Picker, add_health, add_to_server, new_server
     from xds_server.extproc.state import RemoteState
     from xds_server.metrics import Metrics
     from xds_server.settings import TlsSettings
@@ -70,14 +76,16 @@ def run(args: argparse.Namespace) -> int:
 
     settings = PickSettings(max_num_seqs=args.max_num_seqs, affinity_bonus=args.affinity_bonus,
                             locality_bonus=args.locality_bonus,
-                            max_body_bytes=args.max_body_bytes)
+                            max_body_bytes=args.max_body_bytes, fallbacks=args.fallbacks,
+                            max_queue=args.max_queue)
 
     async def main() -> None:
         metrics = Metrics()
         state = RemoteState(args.control_plane, args.poll_interval_s)
-        server = grpc.aio.server()
+        server = new_server()
         add_to_server(server, Picker(state=state, metrics=metrics, settings=settings,
                                      model_header=args.model_header))
+        add_health(server, state.ready.is_set)
         try:
             port = add_port(server, f"{args.host}:{args.port}", tls)
         except RuntimeError as exc:

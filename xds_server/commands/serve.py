@@ -183,6 +183,14 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
     "extproc-port": (int, ExtprocSettings.port,
                      "host the ext_proc endpoint picker in this process on this port "
                      "(0: not hosted)"),
+    "extproc-host": (str, None, "address the hosted picker binds (default: the host of "
+                     "--extproc-address, else 127.0.0.1)"),
+    "extproc-fallbacks": (int, PickSettings.fallbacks,
+                          "endpoints the picker names after its pick, for Envoy to fall "
+                          "back to"),
+    "extproc-max-queue": (int, PickSettings.max_queue,
+                          "the picker answers 429 when every candidate has more waiting "
+                          "requests than this (0: never)"),
     "extproc-address": (str, EnvoySettings.extproc_address,
                         "HOST:PORT where Envoys reach the endpoint picker; adds the ext_proc "
                         "filter (default with --extproc-port: 127.0.0.1:PORT)"),
@@ -299,10 +307,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         hybrid=_checked(HybridSettings, "hybrid routing", room_threshold=get("room-threshold"),
                         keep_step=get("keep-step"), local_first=get("local-first")),
         extproc=ExtprocSettings(
+            host=get("extproc-host") or _host_of(get("extproc-address")) or "127.0.0.1",
             port=get("extproc-port"),
             pick=PickSettings(max_num_seqs=get("max-num-seqs"),
                               waiting_factor=get("waiting-factor"),
-                              room_threshold=get("room-threshold")),
+                              room_threshold=get("room-threshold"),
+                              fallbacks=get("extproc-fallbacks"),
+                              max_queue=get("extproc-max-queue")),
         ),
     ))
 
@@ -377,6 +388,12 @@ def _lb_policy(value: str) -> Literal["least_request", "round_robin"]:
 
 
 _T = TypeVar("_T")
+
+
+def _host_of(address: str) -> str:
+    """The host of HOST:PORT (brackets of an IPv6 address dropped), or ""."""
+    host, _, _ = (address or "").rpartition(":")
+    return host.strip("[]")
 
 
 def _checked(kind: Callable[..., _T], what: str, **values: Any) -> _T:

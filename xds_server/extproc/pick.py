@@ -41,6 +41,12 @@ class PickSettings:
     #: Below Envoy's per-connection buffer limit (1 MiB), which the picker asks Envoy to
     #: buffer bodies of this size or less in.
     max_body_bytes: int = 1_000_000
+    #: Endpoints named after the pick, in order, for the proxy to try when the first fails
+    #: (the protocol's fallback list; Envoy goes down it on retries).
+    fallbacks: int = 2
+    #: A request finds every candidate with more than this many waiting requests: it is
+    #: refused with 429 instead of queued (0: never refused).
+    max_queue: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,19 @@ class Candidate:
     address: str
     node: str
     capacity: int
+    running: float
+    waiting: float
+    pending: int = 0
+    #: Per-rank loads behind a hybrid-mode server, by LOCAL rank index (0..capacity-1);
+    #: empty where the server's engines are not known one by one.
+    ranks: tuple[Rank, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rank:
+    """One engine of a replica as the picker sees it: its local index and its load."""
+
+    index: int
     running: float
     waiting: float
     pending: int = 0
@@ -142,3 +161,42 @@ def pick(
         if best is None or key < best:
             best, chosen = key, c
     return chosen
+
+
+def ranked(
+    candidates: list[Candidate],
+    *,
+    prefix_owner: str | None,
+    envoy_node: str,
+    settings: PickSettings,
+) -> list[Candidate]:
+    """The pick first, then up to `settings.fallbacks` more, each the pick among the rest."""
+    left = list(candidates)
+    out: list[Candidate] = []
+    while left and len(out) <= settings.fallbacks:
+        chosen = pick(left, prefix_owner=prefix_owner, envoy_node=envoy_node, settings=settings)
+        if chosen is None:
+            break
+        out.append(chosen)
+        left.remove(chosen)
+    return out
+
+
+def in_subset(candidates: list[Candidate], subset: frozenset[str]) -> list[Candidate]:
+    """The candidates the proxy allows (the protocol's subset hint)."""
+    return [c for c in candidates if c.address in subset]
+
+
+def all_queued(candidates: list[Candidate], settings: PickSettings) -> bool:
+    """True when every candidate has more than `max_queue` waiting (and the bound is on)."""
+    return settings.max_queue > 0 and all(c.waiting > settings.max_queue for c in candidates)
+
+
+def least_loaded_rank(c: Candidate, settings: PickSettings) -> int | None:
+    """The local index of the replica's least-loaded rank (ties: the lowest index); None
+    when its ranks are not known one by one."""
+    if not c.ranks:
+        return None
+    best = min(c.ranks, key=lambda r: (
+        r.running + settings.waiting_factor * r.waiting + r.pending, r.index))
+    return best.index

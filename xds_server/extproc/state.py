@@ -8,15 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import dataclasses
 import json
 import logging
 import time
 import urllib.request
 from collections import OrderedDict, deque
+from collections.abc import Iterable
 from typing import Any, Protocol
 
-from xds_server.extproc.pick import Candidate
-from xds_server.model import ReplicaState
+from xds_server.extproc.pick import Candidate, Rank
+from xds_server.model import RankLoad, ReplicaState
 from xds_server.state import State
 
 log = logging.getLogger(__name__)
@@ -29,7 +31,10 @@ class PickerState(Protocol):
     def default_pool(self) -> str:
         """The pool requests naming none go to (the first), or "" with no pools."""
 
-    def note_pick(self, address: str) -> None: ...
+    def note_pick(self, address: str, rank: int | None = None) -> None: ...
+
+    def note_served(self, picked: str, served: str) -> None:
+        """The proxy reports that `served` took the request picked for `picked`."""
 
 
 class PendingPicks:
@@ -41,6 +46,13 @@ class PendingPicks:
 
     def add(self, address: str, now: float | None = None) -> None:
         self._picks.setdefault(address, deque()).append(time.time() if now is None else now)
+
+    def move(self, src: str, dst: str) -> None:
+        """The latest pick of `src` went to `dst` instead (the proxy's fallback)."""
+        picks = self._picks.get(src)
+        if picks:
+            picks.pop()
+        self.add(dst)
 
     def since(self, address: str, read_at: float, now: float | None = None) -> int:
         picks = self._picks.get(address)
@@ -77,6 +89,9 @@ class LocalState:
                     running=load.running if load else 0.0,
                     waiting=load.waiting if load else 0.0,
                     pending=self._pending.since(r.address, read_at),
+                    ranks=_with_pending(r.address, _local_ranks(
+                        r.capacity, r.dp_rank, load.ranks if load else ()),
+                        self._pending, read_at) if r.capacity > 1 else (),
                 ))
             return out
         return None
@@ -85,8 +100,44 @@ class LocalState:
         pools = self._state.pools
         return pools[0].name if pools else ""
 
-    def note_pick(self, address: str) -> None:
-        self._pending.add(address)
+    def note_pick(self, address: str, rank: int | None = None) -> None:
+        _note(self._pending, address, rank)
+
+    def note_served(self, picked: str, served: str) -> None:
+        self._pending.move(picked, served)
+
+
+def _note(pending: PendingPicks, address: str, rank: int | None) -> None:
+    pending.add(address)
+    if rank is not None:
+        pending.add(_rank_key(address, rank))
+
+
+def _rank_key(address: str, rank: int) -> str:
+    return f"{address}#{rank}"
+
+
+def _local_ranks(capacity: int, dp_rank: int, engines: Iterable[RankLoad]) -> tuple[Rank, ...]:
+    """A hybrid-mode replica's engines by LOCAL index: vLLM's `engine` label is the global DP
+    rank, X-data-parallel-rank takes the index among the server's own ranks (0..ranks-1).
+    Only when every rank has a reading: a partial view would herd onto the ranks it shows."""
+    if capacity <= 1:
+        return ()
+    out = []
+    for e in engines:
+        try:
+            index = int(e.engine) - dp_rank
+        except ValueError:
+            return ()
+        if 0 <= index < capacity:
+            out.append(Rank(index, e.running, e.waiting))
+    return tuple(sorted(out, key=lambda k: k.index)) if len(out) == capacity else ()
+
+
+def _with_pending(address: str, ranks: tuple[Rank, ...], pending: PendingPicks,
+                  read_at: float) -> tuple[Rank, ...]:
+    return tuple(Rank(k.index, k.running, k.waiting,
+                      pending.since(_rank_key(address, k.index), read_at)) for k in ranks)
 
 
 class RemoteState:
@@ -129,7 +180,8 @@ class RemoteState:
             return None
         return [
             Candidate(c.address, c.node, c.capacity, c.running, c.waiting,
-                      self._pending.since(c.address, read_at))
+                      self._pending.since(c.address, read_at),
+                      _with_pending(c.address, c.ranks, self._pending, read_at) if c.ranks else ())
             for c, read_at in members
         ]
 
@@ -145,14 +197,18 @@ class RemoteState:
             "pools": [
                 {"name": name, "replicas": [
                     {"address": c.address, "node": c.node, "capacity": c.capacity,
-                     "running": c.running, "waiting": c.waiting, "pending": c.pending}
+                     "running": c.running, "waiting": c.waiting, "pending": c.pending,
+                     "ranks": [dataclasses.asdict(k) for k in c.ranks]}
                     for c in self.candidates(name) or ()]}
                 for name in self._pools
             ],
         }
 
-    def note_pick(self, address: str) -> None:
-        self._pending.add(address)
+    def note_pick(self, address: str, rank: int | None = None) -> None:
+        _note(self._pending, address, rank)
+
+    def note_served(self, picked: str, served: str) -> None:
+        self._pending.move(picked, served)
 
 
 def _parse(doc: dict[str, Any]) -> dict[str, list[tuple[Candidate, float]]]:
@@ -165,9 +221,13 @@ def _parse(doc: dict[str, Any]) -> dict[str, list[tuple[Candidate, float]]]:
                 continue
             load = r.get("load") or {}
             read_at = now - float(load["age_s"]) if "age_s" in load else 0.0
+            capacity = int(r["capacity"])
+            engines = (RankLoad(str(k["engine"]), float(k["running"]), float(k["waiting"]))
+                       for k in load.get("ranks", ()))
             members.append((Candidate(
-                address=r["address"], node=r["node"], capacity=int(r["capacity"]),
+                address=r["address"], node=r["node"], capacity=capacity,
                 running=float(load.get("running", 0.0)), waiting=float(load.get("waiting", 0.0)),
+                ranks=_local_ranks(capacity, int(r.get("dp_rank", 0)), engines),
             ), read_at))
         pools[pool["name"]] = members
     return pools

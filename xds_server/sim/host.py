@@ -56,8 +56,10 @@ def node_name(index: int) -> str:
     return f"node-{name}"
 
 
-def pools_yaml(*, pool_name: str, addresses: list[str], nodes: int, capacity: int) -> str:
-    """The static pool file for `hybridlb serve`: replicas round-robin over the nodes."""
+def pools_yaml(*, pool_name: str, addresses: list[str], nodes: int, capacity: int,
+               dp_ranks: list[int] | None = None) -> str:
+    """The static pool file for `hybridlb serve`: replicas round-robin over the nodes, each
+    with the first global rank it fronts (`dp_rank`) when it fronts several."""
     lines = ["pools:", f"  - name: {pool_name}", "    replicas:"]
     for index, address in enumerate(addresses):
         lines += [
@@ -65,6 +67,8 @@ def pools_yaml(*, pool_name: str, addresses: list[str], nodes: int, capacity: in
             f"        node: {node_name(index % max(1, nodes))}",
             f"        capacity: {capacity}",
         ]
+        if dp_ranks is not None and capacity > 1:
+            lines.append(f"        dp_rank: {dp_ranks[index]}")
     return "\n".join(lines) + "\n"
 
 
@@ -107,6 +111,7 @@ class SimHost:
                     addresses=[server.address for server in self.servers],
                     nodes=self.settings.nodes,
                     capacity=self.settings.server.num_ranks,
+                    dp_ranks=[server.runners[0].global_rank for server in self.servers],
                 )
             )
             partial.replace(target)

@@ -36,7 +36,7 @@ SOURCE = "static"
 _POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _POOL_KEYS = {"name", "replicas"}
-_REPLICA_KEYS = {"address", "node", "capacity", "zone"}
+_REPLICA_KEYS = {"address", "node", "capacity", "zone", "dp_rank"}
 
 
 class PoolFileError(ValueError):
@@ -111,7 +111,11 @@ def _parse_replica(raw: Any, where: str, origin: str) -> Replica:
     zone = raw.get("zone", "")
     if not isinstance(zone, str):
         raise PoolFileError(f"{where}.zone: {zone!r} is not a string")
-    return Replica(host=host, port=port, node=node, capacity=capacity, zone=zone, origin=origin)
+    dp_rank = raw.get("dp_rank", 0)
+    if not isinstance(dp_rank, int) or isinstance(dp_rank, bool) or dp_rank < 0:
+        raise PoolFileError(f"{where}.dp_rank: {dp_rank!r} is not an integer >= 0")
+    return Replica(host=host, port=port, node=node, capacity=capacity, zone=zone, origin=origin,
+                   dp_rank=dp_rank)
 
 
 class StaticFileSource:

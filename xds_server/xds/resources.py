@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from envoy.config.accesslog.v3 import accesslog_pb2
 from envoy.config.cluster.v3 import cluster_pb2, outlier_detection_pb2
+from envoy.config.common.mutation_rules.v3 import mutation_rules_pb2
 from envoy.config.core.v3 import (
     address_pb2,
     base_pb2,
@@ -38,6 +39,7 @@ from envoy.config.listener.v3 import listener_components_pb2, listener_pb2
 from envoy.config.route.v3 import route_components_pb2, route_pb2
 from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
 from envoy.extensions.filters.http.ext_proc.v3 import ext_proc_pb2, processing_mode_pb2
+from envoy.extensions.filters.http.header_mutation.v3 import header_mutation_pb2
 from envoy.extensions.filters.http.header_to_metadata.v3 import header_to_metadata_pb2
 from envoy.extensions.filters.http.router.v3 import router_pb2
 from envoy.extensions.filters.network.http_connection_manager.v3 import (
@@ -67,6 +69,13 @@ ROUTE_CONFIG_NAME = "hybridlb_routes"
 LB_NS = "envoy.lb"
 #: The Gateway API Inference Extension's name for the picked endpoint (header and metadata).
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
+#: The protocol's report of the endpoint that served (`envoy.lb` metadata on the response).
+SERVED_KEY = "x-gateway-destination-endpoint-served"
+#: The protocol's subset hint: filter metadata namespace and key (a list of `ip:port`).
+SUBSET_NS = "envoy.lb.subset_hint"
+SUBSET_KEY = "x-gateway-destination-endpoint-subset"
+#: vLLM's header that sends a request to one local DP rank of a hybrid-mode server.
+RANK_HEADER = "x-data-parallel-rank"
 #: gRPC metadata on the ext_proc stream naming the asking Envoy's node (the picker reads it).
 PICKER_NODE_METADATA = "x-hybridlb-node"
 EXTPROC_CLUSTER = "hybridlb_extproc"
@@ -556,6 +565,17 @@ def build_route_config(
     )
 
 
+def _strip_filter() -> hcm_pb2.HttpFilter:
+    """First in the chain: the endpoint headers a client sends are dropped, so only the picker
+    names a replica (override_host reads the header), also when the picker passes a request
+    through, times out or is down."""
+    config = header_mutation_pb2.HeaderMutation(mutations=header_mutation_pb2.Mutations(
+        request_mutations=[mutation_rules_pb2.HeaderMutation(remove=name)
+                           for name in (DESTINATION_HEADER, SERVED_KEY, SUBSET_KEY)]))
+    return hcm_pb2.HttpFilter(name="envoy.filters.http.header_mutation",
+                              typed_config=_any(config))
+
+
 def _pin_filter(settings: EnvoySettings) -> hcm_pb2.HttpFilter:
     """Copies `x-hybridlb-node` into the `envoy.lb` metadata the pinned subsets match on."""
     rule = header_to_metadata_pb2.Config.Rule(
@@ -642,6 +662,7 @@ def build_listener(view: View, settings: EnvoySettings) -> listener_pb2.Listener
         codec_type=hcm_pb2.HttpConnectionManager.AUTO,
         rds=hcm_pb2.Rds(config_source=_ads(), route_config_name=ROUTE_CONFIG_NAME),
         http_filters=[
+            _strip_filter(),
             _pin_filter(settings),
             *([_extproc_filter(view, settings)] if settings.extproc_address else []),
             hcm_pb2.HttpFilter(
