@@ -25,6 +25,78 @@ BODIES = {
 KIND = web.AppKey("kind", str)
 
 
+def errors(metrics: Metrics, reason: str) -> float:
+    value = metrics.registry.get_sample_value(
+        "hybridlb_load_errors_total", {"source": "scrape", "reason": reason})
+    return value or 0.0
+
+
+def large_body(engines: int = 8) -> bytes:
+    """What a hybrid-mode vLLM with `engines` ranks writes: histograms first (hundreds of
+    KB), the load gauges at the very end."""
+    lines = ["# TYPE vllm:time_to_first_token_seconds histogram"]
+    for engine in range(engines):
+        for i in range(400):
+            lines.append(f'vllm:time_to_first_token_seconds_bucket{{engine="{engine}",'
+                         f'le="{i / 10}",model_name="Qwen/Qwen3-0.6B"}} {i}')
+    for engine in range(engines):
+        lines.append(f'vllm:num_requests_running{{engine="{engine}"}} {engine}')
+        lines.append(f'vllm:num_requests_waiting{{engine="{engine}"}} 1')
+    return ("\n".join(lines) + "\n").encode()
+
+
+@pytest.fixture
+async def chunked() -> AsyncIterator[Replica]:
+    """A /metrics sent in small chunks, paced, so that the client's buffer never holds it
+    all at once."""
+    body = large_body()
+
+    async def metrics(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/plain"})
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(body), 4096):
+            await response.write(body[start:start + 4096])
+            await asyncio.sleep(0)  # let each chunk go out on its own
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield Replica("127.0.0.1", runner.addresses[0][1], "n", capacity=8, origin="chunked")
+    await runner.cleanup()
+
+
+async def test_every_engine_of_a_large_chunked_metrics_body_is_read(chunked: Replica) -> None:
+    assert len(large_body()) > 240 * 1024
+    metrics = Metrics()
+    scraper = Scraper(metrics=metrics, timeout_s=5.0)
+    try:
+        loads = await scraper.scrape([chunked])
+    finally:
+        await scraper.close()
+    load = loads[chunked.address]
+    assert len(load.ranks) == 8
+    assert (load.running, load.waiting) == (sum(range(8)), 8)
+
+
+async def test_a_body_over_the_cap_is_an_error_and_counted(
+    chunked: Replica, caplog: pytest.LogCaptureFixture
+) -> None:
+    metrics = Metrics()
+    scraper = Scraper(metrics=metrics, timeout_s=5.0, max_body_bytes=100_000)
+    try:
+        assert await scraper.scrape([chunked]) == {}
+    finally:
+        await scraper.close()
+    assert errors(metrics, "too_large") == 1
+    assert any("over the 100000 byte limit" in r.getMessage() for r in caplog.records)
+
+
 @pytest.fixture
 async def servers() -> AsyncIterator[dict[str, Replica]]:
     async def metrics(request: web.Request) -> web.Response:
@@ -67,10 +139,23 @@ async def test_each_bad_replica_fails_alone_and_is_counted(
         (2.0, 1.0)
     assert set(again) == set(loads)
     for reason, count in {"parse": 4, "timeout": 1, "http": 1}.items():
-        assert metrics.registry.get_sample_value(
-            "hybridlb_load_errors_total", {"source": "scrape", "reason": reason}) == 2 * count, \
-            reason
+        assert errors(metrics, reason) == 2 * count, reason
     # One warning per failing replica, not one per scrape.
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 6
     assert any("timed out" in r.getMessage() for r in warnings)
+
+
+async def test_failures_of_replicas_that_are_gone_are_forgotten(
+    servers: dict[str, Replica], caplog: pytest.LogCaptureFixture
+) -> None:
+    scraper = Scraper(metrics=Metrics(), timeout_s=0.3)
+    try:
+        await scraper.scrape([servers["500"]])
+        scraper.forget([servers["good"].address])
+        # Had its failure been kept, the same failure would not be logged again.
+        caplog.clear()
+        await scraper.scrape([servers["500"]])
+    finally:
+        await scraper.close()
+    assert [r.getMessage() for r in caplog.records if "http 500" in r.getMessage()]

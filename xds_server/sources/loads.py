@@ -60,6 +60,7 @@ class LoadLoop:
     async def collect_once(self) -> dict[str, Load]:
         replicas = [r for p in self._state.pools for r in p.replicas
                     if r.state is ReplicaState.READY]
+        self._scraper.forget(r.address for r in replicas)
         mode = self._settings.mode
         loads: dict[str, Load] = {}
         from_prometheus = 0

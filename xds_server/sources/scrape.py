@@ -3,6 +3,9 @@
 Bounded concurrency and a timeout per replica; a hybrid-mode API server's per-rank series
 (`engine` label) are summed into its replica. A replica whose /metrics fails keeps its last
 reading, which then ages: staleness is the policy's input, not a verdict here.
+
+The body is read to its end under a size cap: vLLM writes the load gauges after hundreds of
+KB of histograms (8 DP engines), so a partial read would drop engines without an error.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ class Scraper:
                     if response.status != 200:
                         self._fail(replica, f"http {response.status}", "http")
                         return None
-                    body = await response.content.read(self._max_body_bytes + 1)
+                    body = await _read_capped(response, self._max_body_bytes)
                     read_at = time.time()
             except TimeoutError:
                 self._fail(replica, "timed out", "timeout")
@@ -87,8 +90,9 @@ class Scraper:
             except aiohttp.ClientError as exc:
                 self._fail(replica, f"{type(exc).__name__}: {exc}", "connect")
                 return None
-        if len(body) > self._max_body_bytes:
-            self._fail(replica, "body over the size limit", "too_large")
+        if body is None:
+            self._fail(replica, f"/metrics body over the {self._max_body_bytes} byte limit",
+                       "too_large")
             return None
         try:
             ranks = parse_rank_loads(body.decode("utf-8", errors="replace"))
@@ -100,6 +104,11 @@ class Scraper:
             del self._failing[replica.address]
         return combine(ranks, read_at)
 
+    def forget(self, live: Iterable[str]) -> None:
+        """Drop the failure memory of replicas that are gone (called with every live address)."""
+        keep = set(live)
+        self._failing = {a: why for a, why in self._failing.items() if a in keep}
+
     def _fail(self, replica: Replica, why: str, reason: str) -> None:
         self._metrics.load_errors.labels(SOURCE, reason).inc()
         if self._failing.get(replica.address) != why:
@@ -107,3 +116,18 @@ class Scraper:
                         replica.address, replica.origin or replica.node, why)
             self._failing[replica.address] = why
         return None
+
+
+async def _read_capped(response: aiohttp.ClientResponse, limit: int) -> bytes | None:
+    """The whole body, or None once it is longer than `limit` (the rest is not read)."""
+    if response.content_length is not None and response.content_length > limit:
+        return None
+    chunks: list[bytes] = []
+    size = 0
+    # `read(n)` returns what is buffered (at most n), not n bytes: read until EOF.
+    while chunk := await response.content.read(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            return None
+        chunks.append(chunk)
+    return b"".join(chunks)
