@@ -79,9 +79,11 @@ class Publisher:
         seen = -1
         while True:
             if self._state.version == seen and self._cache.ready:
-                timeout = None
+                # No change still re-decides now and then: staleness is judged at decide time.
+                timeout = self._policy.decide_interval_s
                 if self._lingering:
-                    timeout = max(0.0, min(self._lingering.values()) - time.time()) + 0.01
+                    timeout = min(timeout, max(0.0, min(self._lingering.values()) - time.time())
+                                  + 0.01)
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(timeout):
                         await self._state.wait_change(seen)

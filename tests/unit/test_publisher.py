@@ -1,8 +1,12 @@
-"""The publisher: a reading that moves no published weight builds nothing, yet is explained."""
+"""The publisher: a reading that moves no published weight builds nothing, yet is explained;
+loads that stop arriving go stale on time."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
+from collections.abc import Callable, Mapping
 
 from xds_server.metrics import Metrics
 from xds_server.model import Load, Pool, Replica
@@ -31,3 +35,46 @@ def test_a_reading_inside_the_deadband_builds_nothing_but_is_explained() -> None
     state.set_loads({A.address: Load(running=50, waiting=0, read_at=time.time())})
     assert publisher.publish_now()
     assert cache.version == version + 1
+
+
+async def test_weights_go_to_capacity_and_the_age_grows_when_loads_stop_arriving() -> None:
+    state, cache, metrics = State(), SnapshotCache(), Metrics()
+    publisher = Publisher(
+        state=state, cache=cache, metrics=metrics, settings=EnvoySettings(),
+        policy=PolicySettings(max_num_seqs=10, stale_after_s=0.3, smoothing_s=0,
+                              max_step_per_s=0, deadband=0, decide_interval_s=0.05),
+        debounce_s=0)
+    busy = Replica("10.0.0.2", 8000, "node-b")
+    state.set_pools("test", [Pool("p", (A, busy))])
+    state.set_loads({A.address: Load(running=0, waiting=0, read_at=time.time()),
+                     busy.address: Load(running=10, waiting=5, read_at=time.time())})
+    task = asyncio.create_task(publisher.run())
+
+    def weights() -> Mapping[str, int]:
+        published = publisher.published.weights.get("p")
+        return published.endpoints if published else {}
+
+    def age() -> float:
+        return metrics.registry.get_sample_value(
+            "hybridlb_load_age_seconds", {"pool": "p", "replica": busy.address}) or 0.0
+
+    try:
+        await until(lambda: weights().get(busy.address) == 2, "the saturated replica's weight")
+        # No reading arrives any more: past twice stale_after_s, no load is known and every
+        # replica weighs its capacity; the exported age is the age now, not at the read.
+        await until(lambda: weights() == {A.address: 100, busy.address: 100}, "equal weights")
+        await until(lambda: age() > 0.6, "the load's age past twice stale_after_s")
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 10.0) -> None:
+    """Wait (without blocking the loop) until `predicate` holds; a bound, not an assertion."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not predicate():
+        if loop.time() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)

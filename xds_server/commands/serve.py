@@ -164,6 +164,9 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
                  "smallest weight change worth a push, as a share of capacity weight"),
     "min-share": (float, PolicySettings.min_share,
                   "share of its capacity weight a saturated replica keeps"),
+    "decide-interval-s": (float, PolicySettings.decide_interval_s,
+                          "weights are decided again at least this often without a new "
+                          "reading, so that loads that stop arriving go stale on time"),
     "room-threshold": (float, HybridSettings.room_threshold,
                        "utilization up to which a node keeps all its Envoy's requests; lower "
                        "spills earlier (flatter queues, more cross-node hops)"),
@@ -302,7 +305,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             max_num_seqs=get("max-num-seqs"), waiting_factor=get("waiting-factor"),
             stale_after_s=get("stale-after-s"), smoothing_s=get("smoothing-s"),
             max_step_per_s=get("max-step-per-s"), deadband=get("deadband"),
-            min_share=get("min-share"),
+            min_share=get("min-share"), decide_interval_s=get("decide-interval-s"),
         ),
         hybrid=_checked(HybridSettings, "hybrid routing", room_threshold=get("room-threshold"),
                         keep_step=get("keep-step"), local_first=get("local-first")),

@@ -61,6 +61,9 @@ class PolicySettings:
     min_share: float = 0.02
     #: Published weights are multiples of this.
     quantum: int = 1
+    #: Weights are decided again at least this often, even when no reading arrives: a
+    #: reading's age is judged when deciding, so loads that stop coming go stale on time.
+    decide_interval_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -71,6 +74,8 @@ class PolicySettings:
             raise ValueError("waiting_factor, smoothing_s must be >= 0; stale_after_s > 0")
         if self.max_step_per_s < 0 or self.deadband < 0 or self.quantum < 1:
             raise ValueError("max_step_per_s and deadband must be >= 0, quantum >= 1")
+        if self.decide_interval_s <= 0:
+            raise ValueError("decide_interval_s must be > 0")
 
 
 UNDAMPED = PolicySettings(smoothing_s=0.0, max_step_per_s=0.0, deadband=0.0)
