@@ -11,13 +11,15 @@ to a real cluster. It implements what discovery relies on:
   since; a version older than the compaction point gets an ERROR event carrying a 410
   `Expired` Status, as the real server sends it; a pod that stops (or starts) matching the
   selector is DELETED (ADDED) for that watch; `timeoutSeconds` ends the stream cleanly;
-- bearer-token authentication, so a test proves the kubeconfig is what the client used.
+- bearer-token authentication, so a test proves the kubeconfig is what the client used;
+- RBAC refusals: a namespace can be forbidden, and is then answered 403 with the Status the
+  real server sends (its message names the user, the verb, the resource and the namespace).
 
 Tests drive it from any thread: `create`, `update`, `terminate` (sets deletionTimestamp),
 `delete`, `compact`, `expire_watches`, `drop_watches`, `hold_watches`/`release_watches`
-(an outage during which the client misses changes), `bookmark`, `fail_next`. The server
-runs its own event loop in a thread; every operation runs on that loop, so the pods, the
-history and the open watches always agree.
+(an outage during which the client misses changes), `bookmark`, `fail_next`,
+`forbid`/`allow`. The server runs its own event loop in a thread; every operation runs on
+that loop, so the pods, the history and the open watches always agree.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import yaml
 from aiohttp import web
 
 TOKEN = "fake-token"
+USER = "system:serviceaccount:hybridlb:hybridlb"
 Pod = dict[str, Any]
 
 
@@ -178,6 +181,7 @@ class FakeKube:
         self._snapshots: dict[str, list[Pod]] = {}
         self._snapshot_rv: dict[str, int] = {}
         self._failures: list[int] = []
+        self._forbidden: set[str] = set()  # namespaces; "" forbids the cluster-wide requests
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -329,6 +333,13 @@ class FakeKube:
         """Answer the next requests with these HTTP error codes (a flaky API server)."""
         self._call(lambda: self._failures.extend(codes))
 
+    def forbid(self, namespace: str) -> None:
+        """RBAC grants nothing in `namespace` ("": nothing cluster-wide) from now on."""
+        self._call(lambda: self._forbidden.add(namespace))
+
+    def allow(self, namespace: str) -> None:
+        self._call(lambda: self._forbidden.discard(namespace))
+
     def open_watches(self) -> int:
         return int(self._call(lambda: len(self._watches)))
 
@@ -370,6 +381,13 @@ class FakeKube:
             code = self._failures.pop(0)
             return web.json_response(status(code, "InternalError", "injected failure"),
                                      status=code)
+        if namespace in self._forbidden:
+            verb = "watch" if watching else "list"
+            scope = (f'in the namespace "{namespace}"' if namespace
+                     else "at the cluster scope")
+            return web.json_response(status(403, "Forbidden", (
+                f'pods is forbidden: User "{USER}" cannot {verb} resource "pods" in API group '
+                f'"" {scope}')), status=403)
         try:
             selector = Selector(params.get("labelSelector", ""))
         except ValueError as exc:

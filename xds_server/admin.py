@@ -23,7 +23,8 @@ from xds_server.xds.server import StreamInfo
 
 
 def debug_state(
-    published: Published, loads: Mapping[str, Load], streams: Mapping[str, StreamInfo]
+    published: Published, loads: Mapping[str, Load], streams: Mapping[str, StreamInfo],
+    problems: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The JSON document of /debug/state (documented in the README)."""
     now = time.time()
@@ -76,6 +77,7 @@ def debug_state(
         "state_version": published.state_version,
         "published_at": published.at,
         "pools": pools,
+        "problems": dict(problems or {}),
         "envoys": [
             {**s.as_dict(), "keep_per_mille": {
                 pool: nodes.get(s.view.node, 0) for pool, nodes in published.keep.items()
@@ -118,6 +120,7 @@ def build_app(
     metrics: Metrics,
     ready: Callable[[], bool],
     state: Callable[[], dict[str, Any]],
+    problems: Callable[[], Mapping[str, str]] = dict,
 ) -> web.Application:
     rendered = Rendered(state, max_age_s=DEBUG_STATE_MAX_AGE_S)
 
@@ -125,9 +128,13 @@ def build_app(
         return web.Response(text="ok\n")
 
     async def readyz(request: web.Request) -> web.Response:
+        # What a source cannot see (a watch the API server refuses) does not hold readiness
+        # back once the rest is published, but is said here.
+        detail = "".join(f"failing: {what}: {why}\n" for what, why in problems().items())
         if ready():
-            return web.Response(text="ready\n")
-        return web.Response(status=503, text="not ready: waiting for the first snapshot\n")
+            return web.Response(text="ready\n" + detail)
+        return web.Response(status=503,
+                            text="not ready: waiting for the first snapshot\n" + detail)
 
     async def prometheus(request: web.Request) -> web.Response:
         return web.Response(

@@ -72,7 +72,8 @@ class App:
         return self.cache.ready and self.state.synced
 
     def debug_state(self) -> dict[str, Any]:
-        return admin.debug_state(self.publisher.published, self.state.loads, self.ads.streams)
+        return admin.debug_state(self.publisher.published, self.state.loads, self.ads.streams,
+                                 self.state.problems)
 
     async def start(self) -> None:
         s = self.settings
@@ -102,7 +103,8 @@ class App:
         if s.extproc.port:
             await self._start_extproc()
         runner = web.AppRunner(
-            admin.build_app(metrics=self.metrics, ready=self.ready, state=self.debug_state),
+            admin.build_app(metrics=self.metrics, ready=self.ready, state=self.debug_state,
+                            problems=lambda: self.state.problems),
             access_log=None,
         )
         await runner.setup()

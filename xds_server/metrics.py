@@ -33,6 +33,11 @@ class Metrics:
             "Inputs a source could not use (kept the last good state)",
             ["source", "reason"], registry=r,
         )
+        self.watch_up = Gauge(
+            "hybridlb_kubernetes_watch_up",
+            "1 while a Kubernetes list+watch works, 0 while it fails (the log and /readyz "
+            "say why)", ["resource", "namespace", "selector"], registry=r,
+        )
         self.snapshots = Counter(
             "hybridlb_snapshots_total", "Snapshots built from a changed state", registry=r
         )

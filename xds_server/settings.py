@@ -173,6 +173,9 @@ class KubernetesSettings:
     pools: tuple[KubernetesPool, ...] = ()
     #: Server-side end of each watch request (the watch then resumes where it was).
     watch_timeout_s: int = 300
+    #: A watch that receives nothing (no event, no bookmark) for this long is taken for a
+    #: dead connection and resumed; API servers send a bookmark about once a minute.
+    watch_silence_s: float = 90.0
     #: Full relist however quiet the watch: the safety net for a missed event.
     resync_interval_s: float = 600.0
     list_page_size: int = 500

@@ -2,6 +2,7 @@
 
 Each source owns its own slice of pools (so a Kubernetes relist cannot erase pools from a
 static file); readers see the merge. A change bumps `version` and wakes `wait_change`.
+Sources also say what they currently fail to see (`problems`), for /readyz and /debug/state.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ class State:
         #: Sources that have delivered their first full picture; readiness waits for them.
         self._synced: set[str] = set()
         self._expected: set[str] = set()
+        self._problems: dict[str, Mapping[str, str]] = {}
 
     @property
     def version(self) -> int:
@@ -43,6 +45,16 @@ class State:
     @property
     def synced(self) -> bool:
         return self._expected <= self._synced
+
+    @property
+    def problems(self) -> dict[str, str]:
+        """What each source currently fails to see -> why (e.g. a watch the API refuses)."""
+        return {what: why for problems in self._problems.values()
+                for what, why in problems.items()}
+
+    def set_problems(self, source: str, problems: Mapping[str, str]) -> None:
+        """Replace what `source` reports as failing (empty: all is well)."""
+        self._problems[source] = dict(problems)
 
     def set_pools(self, source: str, pools: Iterable[Pool]) -> bool:
         """Replace everything `source` knows; returns whether the merged view changed."""

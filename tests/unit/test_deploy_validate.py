@@ -367,17 +367,24 @@ def calls_in_code() -> dict[str, set[Grant]]:
     """The grants the control plane needs, from the client calls in every module of
     xds_server that imports `kubernetes`: {"namespaced": ..., "cluster": ...}.
 
-    A module that passes `watch=True` anywhere (or uses kubernetes.watch) watches what it
-    lists: the watch goes through the same list method with that flag."""
+    When a module that imports `kubernetes` passes `watch=True` anywhere (or uses
+    kubernetes.watch), every list call is watched too: the list+watch loop (listwatch.py)
+    watches through the list method it is handed, with that flag."""
     needed: dict[str, set[Grant]] = {"namespaced": set(), "cluster": set()}
+    trees = []
     for path in sorted(XDS_SERVER.rglob("*.py")):
         tree = ast.parse(path.read_text())
         imports = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                    for alias in node.names}
         imports |= {node.module or "" for node in ast.walk(tree)
                     if isinstance(node, ast.ImportFrom)}
-        if not any(i == "kubernetes" or i.startswith("kubernetes.") for i in imports):
-            continue
+        if any(i == "kubernetes" or i.startswith("kubernetes.") for i in imports):
+            trees.append((tree, imports))
+    watch = any(any(isinstance(node, ast.keyword) and node.arg == "watch"
+                    and isinstance(node.value, ast.Constant) and node.value.value is True
+                    for node in ast.walk(tree)) or any("kubernetes.watch" in i for i in imports)
+                for tree, imports in trees)
+    for tree, _ in trees:
         calls = {node.func.attr for node in ast.walk(tree)
                  if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)}
         # The API classes it names (client.CoreV1Api(...)): their methods are what it calls.
@@ -386,9 +393,6 @@ def calls_in_code() -> dict[str, set[Grant]]:
         classes = {n for node in ast.walk(tree)
                    for n in [getattr(node, "attr", None) or getattr(node, "id", None)]
                    if isinstance(n, str) and n.endswith("Api") and hasattr(api, n)}
-        watch = any(isinstance(node, ast.keyword) and node.arg == "watch"
-                    and isinstance(node.value, ast.Constant) and node.value.value is True
-                    for node in ast.walk(tree)) or any("kubernetes.watch" in i for i in imports)
         for cls in sorted(classes):
             for call in sorted(calls & api_methods(cls)):
                 namespaced, grants = grants_for(*api_request(cls, call), watch=watch)

@@ -190,6 +190,15 @@ def test_pod_without_any_pool_name_is_skipped_with_a_problem() -> None:
     assert [p.key for p in result.problems] == ["pool"]
 
 
+def test_shell_wrapped_vllm_with_an_unexpanded_model_is_one_pool_problem() -> None:
+    result = pod_to_replica(pod(annotations={}, command=["sh", "-c"],
+                                args=["vllm serve $MODEL --port 8000"]))
+    assert result.replica is None and result.skipped == "no pool"
+    (problem,) = result.problems  # counted once in bad_pool, not once per source tried
+    assert problem.key == "pool"
+    assert "'$MODEL'" in problem.message and "no pool name" in problem.message
+
+
 def test_invalid_pod_ip_is_skipped_with_a_problem() -> None:
     result = pod_to_replica(pod(ip="not-an-ip"))
     assert result.replica is None and [p.key for p in result.problems] == ["ip"]

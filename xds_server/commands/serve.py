@@ -87,6 +87,10 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
                                      "full relist of the pods, a safety net for the watch"),
     "kubernetes-watch-timeout-s": (int, KubernetesSettings.watch_timeout_s,
                                    "server-side end of each watch request (it then resumes)"),
+    "kubernetes-watch-silence-s": (float, KubernetesSettings.watch_silence_s,
+                                   "a watch that receives no event and no bookmark for this "
+                                   "long is taken for dead and resumed (API servers send a "
+                                   "bookmark about once a minute)"),
     "xds-host": (str, XdsSettings.host, "address the ADS gRPC server binds (in a cluster: "
                  "the pod IP)"),
     "xds-port": (int, XdsSettings.port, "port of the ADS gRPC server (0: any free port)"),
@@ -375,6 +379,7 @@ def _kubernetes(get: Any, pools: tuple[KubernetesPool, ...]) -> KubernetesSettin
         enabled=enabled, kubeconfig=get("kubeconfig"), pools=pools,
         resync_interval_s=get("kubernetes-resync-interval-s"),
         watch_timeout_s=get("kubernetes-watch-timeout-s"),
+        watch_silence_s=get("kubernetes-watch-silence-s"),
     )
 
 

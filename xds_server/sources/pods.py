@@ -22,14 +22,13 @@ from typing import Any, TypeVar
 
 from xds_server.addresses import is_ip
 from xds_server.model import Replica, ReplicaState
+from xds_server.sources.names import valid_pool_name
 
 T = TypeVar("T")
 
 PREFIX = "hybridlb.io/"
 DEFAULT_PORT = 8000
 MAX_CAPACITY = 4096
-# Same rules as the static file: model names often carry a slash ("Qwen/Qwen3-0.6B").
-POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 _ZONE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._-]*[A-Za-z0-9])?$")
 # vLLM's short spellings (vllm/engine/arg_utils.py); long flags also accept underscores.
 _ALIASES = {
@@ -194,7 +193,7 @@ def pod_to_replica(pod: Mapping[str, Any], *, default_pool: str = "") -> PodRepl
         reader.problems.append(Problem(
             "pool", f"no pool name: set {PREFIX}pool, a pool name in the config, or "
             "vLLM's --served-model-name"))
-        return PodReplica(pod=key, skipped="no pool", problems=tuple(reader.problems))
+        return PodReplica(pod=key, skipped="no pool", problems=_one_per_key(reader.problems))
     assert port is not None and capacity is not None and dp_rank is not None  # has defaults
     replica = Replica(
         host=str(host),
@@ -208,7 +207,8 @@ def pod_to_replica(pod: Mapping[str, Any], *, default_pool: str = "") -> PodRepl
         metrics_path=metrics_path or "/metrics",
         dp_rank=dp_rank,
     )
-    return PodReplica(pod=key, pool=pool, replica=replica, problems=tuple(reader.problems))
+    return PodReplica(pod=key, pool=pool, replica=replica,
+                      problems=_one_per_key(reader.problems))
 
 
 class _Reader:
@@ -237,8 +237,17 @@ class _Reader:
         return None
 
 
+def _one_per_key(problems: Sequence[Problem]) -> tuple[Problem, ...]:
+    """One problem per key, so a pod counts once per key however many sources failed
+    (`sh -c "vllm serve $MODEL"`: the unexpanded model, then no pool name at all)."""
+    merged: dict[str, list[str]] = {}
+    for problem in problems:
+        merged.setdefault(problem.key, []).append(problem.message)
+    return tuple(Problem(key, "; ".join(messages)) for key, messages in merged.items())
+
+
 def _pool_name(text: str) -> str:
-    if not POOL_NAME.match(text):
+    if not valid_pool_name(text):
         raise ValueError("not a valid pool name")
     return text
 

@@ -27,13 +27,12 @@ import yaml
 from xds_server.addresses import is_ip, parse_address
 from xds_server.metrics import Metrics
 from xds_server.model import Pool, Replica
+from xds_server.sources.names import valid_pool_name
 from xds_server.state import State
 
 log = logging.getLogger(__name__)
 
 SOURCE = "static"
-# Model names often carry a slash ("Qwen/Qwen3-0.6B"); spaces and quotes never help.
-_POOL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]*$")
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _POOL_KEYS = {"name", "replicas"}
 _REPLICA_KEYS = {"address", "node", "capacity", "zone", "dp_rank"}
@@ -62,7 +61,7 @@ def parse_pools(text: str, *, origin: str = "") -> tuple[Pool, ...]:
             raise PoolFileError(f"{where}: expected a mapping")
         _check_keys(raw, _POOL_KEYS, where)
         name = raw.get("name")
-        if not isinstance(name, str) or not _POOL_NAME.match(name):
+        if not isinstance(name, str) or not valid_pool_name(name):
             raise PoolFileError(f"{where}.name: {name!r} is not a valid pool name")
         if name in names:
             raise PoolFileError(f"{where}.name: pool {name!r} appears twice")
