@@ -182,12 +182,10 @@ class ListWatch(Generic[T]):
                     next_resync = time.monotonic() + self._settings.resync_interval_s * (
                         random.uniform(0.9, 1.1))
                     retry.answered()
-                    self._ok()
                 if self._watch(until=next_resync):
                     retry.watched()
                 else:
                     retry.answered()
-                self._ok()
             except Expired as exc:
                 log.info("%s: %s; relisting", self.where, exc)
                 self._metrics.source_errors.labels(SOURCE, "expired").inc()
@@ -206,10 +204,10 @@ class ListWatch(Generic[T]):
                 self._stop.wait(retry.error())
 
     def _ok(self) -> None:
+        """The API server answered; the caller notifies (once, with its own news)."""
         if self._error:
             log.info("%s: working again", self.where)
             self._error, self._refused = "", False
-            self._notify()
         self._up.set(1)
 
     def _failed(self, exc: Exception, reason: str) -> None:
@@ -256,6 +254,7 @@ class ListWatch(Generic[T]):
         self.resource_version = str(metadata.get("resourceVersion") or "")
         self.listed.set()
         self.settled.set()
+        self._ok()  # the new objects and the cleared error reach the merge together
         self._notify()
 
     def _call(self, **kwargs: Any) -> Any:
@@ -277,6 +276,10 @@ class ListWatch(Generic[T]):
                 raise Expired("watch resourceVersion too old") from exc
             raise
         self._response = response
+        if self._error:  # the watch is open again: so say /readyz and /debug/state
+            self._ok()
+            self._notify()
+        self._up.set(1)
         got_events = False
         try:
             for line in iter_resp_lines(response):
