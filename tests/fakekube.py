@@ -1,11 +1,15 @@
-"""A fake Kubernetes API server for Pods that speaks the real list/watch wire protocol.
+"""A fake Kubernetes API server for Pods and InferencePools that speaks the real list/watch
+wire protocol.
 
 The Kubernetes API is the one part of the system that cannot run here, so the code under
 test talks to this server through the official client and a kubeconfig, exactly as it talks
 to a real cluster. It implements what discovery relies on:
 
-- `GET /api/v1/namespaces/{ns}/pods` and `/api/v1/pods`: `labelSelector` (equality and set
-  based), `limit`/`continue` paging over a consistent snapshot, the list's resourceVersion;
+- `GET /api/v1/namespaces/{ns}/pods` and `/api/v1/pods`, and the same for the
+  InferencePool custom resource (`/apis/inference.networking.k8s.io/v1/.../inferencepools`,
+  served as the API server serves a CRD's objects): `labelSelector` (equality and set
+  based), `limit`/`continue` paging over a consistent snapshot, the list's resourceVersion
+  (one counter for every resource, as etcd has);
 - `?watch=true`: chunked JSON event lines (ADDED, MODIFIED, DELETED, BOOKMARK with
   `allowWatchBookmarks`, ERROR); resuming from a resourceVersion replays what happened
   since; a version older than the compaction point gets an ERROR event carrying a 410
@@ -18,8 +22,8 @@ to a real cluster. It implements what discovery relies on:
 Tests drive it from any thread: `create`, `update`, `terminate` (sets deletionTimestamp),
 `delete`, `compact`, `expire_watches`, `drop_watches`, `hold_watches`/`release_watches`
 (an outage during which the client misses changes), `bookmark`, `fail_next`,
-`forbid`/`allow`. The server runs its own event loop in a thread; every operation runs on
-that loop, so the pods, the history and the open watches always agree.
+`forbid`/`allow`, `crd_installed`. The server runs its own event loop in a thread; every
+operation runs on that loop, so the objects, the history and the open watches always agree.
 """
 
 from __future__ import annotations
@@ -40,8 +44,16 @@ import yaml
 from aiohttp import web
 
 TOKEN = "fake-token"
+GIE_GROUP = "inference.networking.k8s.io"
+GIE_VERSION = "v1"
+#: kind -> (plural, apiVersion, API group) of what the server serves.
+RESOURCES = {
+    "Pod": ("pods", "v1", ""),
+    "InferencePool": ("inferencepools", f"{GIE_GROUP}/{GIE_VERSION}", GIE_GROUP),
+}
 USER = "system:serviceaccount:hybridlb:hybridlb"
 Pod = dict[str, Any]
+Obj = dict[str, Any]
 
 
 def make_pod(
@@ -73,12 +85,39 @@ def make_pod(
     if ip is not None:
         status["podIP"] = ip
     return {
+        "kind": "Pod", "apiVersion": "v1",
         "metadata": {"name": name, "namespace": namespace,
                      "labels": {"app": "vllm", **(labels or {})},
                      "annotations": dict(annotations or {})},
         "spec": {"nodeName": node, "containers": [container]},
         "status": status,
     }
+
+
+def make_inference_pool(
+    name: str,
+    *,
+    namespace: str = "default",
+    match_labels: dict[str, str] | None = None,
+    ports: list[int] | None = None,
+    picker: str = "vllm-epp",
+) -> Obj:
+    """An InferencePool (inference.networking.k8s.io/v1) as the API server returns it."""
+    return {
+        "kind": "InferencePool", "apiVersion": f"{GIE_GROUP}/{GIE_VERSION}",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "selector": {"matchLabels": dict(match_labels or {"app": "vllm"})},
+            "targetPorts": [{"number": n} for n in (ports or [8000])],
+            "endpointPickerRef": {"name": picker, "kind": "Service", "portNumber": 9002,
+                                  "failureMode": "FailClose"},
+        },
+    }
+
+
+def _key(obj: Obj) -> tuple[str, str, str]:
+    meta = obj["metadata"]
+    return RESOURCES[obj.get("kind", "Pod")][0], meta["namespace"], meta["name"]
 
 
 class Selector:
@@ -134,14 +173,15 @@ _END = object()
 
 @dataclass(eq=False)  # identity: open watches live in a set
 class _Watch:
+    resource: str
     namespace: str
     selector: Selector
     bookmarks: bool
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
 
     def sees(self, pod: Pod | None) -> bool:
-        return (pod is not None and (not self.namespace
-                                     or pod["metadata"]["namespace"] == self.namespace)
+        return (pod is not None and _key(pod)[0] == self.resource
+                and (not self.namespace or pod["metadata"]["namespace"] == self.namespace)
                 and self.selector.matches(pod))
 
     def event(self, kind: str, old: Pod | None, new: Pod) -> tuple[str, Pod] | None:
@@ -165,6 +205,7 @@ class Request:
     kind: str  # "list" or "watch"
     namespace: str
     params: dict[str, str]
+    resource: str = "pods"
 
 
 class FakeKube:
@@ -173,15 +214,16 @@ class FakeKube:
     def __init__(self) -> None:
         self.port = 0
         self.requests: list[Request] = []
-        self._pods: dict[tuple[str, str], Pod] = {}
+        self._objects: dict[tuple[str, str, str], Obj] = {}  # (resource, namespace, name)
         self._rv = 100
         self._history: list[tuple[int, str, Pod | None, Pod]] = []
         self._compacted = 0
         self._watches: set[_Watch] = set()
-        self._snapshots: dict[str, list[Pod]] = {}
+        self._snapshots: dict[str, list[Obj]] = {}
         self._snapshot_rv: dict[str, int] = {}
         self._failures: list[int] = []
         self._forbidden: set[str] = set()  # namespaces; "" forbids the cluster-wide requests
+        self._crd = True  # the InferencePool CRD is installed
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -210,8 +252,12 @@ class FakeKube:
         self._gate = asyncio.Event()
         self._gate.set()
         app = web.Application()
-        app.router.add_get("/api/v1/pods", self._handle)
-        app.router.add_get("/api/v1/namespaces/{namespace}/pods", self._handle)
+        app.router.add_get("/api/v1/{resource:pods}", self._handle)
+        app.router.add_get("/api/v1/namespaces/{namespace}/{resource:pods}", self._handle)
+        gie = f"/apis/{GIE_GROUP}/{GIE_VERSION}"
+        app.router.add_get(gie + "/{resource:inferencepools}", self._handle)
+        app.router.add_get(gie + "/namespaces/{namespace}/{resource:inferencepools}",
+                           self._handle)
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, "127.0.0.1", 0)
@@ -256,24 +302,27 @@ class FakeKube:
         return int(self._call(lambda: self._rv))
 
     def pods(self) -> list[Pod]:
-        return list(self._call(lambda: [copy.deepcopy(p) for p in self._pods.values()]))
+        return list(self._call(lambda: [copy.deepcopy(p) for k, p in self._objects.items()
+                                        if k[0] == "pods"]))
 
-    def create(self, *pods: Pod) -> None:
+    def create(self, *objects: Obj) -> None:
+        """Create pods or InferencePools (by their `kind`)."""
         def run() -> None:
-            for pod in pods:
+            for pod in objects:
                 pod = copy.deepcopy(pod)
                 meta = pod["metadata"]
-                key = (meta["namespace"], meta["name"])
-                assert key not in self._pods, f"pod {key} exists"
+                key = _key(pod)
+                assert key not in self._objects, f"{key} exists"
                 meta["uid"] = str(uuid.uuid4())
                 meta["creationTimestamp"] = "2026-01-01T00:00:00Z"
                 self._change("ADDED", None, pod)
         self._call(run)
 
-    def update(self, namespace: str, name: str, fn: Callable[[Pod], None]) -> None:
-        """Change a pod in place (`fn` edits a copy); watchers see MODIFIED."""
+    def update(self, namespace: str, name: str, fn: Callable[[Obj], None], *,
+               resource: str = "pods") -> None:
+        """Change an object in place (`fn` edits a copy); watchers see MODIFIED."""
         def run() -> None:
-            old = self._pods[(namespace, name)]
+            old = self._objects[(resource, namespace, name)]
             new = copy.deepcopy(old)
             fn(new)
             self._change("MODIFIED", old, new)
@@ -286,10 +335,10 @@ class FakeKube:
             pod["metadata"]["deletionGracePeriodSeconds"] = 30
         self.update(namespace, name, mark)
 
-    def delete(self, *keys: tuple[str, str]) -> None:
+    def delete(self, *keys: tuple[str, str], resource: str = "pods") -> None:
         def run() -> None:
             for key in keys:
-                old = self._pods[key]
+                old = self._objects[(resource, *key)]
                 self._change("DELETED", old, copy.deepcopy(old))
         self._call(run)
 
@@ -314,8 +363,9 @@ class FakeKube:
             sent = 0
             for watch in self._watches:
                 if watch.bookmarks:
+                    kind = next(k for k, r in RESOURCES.items() if r[0] == watch.resource)
                     watch.queue.put_nowait(("BOOKMARK", {
-                        "kind": "Pod", "apiVersion": "v1",
+                        "kind": kind, "apiVersion": RESOURCES[kind][1],
                         "metadata": {"resourceVersion": str(self._rv)}}))
                     sent += 1
             return sent
@@ -340,6 +390,12 @@ class FakeKube:
     def allow(self, namespace: str) -> None:
         self._call(lambda: self._forbidden.discard(namespace))
 
+    def crd_installed(self, installed: bool) -> None:
+        """Without the InferencePool CRD, its paths are 404, as on a cluster that lacks it."""
+        def run() -> None:
+            self._crd = installed
+        self._call(run)
+
     def open_watches(self) -> int:
         return int(self._call(lambda: len(self._watches)))
 
@@ -359,11 +415,11 @@ class FakeKube:
     def _change(self, kind: str, old: Pod | None, new: Pod) -> None:
         self._rv += 1
         new["metadata"]["resourceVersion"] = str(self._rv)
-        key = (new["metadata"]["namespace"], new["metadata"]["name"])
+        key = _key(new)
         if kind == "DELETED":
-            del self._pods[key]
+            del self._objects[key]
         else:
-            self._pods[key] = new
+            self._objects[key] = new
         self._history.append((self._rv, kind, old, new))
         for watch in self._watches:
             event = watch.event(kind, old, new)
@@ -374,20 +430,26 @@ class FakeKube:
         if request.headers.get("Authorization") != f"Bearer {TOKEN}":
             return web.json_response(status(401, "Unauthorized", "Unauthorized"), status=401)
         namespace = request.match_info.get("namespace", "")
+        resource = request.match_info["resource"]
         params = dict(request.query)
         watching = params.get("watch") in ("true", "1")
-        self.requests.append(Request("watch" if watching else "list", namespace, params))
+        self.requests.append(Request("watch" if watching else "list", namespace, params,
+                                     resource))
         if self._failures:
             code = self._failures.pop(0)
             return web.json_response(status(code, "InternalError", "injected failure"),
                                      status=code)
+        if resource == "inferencepools" and not self._crd:
+            return web.json_response(status(404, "NotFound", "the server could not find the "
+                                            "requested resource"), status=404)
         if namespace in self._forbidden:
             verb = "watch" if watching else "list"
             scope = (f'in the namespace "{namespace}"' if namespace
                      else "at the cluster scope")
+            group = next(g for p, _, g in RESOURCES.values() if p == resource)
             return web.json_response(status(403, "Forbidden", (
-                f'pods is forbidden: User "{USER}" cannot {verb} resource "pods" in API group '
-                f'"" {scope}')), status=403)
+                f'{resource} is forbidden: User "{USER}" cannot {verb} resource "{resource}" '
+                f'in API group "{group}" {scope}')), status=403)
         try:
             selector = Selector(params.get("labelSelector", ""))
         except ValueError as exc:
@@ -398,10 +460,11 @@ class FakeKube:
             if self._closing:
                 return web.json_response(status(503, "ServiceUnavailable", "shutting down"),
                                          status=503)
-            return await self._watch(request, namespace, selector, params)
-        return self._list(namespace, selector, params)
+            return await self._watch(request, resource, namespace, selector, params)
+        return self._list(resource, namespace, selector, params)
 
-    def _list(self, namespace: str, selector: Selector, params: dict[str, str]) -> web.Response:
+    def _list(self, resource: str, namespace: str, selector: Selector,
+              params: dict[str, str]) -> web.Response:
         token = params.get("continue", "")
         if token:
             snapshot_id, _, offset_text = token.partition(":")
@@ -411,8 +474,9 @@ class FakeKube:
             items, rv, offset = (self._snapshots[snapshot_id],
                                  self._snapshot_rv[snapshot_id], int(offset_text))
         else:
-            items = [copy.deepcopy(p) for k, p in sorted(self._pods.items())
-                     if (not namespace or k[0] == namespace) and selector.matches(p)]
+            items = [copy.deepcopy(p) for k, p in sorted(self._objects.items())
+                     if k[0] == resource and (not namespace or k[1] == namespace)
+                     and selector.matches(p)]
             rv, offset = self._rv, 0
             snapshot_id = str(next(self._ids))
         limit = int(params.get("limit") or 0) or len(items) or 1
@@ -424,18 +488,20 @@ class FakeKube:
             metadata["continue"] = f"{snapshot_id}:{offset + limit}"
         else:
             self._snapshots.pop(snapshot_id, None)
-        return web.json_response({"kind": "PodList", "apiVersion": "v1",
+        kind = next(k for k, r in RESOURCES.items() if r[0] == resource)
+        return web.json_response({"kind": kind + "List", "apiVersion": RESOURCES[kind][1],
                                   "metadata": metadata, "items": page})
 
-    async def _watch(self, request: web.Request, namespace: str, selector: Selector,
-                     params: dict[str, str]) -> web.StreamResponse:
-        watch = _Watch(namespace, selector, params.get("allowWatchBookmarks") == "true")
+    async def _watch(self, request: web.Request, resource: str, namespace: str,
+                     selector: Selector, params: dict[str, str]) -> web.StreamResponse:
+        watch = _Watch(resource, namespace, selector,
+                       params.get("allowWatchBookmarks") == "true")
         since = params.get("resourceVersion", "")
         expired = False
         initial: list[Any] = []
         if since in ("", "0"):
             # "Start at most recent": synthetic ADDED events for what exists now.
-            initial = [("ADDED", p) for _, p in sorted(self._pods.items()) if watch.sees(p)]
+            initial = [("ADDED", p) for _, p in sorted(self._objects.items()) if watch.sees(p)]
         elif int(since) < self._compacted:
             expired = True
         else:
