@@ -161,6 +161,9 @@ class KubernetesPool:
     selector: str = ""
     #: Namespaces to watch; empty: all namespaces (needs the ClusterRole).
     namespaces: tuple[str, ...] = ()
+    #: The InferencePool of this name (in `namespaces`) defines the pool instead of `name`
+    #: and `selector`: its name, the pods its selector matches, its target ports.
+    inference_pool: str = ""
 
 
 @dataclass(frozen=True)
@@ -171,6 +174,10 @@ class KubernetesSettings:
     #: Kubeconfig file; None: the pod's in-cluster service account.
     kubeconfig: Path | None = None
     pools: tuple[KubernetesPool, ...] = ()
+    #: Every InferencePool (inference.networking.k8s.io/v1) in `namespaces` is a pool too.
+    inference_pools: bool = False
+    #: Where `inference_pools` looks (--namespace); empty: every namespace.
+    namespaces: tuple[str, ...] = ()
     #: Server-side end of each watch request (the watch then resumes where it was).
     watch_timeout_s: int = 300
     #: A watch that receives nothing (no event, no bookmark) for this long is taken for a

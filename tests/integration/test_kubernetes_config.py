@@ -37,6 +37,19 @@ def test_config_pools_with_their_own_namespaces_and_the_flag_default(tmp_path: P
     assert k.kubeconfig is None  # in-cluster
 
 
+def test_inference_pools_from_the_flag_and_named_in_the_config(tmp_path: Path) -> None:
+    k = settings("--kubernetes", "--inference-pools", "--namespace", "ml")
+    assert k.inference_pools and k.namespaces == ("ml",) and k.pools == ()
+    config = tmp_path / "c.yaml"
+    config.write_text("kubernetes: true\nnamespace: [ml]\nkubernetes_pools:\n"
+                      "  - {inference_pool: qwen3}\n"
+                      "  - {inference_pool: llama, namespaces: [team]}\n")
+    k = settings("--config", str(config))
+    assert not k.inference_pools
+    assert k.pools == (KubernetesPool(inference_pool="qwen3", namespaces=("ml",)),
+                       KubernetesPool(inference_pool="llama", namespaces=("team",)))
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -52,7 +65,12 @@ def test_config_pools_with_their_own_namespaces_and_the_flag_default(tmp_path: P
          "namespaces: expected a list"),
         ("kubernetes: yes please", "kubernetes"),
         ("kubernetes_pools: [{selector: a=b}]", "need --kubernetes"),
-        ("kubernetes: true", "--kubernetes needs --selector"),
+        ("kubernetes: true", "--kubernetes needs --selector or --inference-pools"),
+        ("inference_pools: true", "need --kubernetes"),
+        ("kubernetes: true\nkubernetes_pools: [{inference_pool: a, selector: x=1}]",
+         "give no name or selector with it"),
+        ("kubernetes: true\nkubernetes_pools: [{inference_pool: 'a b'}]",
+         "kubernetes_pools[0].inference_pool"),
     ],
 )
 def test_config_errors_are_clear(tmp_path: Path, text: str, message: str) -> None:

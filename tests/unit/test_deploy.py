@@ -172,13 +172,14 @@ def test_every_container_is_locked_down_and_bounded(where: str, workload: Doc) -
     assert not pod_spec(workload).get("hostPID")
 
 
-def test_rbac_grants_only_reading_pods() -> None:
+def test_rbac_grants_only_reading_pods_and_inference_pools() -> None:
     roles = [d for _, d in all_docs() if d.get("kind") in ("Role", "ClusterRole")]
     assert {r["kind"] for r in roles} == {"Role", "ClusterRole"}
     for role in roles:
+        readable = {(g, r) for rule in role["rules"] for g in rule["apiGroups"]
+                    for r in rule["resources"]}
+        assert readable == {("", "pods"), ("inference.networking.k8s.io", "inferencepools")}
         for rule in role["rules"]:
-            assert rule["apiGroups"] == [""]
-            assert rule["resources"] == ["pods"]
             assert set(rule["verbs"]) <= {"get", "list", "watch"}
             assert "resourceNames" not in rule
 

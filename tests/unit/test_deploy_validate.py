@@ -38,7 +38,8 @@ ENVOY = Path(sys.executable).with_name("envoy")
 OPENSSL = shutil.which("openssl")
 # Every kustomization a user applies on its own, rbac/ alone included.
 KUSTOMIZATIONS = ["base", "overlays/gateway", "overlays/node-local", "overlays/full",
-                  "examples/vllm", "examples/rbac-elsewhere", "rbac", "rbac/cluster-wide"]
+                  "examples/vllm", "examples/rbac-elsewhere", "rbac", "rbac/cluster-wide",
+                  "crds"]
 # The newest Kubernetes the package has schemas for, and the oldest still supported upstream
 # when this was written (the machine's kubectl is 1.32): an object must pass both.
 KUBERNETES_VERSIONS = [kubernetes_validate.latest_version(), "1.32"]
@@ -369,7 +370,11 @@ def calls_in_code() -> dict[str, set[Grant]]:
 
     When a module that imports `kubernetes` passes `watch=True` anywhere (or uses
     kubernetes.watch), every list call is watched too: the list+watch loop (listwatch.py)
-    watches through the list method it is handed, with that flag."""
+    watches through the list method it is handed, with that flag. The custom objects API
+    takes the group and plural as arguments: those are the InferencePool's
+    (sources/inferencepools.py), the one custom resource the code reads."""
+    from xds_server.sources import inferencepools
+
     needed: dict[str, set[Grant]] = {"namespaced": set(), "cluster": set()}
     trees = []
     for path in sorted(XDS_SERVER.rglob("*.py")):
@@ -395,7 +400,11 @@ def calls_in_code() -> dict[str, set[Grant]]:
                    if isinstance(n, str) and n.endswith("Api") and hasattr(api, n)}
         for cls in sorted(classes):
             for call in sorted(calls & api_methods(cls)):
-                namespaced, grants = grants_for(*api_request(cls, call), watch=watch)
+                method, path = api_request(cls, call)
+                path = path.replace("{group}", inferencepools.GROUP).replace(
+                    "{version}", inferencepools.VERSION).replace(
+                    "{plural}", inferencepools.PLURAL)
+                namespaced, grants = grants_for(method, path, watch=watch)
                 needed["namespaced" if namespaced else "cluster"] |= grants
     return needed
 
@@ -412,6 +421,7 @@ def test_the_code_scan_finds_the_pod_list_and_watch() -> None:
     needed = calls_in_code()
     assert ("", "pods", "list") in needed["namespaced"]
     assert ("", "pods", "watch") in needed["cluster"]
+    assert ("inference.networking.k8s.io", "inferencepools", "watch") in needed["namespaced"]
 
     def grants(cls: str, method: str, *, watch: bool = False) -> tuple[bool, set[Grant]]:
         return grants_for(*api_request(cls, method), watch=watch)

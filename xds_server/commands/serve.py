@@ -83,6 +83,9 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
                   "needs the ClusterRole)"),
     "selector": (str, None, "label selector of the vLLM pods, e.g. app=vllm (several pools: "
                  "kubernetes_pools in --config)"),
+    "inference-pools": (_switch, None, "with --kubernetes: every InferencePool "
+                        "(inference.networking.k8s.io/v1) in the watched namespaces is a pool: "
+                        "its name, the pods its selector matches, its target ports"),
     "kubernetes-resync-interval-s": (float, KubernetesSettings.resync_interval_s,
                                      "full relist of the pods, a safety net for the watch"),
     "kubernetes-watch-timeout-s": (int, KubernetesSettings.watch_timeout_s,
@@ -366,17 +369,21 @@ def _kubernetes(get: Any, pools: tuple[KubernetesPool, ...]) -> KubernetesSettin
     """Pools from the config file (their own namespaces, else --namespace), plus --selector."""
     namespaces = tuple(get("namespace") or ())
     pools = tuple(KubernetesPool(name=p.name, selector=p.selector,
-                                 namespaces=p.namespaces or namespaces) for p in pools)
+                                 namespaces=p.namespaces or namespaces,
+                                 inference_pool=p.inference_pool) for p in pools)
     if get("selector"):
         pools += (KubernetesPool(selector=get("selector"), namespaces=namespaces),)
     enabled = bool(get("kubernetes"))
-    if not enabled and (pools or get("kubeconfig") or namespaces):
-        raise SystemExit("--selector, --namespace, --kubeconfig and kubernetes_pools need "
-                         "--kubernetes")
-    if enabled and not pools:
-        raise SystemExit("--kubernetes needs --selector (or kubernetes_pools in --config)")
+    inference_pools = bool(get("inference-pools"))
+    if not enabled and (pools or get("kubeconfig") or namespaces or inference_pools):
+        raise SystemExit("--selector, --namespace, --kubeconfig, --inference-pools and "
+                         "kubernetes_pools need --kubernetes")
+    if enabled and not pools and not inference_pools:
+        raise SystemExit("--kubernetes needs --selector or --inference-pools (or "
+                         "kubernetes_pools in --config)")
     return KubernetesSettings(
         enabled=enabled, kubeconfig=get("kubeconfig"), pools=pools,
+        inference_pools=inference_pools, namespaces=namespaces,
         resync_interval_s=get("kubernetes-resync-interval-s"),
         watch_timeout_s=get("kubernetes-watch-timeout-s"),
         watch_silence_s=get("kubernetes-watch-silence-s"),
