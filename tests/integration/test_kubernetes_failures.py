@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from tests.fakekube import FakeKube, make_pod
-from tests.harness import ControlPlane, free_ports, running
+from tests.harness import ControlPlane, free_ports, running, wait_for
 from tests.integration.test_kubernetes_watch import (
     discovery,
     kube,  # noqa: F401  (fixture)
@@ -33,7 +33,7 @@ def test_errors_back_off_and_count_up_but_a_gone_relists_at_once() -> None:
     # the outage's backoff.
     assert retry.gone() == 0.0 and retry.errors == 0
     # A fresh list whose watch expires at once again: the server is struggling.
-    retry.answered()
+    retry.listed()
     assert retry.gone() > 0.0
     retry.watched()  # a watch that worked resets it
     assert retry.gone() == 0.0
@@ -136,9 +136,10 @@ def test_serve_is_ready_with_a_forbidden_namespace_and_says_why(
         assert ready.status_code == 200
         assert "failing: pods in team-b (app=vllm): HTTP 403 Forbidden: pods is forbidden" \
             in ready.text
+        # Ready means listed; the snapshot follows a moment later.
+        wait_for(lambda: [r["address"] for p in cp.state()["pools"] for r in p["replicas"]]
+                 == ["127.0.0.1:8001"], 20, "the readable namespace's pod published")
         state = cp.state()
-        assert [r["address"] for p in state["pools"] for r in p["replicas"]] == \
-            ["127.0.0.1:8001"]
         assert "pods in team-b (app=vllm)" in state["problems"]
         assert cp.metric("hybridlb_kubernetes_watch_up", namespace="team-b") == 0.0
         assert 'cannot list resource "pods"' in cp.output()

@@ -151,6 +151,8 @@ def test_serve_takes_its_pools_from_inference_pools(tmp_path: Path) -> None:
                 tmp_path / "kubeconfig")), "--namespace", "default", "--inference-pools"],
             extra=["--metrics", "none"])
         with running(cp):
+            # Ready means listed; the snapshot follows a moment later.
+            wait_for(lambda: cp.state()["pools"] != [], 20, "the pool published")
             (pool,) = cp.state()["pools"]
             assert pool["name"] == "qwen3"
             assert [r["address"] for r in pool["replicas"]] == ["10.0.0.1:8001",

@@ -77,11 +77,11 @@ class Retry:
             return 0.0
         return backoff_delay(self.expired - 1, initial_s=self.initial_s, max_s=self.max_s)
 
-    def answered(self) -> None:
-        """A list, or a watch that ended cleanly or delivered events."""
+    def listed(self) -> None:
         self.errors = 0
 
     def watched(self) -> None:
+        """A watch ran until the server ended it: its resourceVersion was not expired."""
         self.errors = 0
         self.expired = 0
 
@@ -181,11 +181,9 @@ class ListWatch(Generic[T]):
                     # Jittered, so that control-plane replicas do not relist in step.
                     next_resync = time.monotonic() + self._settings.resync_interval_s * (
                         random.uniform(0.9, 1.1))
-                    retry.answered()
-                if self._watch(until=next_resync):
-                    retry.watched()
-                else:
-                    retry.answered()
+                    retry.listed()
+                self._watch(until=next_resync)
+                retry.watched()
             except Expired as exc:
                 log.info("%s: %s; relisting", self.where, exc)
                 self._metrics.source_errors.labels(SOURCE, "expired").inc()
@@ -261,8 +259,8 @@ class ListWatch(Generic[T]):
         return self._request(label_selector=self._selector or None, _preload_content=False,
                              **kwargs)
 
-    def _watch(self, *, until: float) -> bool:
-        """Watch until the server ends the stream; returns whether any event arrived."""
+    def _watch(self, *, until: float) -> None:
+        """Watch until the server ends the stream (or the silence is too long)."""
         timeout = max(1, min(self._settings.watch_timeout_s, int(until - time.monotonic())))
         silence = self._settings.watch_silence_s
         try:
@@ -280,20 +278,17 @@ class ListWatch(Generic[T]):
             self._ok()
             self._notify()
         self._up.set(1)
-        got_events = False
         try:
             for line in iter_resp_lines(response):
                 if self._stop.is_set():
                     break
                 if line.strip():
                     self._event(json.loads(line))
-                    got_events = True
         except urllib3.exceptions.ReadTimeoutError as exc:
             raise Silent(f"no event or bookmark for {silence:g} s") from exc
         finally:
             self._response = None
             response.release_conn()
-        return got_events
 
     def _event(self, event: dict[str, Any]) -> None:
         kind = event.get("type")
