@@ -96,16 +96,13 @@ class Silent(Exception):
 
 @dataclass(frozen=True)
 class WatchStatus:
-    """What /readyz, /debug/state and the metric say about one loop."""
+    """What /readyz and /debug/state say about one loop."""
 
     resource: str
     namespace: str  # "" for all namespaces
     selector: str
-    listed: bool
     #: The last error while failing (the API server's own message where it sent one).
     error: str = ""
-    #: The API server refused (401/403/404): retried, but nothing waits for it.
-    refused: bool = False
 
     @property
     def where(self) -> str:
@@ -144,9 +141,7 @@ class ListWatch(Generic[T]):
         self._stop = threading.Event()
         self._response: Any = None
         self._error = ""
-        self._refused = False
         self.resource_version = ""
-        self.listed = threading.Event()
         #: Listed, or refused by the API server: the merge need not wait for it any longer.
         self.settled = threading.Event()
         self._up = metrics.watch_up.labels(resource, namespace, selector)
@@ -157,8 +152,7 @@ class ListWatch(Generic[T]):
         return self.status().where
 
     def status(self) -> WatchStatus:
-        return WatchStatus(self._resource, self._namespace, self._selector,
-                           self.listed.is_set(), self._error, self._refused)
+        return WatchStatus(self._resource, self._namespace, self._selector, self._error)
 
     def results(self) -> list[T]:
         with self._lock:
@@ -205,7 +199,7 @@ class ListWatch(Generic[T]):
         """The API server answered; the caller notifies (once, with its own news)."""
         if self._error:
             log.info("%s: working again", self.where)
-            self._error, self._refused = "", False
+            self._error = ""
         self._up.set(1)
 
     def _failed(self, exc: Exception, reason: str) -> None:
@@ -213,7 +207,7 @@ class ListWatch(Generic[T]):
         refused = isinstance(exc, client.ApiException) and exc.status in REFUSED
         self._up.set(0)
         changed = message != self._error
-        self._error, self._refused = message, refused
+        self._error = message
         log.warning("%s: %s (%s); retrying%s", self.where, message, reason,
                     "; the other watches go on without it" if refused else "")
         if refused:
@@ -250,7 +244,6 @@ class ListWatch(Generic[T]):
             self._report_all(found)
             self._results = found
         self.resource_version = str(metadata.get("resourceVersion") or "")
-        self.listed.set()
         self.settled.set()
         self._ok()  # the new objects and the cleared error reach the merge together
         self._notify()
