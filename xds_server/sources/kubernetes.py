@@ -111,7 +111,8 @@ def api_client(settings: KubernetesSettings) -> client.ApiClient:
 
 
 class KubernetesSource:
-    """Runs a `ListWatch` thread per pool selector and namespace; merges them into pools."""
+    """Runs a `ListWatch` thread per pool selector and namespace, and per InferencePool
+    namespace one for the InferencePools and one for their pods; merges them into pools."""
 
     def __init__(
         self,
