@@ -1,8 +1,8 @@
 """Bad input, fuzzed: every parser at a trust boundary fails only in its documented way.
 
-Each input that reaches the control plane from outside (pod metadata from the Kubernetes
-API, /metrics text from a replica, the pool file, the config file, ext_proc bodies and
-headers from Envoy) is generated at random by `hypothesis`. The property is the same for
+Each input that reaches the control plane from outside (pod metadata and InferencePools from
+the Kubernetes API, /metrics text from a replica, the pool file, the config file, ext_proc
+bodies and headers from Envoy) is generated at random by `hypothesis`. The property is the same for
 all: the only exception is the documented one (or none), so a bad input cannot take the
 watch, the scrape, the file source or the picker down, and the other replicas keep their
 routes. Examples are bounded so that the module stays a few seconds long.
@@ -36,6 +36,7 @@ from xds_server.extproc.state import LocalState
 from xds_server.metrics import Metrics
 from xds_server.model import Pool, Replica
 from xds_server.settings import Settings
+from xds_server.sources.inferencepools import parse_inference_pool
 from xds_server.sources.pods import PREFIX, pod_to_replica
 from xds_server.sources.static_file import PoolFileError, StaticFileSource, parse_pools
 from xds_server.sources.vllm_metrics import MetricsTextError, parse_rank_loads
@@ -98,6 +99,24 @@ def test_pod_metadata_never_raises_and_bad_values_fall_back(
         r = result.replica
         assert 1 <= r.port <= 65535 and 1 <= r.capacity <= 4096 and r.node
         assert r.metrics_path.startswith("/")
+
+
+@FUZZ
+@given(spec=st.dictionaries(st.sampled_from(["selector", "targetPorts", "endpointPickerRef"])
+                            | nasty, json_value, max_size=4),
+       labels=st.dictionaries(nasty, json_value, max_size=3),
+       ports=st.lists(st.fixed_dictionaries({"number": json_scalar}), max_size=3),
+       name=nasty)
+def test_any_inference_pool_never_raises_and_a_usable_one_is_valid(
+    spec: dict[str, Any], labels: dict[str, Any], ports: list[dict[str, Any]], name: str
+) -> None:
+    """InferencePools from the API (schema-shaped or not): a problem or a usable pool."""
+    for raw_spec in (spec, {**spec, "selector": {"matchLabels": labels}, "targetPorts": ports}):
+        pool = parse_inference_pool({"metadata": {"name": name, "namespace": "ns"},
+                                     "spec": raw_spec})
+        if not pool.problem:
+            assert pool.match_labels and pool.ports
+            assert all(1 <= p <= 65535 for p in pool.ports)
 
 
 @FUZZ
