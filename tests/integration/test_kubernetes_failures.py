@@ -5,6 +5,8 @@ the client is the official one."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -143,3 +145,7 @@ def test_serve_is_ready_with_a_forbidden_namespace_and_says_why(
         assert "pods in team-b (app=vllm)" in state["problems"]
         assert cp.metric("hybridlb_kubernetes_watch_up", namespace="team-b") == 0.0
         assert 'cannot list resource "pods"' in cp.output()
+        status = subprocess.run(
+            [sys.executable, "-m", "xds_server", "status", "--admin", cp.admin],
+            capture_output=True, text=True, check=True).stdout
+        assert "failing: pods in team-b (app=vllm): HTTP 403 Forbidden" in status

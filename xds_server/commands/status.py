@@ -34,6 +34,8 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(doc, indent=2))
         return 0
     print(f"xDS version {doc.get('xds_version')}, state version {doc.get('state_version')}")
+    for what, why in sorted((doc.get("problems") or {}).items()):
+        print(f"failing: {what}: {why}")
     for pool in doc.get("pools", []):
         rows = []
         for r in pool["replicas"]:
