@@ -32,6 +32,7 @@ import urllib3
 from kubernetes import client
 from kubernetes.watch.watch import iter_resp_lines
 
+from xds_server.logsafe import clip
 from xds_server.metrics import Metrics
 from xds_server.settings import KubernetesSettings
 
@@ -320,7 +321,7 @@ def uid(obj: dict[str, Any]) -> str:
 
 
 def describe(exc: Exception) -> str:
-    """One line, with the API server's own message (its Status body) where it sent one."""
+    """One short line, with the API server's own message (its Status body) where it sent one."""
     if isinstance(exc, client.ApiException):
         text = f"HTTP {exc.status} {exc.reason}"
         try:
@@ -331,4 +332,4 @@ def describe(exc: Exception) -> str:
             text += f": {message}"
     else:
         text = f"{type(exc).__name__}: {exc}"
-    return text[:400]
+    return clip(text, 400)
