@@ -1,31 +1,33 @@
 """One settings object for `hybridlb serve`, grouped by the part that reads it.
 
+Each setting is declared once, here (or, for the policy's tunables, in policy/): its field
+carries its flag, its help and its default (xds_server/options.py), and the command's flags,
+the config-file keys, `--help`, the README's table and the validation all follow from it.
 Built once in the command (flags over an optional YAML config file over these defaults);
-nothing reads the environment at import time.
+nothing reads the environment at import time. Plain data: this module imports no part of
+the control plane.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from xds_server.extproc.pick import PickSettings
+from xds_server.options import group, option
 from xds_server.policy.views import HybridSettings
 from xds_server.policy.weights import PolicySettings
-from xds_server.sources.prometheus import PrometheusQueries
 
 
 @dataclass(frozen=True)
 class TlsSettings:
-    """Files of a gRPC server's TLS; no `cert`: plaintext (the default)."""
+    """Files of a gRPC server's TLS; no `cert`: plaintext (the default). Reloaded on change."""
 
-    #: PEM certificate chain the server presents.
-    cert: Path | None = None
-    #: PEM private key of `cert`.
-    key: Path | None = None
-    #: PEM CA bundle that client certificates must chain to: set, mutual TLS is required.
-    client_ca: Path | None = None
+    cert: Path | None = option(None, "PEM certificate chain: serve over TLS (re-read when the "
+                               "file changes, no restart)", flag="cert")
+    key: Path | None = option(None, "PEM private key of the certificate", flag="key")
+    client_ca: Path | None = option(None, "PEM CA bundle: require clients (Envoys) to present "
+                                    "a certificate it signed (mutual TLS)", flag="client-ca")
 
     @property
     def enabled(self) -> bool:
@@ -42,11 +44,25 @@ class TlsSettings:
 @dataclass(frozen=True)
 class UpstreamTls:
     """Files for Envoy's TLS to a gRPC server (the control plane, the picker), as paths
-    on Envoy's side: `ca` verifies the server; `cert` and `key` make it mutual TLS."""
+    on Envoy's side: `ca` verifies the server; `cert` and `key` make it mutual TLS. No `ca`:
+    plaintext."""
 
-    ca: str
-    cert: str | None = None
-    key: str | None = None
+    ca: str | None = option(None, "PEM CA, as a path on the Envoys' side: Envoys speak TLS "
+                            "and verify the server against it", flag="ca")
+    cert: str | None = option(None, "PEM client certificate, as a path on the Envoys' side, "
+                              "for mutual TLS", flag="cert")
+    key: str | None = option(None, "PEM private key of the client certificate, on the "
+                             "Envoys' side", flag="key")
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("the client certificate and its key go together")
+        if self.cert is not None and self.ca is None:
+            raise ValueError("a client certificate needs the server's CA")
+
+    @property
+    def enabled(self) -> bool:
+        return self.ca is not None
 
     @classmethod
     def from_flags(
@@ -54,100 +70,118 @@ class UpstreamTls:
     ) -> UpstreamTls | None:
         """From a command's `{flags}-ca/-cert/-key` (e.g. `--xds-tls`); None without a CA.
         Combinations that cannot work end the command with a message."""
-        if (cert is None) != (key is None):
-            raise SystemExit(f"{flags}-cert and {flags}-key go together")
-        if cert is not None and ca is None:
-            raise SystemExit(f"{flags}-cert needs {flags}-ca (the server's CA)")
-        return None if ca is None else cls(ca, cert, key)
+        try:
+            tls = cls(ca, cert, key)
+        except ValueError as exc:
+            raise SystemExit(f"{flags}-ca/-cert/-key: {exc}") from exc
+        return tls if tls.enabled else None
 
 
 @dataclass(frozen=True)
 class XdsSettings:
     """The ADS gRPC server."""
 
-    #: Loopback by default: in a cluster, bind the pod IP (the deploy passes status.podIP).
-    host: str = "127.0.0.1"
-    #: ADS port Envoys connect to.
-    port: int = 18000
-    #: gRPC receive limit: what a client can make the server parse at once. The largest
-    #: request a real Envoy (1.40) sent at 10,000 replicas on 1,250 nodes was 61,449 bytes (a
-    #: delta reconnect naming what it held; 61,171 of them its node, i.e. its extension
-    #: list); a view holds a few resources per pool, not per replica. 16x headroom.
-    max_receive_bytes: int = 1024 * 1024
-    #: Streams held at once, from everyone; more are refused (RESOURCE_EXHAUSTED). Each holds
-    #: what its Envoy was sent (~0.7 MiB at 10,000 replicas).
-    max_streams: int = 2048
-    #: Streams held at once from one peer address (an Envoy holds one).
-    max_streams_per_peer: int = 64
-    #: Resource names one request may carry (subscribed, unsubscribed, or a delta
-    #: reconnect's known versions); more end the stream. A real Envoy names a few per pool.
-    max_resource_names: int = 10_000
-    #: With mutual TLS, a URI SAN of the client certificate must match this pattern for the
-    #: node the Envoy asks for (`{node}`; `*`: any one path segment). Empty: no check.
-    node_san: str = "spiffe://*/ns/*/node/{node}"
+    host: str = option("127.0.0.1", "address the ADS gRPC server binds (in a cluster: the "
+                       "pod IP; 0.0.0.0 opens it on every interface)", flag="xds-host")
+    port: int = option(18000, "port of the ADS gRPC server (0: any free port)", flag="xds-port")
+    #: The largest request a real Envoy (1.40) sent at 10,000 replicas on 1,250 nodes was
+    #: 61,449 bytes (a delta reconnect naming what it held; 61,171 of them its node, i.e. its
+    #: extension list); a view holds a few resources per pool, not per replica: 16x headroom.
+    max_receive_bytes: int = option(1024 * 1024, "largest ADS request accepted (larger: the "
+                                    "stream ends)", flag="xds-max-receive-bytes")
+    #: Each stream holds what its Envoy was sent (~0.7 MiB at 10,000 replicas).
+    max_streams: int = option(2048, "ADS streams held at once; more are refused "
+                              "(RESOURCE_EXHAUSTED)", flag="xds-max-streams")
+    max_streams_per_peer: int = option(64, "ADS streams held at once from one address; more "
+                                       "are refused", flag="xds-max-streams-per-peer")
+    max_resource_names: int = option(10_000, "resource names one ADS request may carry (a real "
+                                     "Envoy names a few per pool); more end the stream "
+                                     "(RESOURCE_EXHAUSTED)", flag="xds-max-resource-names")
+    node_san: str = option("spiffe://*/ns/*/node/{node}", "with --tls-client-ca: an Envoy "
+                           "asking for a node's view must present a certificate with a URI "
+                           "SAN matching this ({node}: the node, *: any one path segment; "
+                           "empty: no check)", flag="tls-node-san")
     #: Connections are closed after this age so Envoys spread over control-plane replicas.
     max_connection_age_s: float = 1800.0
     keepalive_s: float = 30.0
     #: Grace for open streams on shutdown.
     stop_grace_s: float = 2.0
-    #: TLS (and mutual TLS with a client CA) for the ADS server; files reloaded on change.
-    tls: TlsSettings = field(default_factory=TlsSettings)
+    tls: TlsSettings = group(TlsSettings, prefix="tls-")
+
+    def __post_init__(self) -> None:
+        if min(self.max_streams, self.max_streams_per_peer, self.max_resource_names) < 1:
+            raise ValueError("--xds-max-streams, --xds-max-streams-per-peer and "
+                             "--xds-max-resource-names must be at least 1")
+
+
+LbPolicy = Literal["least_request", "round_robin"]
 
 
 @dataclass(frozen=True)
 class EnvoySettings:
     """What the resource builders put into every Envoy's view."""
 
-    #: Listener port for OpenAI-style traffic; an Envoy's node metadata may override it.
-    listener_port: int = 10000
-    listener_host: str = "0.0.0.0"
-    connect_timeout_s: float = 1.0
-    #: Whole-request timeout; generation can be long, so it is generous.
-    route_timeout_s: float = 600.0
-    #: Header whose value names the pool (model) a request goes to.
-    model_header: str = "x-model"
+    listener_port: int = option(10000, "port of the Envoy listener for OpenAI-style traffic "
+                                "(an Envoy's bootstrap may override it)", flag="listener-port")
+    listener_host: str = option("0.0.0.0", "address the Envoy listener binds",
+                                flag="listener-host")
+    connect_timeout_s: float = option(1.0, "Envoy's upstream connect timeout",
+                                      flag="connect-timeout-s")
+    route_timeout_s: float = option(600.0, "Envoy's whole-request timeout (generation can be "
+                                    "long)", flag="route-timeout-s")
+    model_header: str = option("x-model", "request header that names the pool",
+                               flag="model-header")
     #: Header that pins a request to one node's replicas (503 if it has none ready).
     node_header: str = "x-hybridlb-node"
-    #: Envoy's balancer within a cluster: least_request (weight / in-flight, the default)
-    #: or round_robin (weighted), for comparison.
-    lb_policy: Literal["least_request", "round_robin"] = "least_request"
-    #: Where Envoys reach the endpoint picker (HOST:PORT); empty: no ext_proc filter.
-    extproc_address: str = ""
-    #: How long Envoy waits for a pick before routing by the weights (fail open).
-    extproc_timeout_s: float = 0.2
-    #: Envoys reach the picker over TLS (mutual with a client certificate); None: plaintext.
-    extproc_tls: UpstreamTls | None = None
-    #: Requests carrying this header stick to a replica (bounded-load consistent hashing).
-    session_header: str = "x-session-id"
-    #: Bound of that hashing: no replica above this percent of the mean load (>= 100).
-    hash_balance_factor: int = 150
-    #: Outlier detection: a replica is ejected from an Envoy's balancer for a while after
-    #: this many failures in a row that Envoy sees itself (connect failure, reset, timeout,
-    #: 502/503/504); vLLM's own 500s do not count. 0: off.
-    outlier_consecutive_failures: int = 3
-    #: First ejection time; Envoy multiplies it by the number of ejections in a row.
-    outlier_ejection_s: float = 10.0
-    #: A try whose upstream sends nothing for this long fails (504) instead of waiting for
-    #: the whole-request timeout: bounds a hung replica. 0: off, as a non-streaming request
-    #: sends nothing until it is done; set it above your longest non-streaming generation.
-    upstream_idle_timeout_s: float = 0.0
+    lb_policy: LbPolicy = option("least_request", "Envoy's balancer within a cluster: "
+                                 "least_request (weight / in-flight) or round_robin (weighted)",
+                                 flag="lb-policy")
+    extproc_address: str = option("", "HOST:PORT where Envoys reach the endpoint picker; adds "
+                                  "the ext_proc filter (default with --extproc-port: "
+                                  "127.0.0.1:PORT)", flag="extproc-address")
+    extproc_timeout_s: float = option(0.2, "how long Envoy waits for a pick before routing by "
+                                      "the weights (fail open)", flag="extproc-timeout-s")
+    #: Envoys reach the picker over TLS (mutual with a client certificate), as files on the
+    #: Envoys' side; a picker hosted in `serve` serves --tls-cert.
+    extproc_tls: UpstreamTls = group(UpstreamTls, prefix="extproc-tls-")
+    session_header: str = option("x-session-id", "requests with this header stick to one "
+                                 "replica per session value (bounded-load consistent hashing, "
+                                 "no picker needed)", flag="session-header")
+    hash_balance_factor: int = option(150, "session stickiness bound: no replica above this "
+                                      "percent of the mean load (>= 100)",
+                                      flag="hash-balance-factor")
+    #: Only failures Envoy sees itself count (connect failure, reset, timeout, 502/503/504).
+    outlier_consecutive_failures: int = option(
+        3, "Envoy ejects a replica for a while after this many connect failures, resets, "
+        "timeouts or 502-504 in a row (not vLLM's 500s; 0: off)",
+        flag="outlier-consecutive-failures")
+    outlier_ejection_s: float = option(10.0, "first ejection time (longer after each ejection "
+                                       "in a row)", flag="outlier-ejection-s")
+    #: 0: off, as a non-streaming request sends nothing until it is done.
+    upstream_idle_timeout_s: float = option(
+        0.0, "a try that receives nothing for this long fails with 504, bounding a hung "
+        "replica (0: off; keep it above your longest non-streaming generation)",
+        flag="upstream-idle-timeout-s")
 
 
 @dataclass(frozen=True)
 class AdminSettings:
     """The admin HTTP server: health, metrics, debug state."""
 
-    host: str = "127.0.0.1"
-    port: int = 18080
+    host: str = option("127.0.0.1", "address the admin HTTP server binds", flag="admin-host")
+    port: int = option(18080, "port of the admin server: /healthz /readyz /metrics "
+                       "/debug/state", flag="admin-port")
 
 
 @dataclass(frozen=True)
 class StaticSettings:
     """Static discovery from a YAML pool file."""
 
-    path: Path | None = None
-    #: How often the file is checked for changes (content, not just mtime).
-    poll_interval_s: float = 1.0
+    path: Path | None = option(None, "YAML file of pools to serve (watched for changes)",
+                               flag="static")
+    #: Content, not just mtime: survives a ConfigMap's symlink swap.
+    poll_interval_s: float = option(1.0, "how often the pool file is checked",
+                                    flag="static-poll-interval-s")
 
 
 @dataclass(frozen=True)
@@ -170,21 +204,30 @@ class KubernetesPool:
 class KubernetesSettings:
     """Discovery of vLLM pods through the Kubernetes API (sources/kubernetes.py)."""
 
-    enabled: bool = False
-    #: Kubeconfig file; None: the pod's in-cluster service account.
-    kubeconfig: Path | None = None
+    enabled: bool = option(False, "discover vLLM pods through the Kubernetes API",
+                           flag="kubernetes")
+    kubeconfig: Path | None = option(None, "kubeconfig for --kubernetes (default: the "
+                                     "in-cluster service account)", flag="kubeconfig")
+    namespaces: tuple[str, ...] = option((), "namespace to watch; repeat for several "
+                                         "(default: all, which needs the ClusterRole)",
+                                         flag="namespace")
+    selector: str = option("", "label selector of the vLLM pods, e.g. app=vllm (several "
+                           "pools: kubernetes_pools in --config)", flag="selector")
+    inference_pools: bool = option(False, "with --kubernetes: every InferencePool "
+                                   "(inference.networking.k8s.io/v1) in the watched namespaces "
+                                   "is a pool: its name, the pods its selector matches, its "
+                                   "target ports", flag="inference-pools")
+    #: What is watched: `kubernetes_pools` of the config file (in their own namespaces, else
+    #: `namespaces`) and a pool for `selector`; composed by the command.
     pools: tuple[KubernetesPool, ...] = ()
-    #: Every InferencePool (inference.networking.k8s.io/v1) in `namespaces` is a pool too.
-    inference_pools: bool = False
-    #: Where `inference_pools` looks (--namespace); empty: every namespace.
-    namespaces: tuple[str, ...] = ()
-    #: Server-side end of each watch request (the watch then resumes where it was).
-    watch_timeout_s: int = 300
-    #: A watch that receives nothing (no event, no bookmark) for this long is taken for a
-    #: dead connection and resumed; API servers send a bookmark about once a minute.
-    watch_silence_s: float = 90.0
-    #: Full relist however quiet the watch: the safety net for a missed event.
-    resync_interval_s: float = 600.0
+    resync_interval_s: float = option(600.0, "full relist of the pods, a safety net for the "
+                                      "watch", flag="kubernetes-resync-interval-s")
+    watch_timeout_s: int = option(300, "server-side end of each watch request (it then "
+                                  "resumes)", flag="kubernetes-watch-timeout-s")
+    watch_silence_s: float = option(90.0, "a watch that receives no event and no bookmark for "
+                                    "this long is taken for dead and resumed (API servers "
+                                    "send a bookmark about once a minute)",
+                                    flag="kubernetes-watch-silence-s")
     list_page_size: int = 500
     list_timeout_s: float = 60.0
     connect_timeout_s: float = 5.0
@@ -194,43 +237,94 @@ class KubernetesSettings:
 
 
 @dataclass(frozen=True)
+class PickSettings:
+    """Tunables of the endpoint picker (extproc/pick.py)."""
+
+    #: Requests one rank takes at once, the waiting weight and the room threshold: the weight
+    #: policy's own (`serve` passes them on; `hybridlb extproc` has flags for them).
+    max_num_seqs: int = 256
+    waiting_factor: float = 4.0
+    #: Above this wait a replica gets no affinity bonus: a warm cache is not worth a queue.
+    room_threshold: float = 0.7
+    #: Score bonus (in units of a replica's room) for the replica that last took the prefix.
+    affinity_bonus: float = 0.15
+    #: Score bonus for a replica on the asking Envoy's own node.
+    locality_bonus: float = 0.05
+    #: Characters of the prompt that make up its leading block (about 64 tokens).
+    prefix_chars: int = 256
+    #: Bodies larger than this are not parsed (the request passes through to the weights).
+    #: Below Envoy's per-connection buffer limit (1 MiB), which the picker asks Envoy to
+    #: buffer bodies of this size or less in.
+    max_body_bytes: int = 1_000_000
+    #: The protocol's fallback list: Envoy goes down it on retries.
+    fallbacks: int = option(2, "endpoints the picker names after its pick, for Envoy to fall "
+                            "back to", flag="extproc-fallbacks")
+    max_queue: int = option(0, "the picker answers 429 when every candidate has more waiting "
+                            "requests than this (0: never)", flag="extproc-max-queue")
+
+
+@dataclass(frozen=True)
 class ExtprocSettings:
     """The endpoint picker hosted inside `serve` (port 0: not hosted)."""
 
-    #: Where it binds: by default where its pushed address says (`--extproc-address`).
-    host: str = "127.0.0.1"
-    port: int = 0
-    pick: PickSettings = field(default_factory=PickSettings)
+    port: int = option(0, "host the ext_proc endpoint picker in this process on this port "
+                       "(0: not hosted)", flag="extproc-port")
+    host: str = option("", "address the hosted picker binds (default: the host of "
+                       "--extproc-address, else 127.0.0.1)", flag="extproc-host")
+    pick: PickSettings = group(PickSettings)
 
 
 LoadMode = Literal["auto", "prometheus", "scrape", "none"]
 
 
 @dataclass(frozen=True)
+class PrometheusQueries:
+    """PromQL per signal; each must return one series per replica carrying `label`."""
+
+    # Per engine (the global DP rank), so that rank endpoints get their own rank's load.
+    running: str = option("sum by (instance, engine) (vllm:num_requests_running)",
+                          "PromQL: running requests per replica", flag="query-running")
+    waiting: str = option("sum by (instance, engine) (vllm:num_requests_waiting)",
+                          "PromQL: waiting requests per replica", flag="query-waiting")
+    kv_cache_usage: str = option("avg by (instance, engine) (vllm:kv_cache_usage_perc)",
+                                 "PromQL: KV-cache use per replica", flag="query-kv")
+    #: The oldest rank's sample of a replica.
+    sampled_at: str = option("min by (instance) (timestamp(vllm:num_requests_running))",
+                             "PromQL: when each replica's samples were taken",
+                             flag="query-sampled-at")
+    label: str = option("instance", "label that carries a replica's metrics address "
+                        "(IP:PORT) in query results", flag="query-label")
+
+
+@dataclass(frozen=True)
 class LoadSettings:
     """Where replica loads come from (see sources/loads.py for the modes)."""
 
-    mode: LoadMode = "auto"
-    #: Prometheus base URL; in `auto` mode without it, the scrape alone is used.
-    prometheus_url: str = ""
-    queries: PrometheusQueries = field(default_factory=PrometheusQueries)
-    prometheus_interval_s: float = 2.0
+    mode: LoadMode = option("auto", "where loads come from: auto (Prometheus if "
+                            "--prometheus-url, else/when stale the direct scrape), prometheus, "
+                            "scrape, none (capacity-only weights)", flag="metrics")
+    prometheus_url: str = option("", "Prometheus base URL", flag="prometheus-url")
+    prometheus_interval_s: float = option(2.0, "how often Prometheus is queried (mode "
+                                          "prometheus)", flag="prometheus-interval-s")
     prometheus_timeout_s: float = 2.0
-    #: In `auto`, a Prometheus sample older than this is replaced by a direct scrape.
-    prometheus_max_age_s: float = 20.0
-    scrape_interval_s: float = 1.0
-    scrape_timeout_s: float = 0.5
-    scrape_concurrency: int = 32
+    prometheus_max_age_s: float = option(20.0, "in auto mode, older Prometheus samples are "
+                                         "replaced by a scrape", flag="prometheus-max-age-s")
+    queries: PrometheusQueries = group(PrometheusQueries)
+    scrape_interval_s: float = option(1.0, "how often each replica's /metrics is scraped",
+                                      flag="scrape-interval-s")
+    scrape_timeout_s: float = option(0.5, "timeout of one scrape", flag="scrape-timeout-s")
+    scrape_concurrency: int = option(32, "scrapes in flight at once",
+                                     flag="scrape-concurrency")
 
 
 @dataclass(frozen=True)
 class Settings:
-    xds: XdsSettings = field(default_factory=XdsSettings)
-    envoy: EnvoySettings = field(default_factory=EnvoySettings)
-    admin: AdminSettings = field(default_factory=AdminSettings)
-    static: StaticSettings = field(default_factory=StaticSettings)
-    kubernetes: KubernetesSettings = field(default_factory=KubernetesSettings)
-    loads: LoadSettings = field(default_factory=LoadSettings)
-    policy: PolicySettings = field(default_factory=PolicySettings)
-    hybrid: HybridSettings = field(default_factory=HybridSettings)
-    extproc: ExtprocSettings = field(default_factory=ExtprocSettings)
+    static: StaticSettings = group(StaticSettings)
+    kubernetes: KubernetesSettings = group(KubernetesSettings)
+    xds: XdsSettings = group(XdsSettings)
+    admin: AdminSettings = group(AdminSettings)
+    envoy: EnvoySettings = group(EnvoySettings)
+    loads: LoadSettings = group(LoadSettings)
+    policy: PolicySettings = group(PolicySettings)
+    hybrid: HybridSettings = group(HybridSettings)
+    extproc: ExtprocSettings = group(ExtprocSettings)

@@ -23,7 +23,8 @@ from tests.harness import (
 )
 from xds_server.metrics import Metrics
 from xds_server.model import Replica
-from xds_server.sources.prometheus import PrometheusQueries, PrometheusReader
+from xds_server.settings import PrometheusQueries
+from xds_server.sources.prometheus import PrometheusReader
 from xds_server.sources.scrape import Scraper
 
 pytestmark = [

@@ -30,12 +30,12 @@ from hypothesis import strategies as st
 
 from tests.fakekube import make_pod
 from xds_server.commands import serve
-from xds_server.extproc.pick import PickSettings, Unreadable, read_request
+from xds_server.extproc.pick import Unreadable, read_request
 from xds_server.extproc.server import Picker, add_to_server
 from xds_server.extproc.state import LocalState
 from xds_server.metrics import Metrics
 from xds_server.model import Pool, Replica
-from xds_server.settings import Settings
+from xds_server.settings import PickSettings, Settings
 from xds_server.sources.inferencepools import parse_inference_pool
 from xds_server.sources.pods import PREFIX, pod_to_replica
 from xds_server.sources.static_file import PoolFileError, StaticFileSource, parse_pools
@@ -275,7 +275,8 @@ def test_bad_pool_file_edit_keeps_the_last_good_pools_with_one_log_line_and_a_co
 # --- the config file ----------------------------------------------------------------------
 
 config_doc = st.one_of(
-    st.dictionaries(st.sampled_from([*serve._FLAGS, "kubernetes_pools", "xds_port"]) | nasty,
+    st.dictionaries(st.sampled_from([*(o.flag for o in serve.OPTIONS), "kubernetes_pools",
+                                     "xds_port"]) | nasty,
                     json_value, max_size=5),
     json_value,
 )

@@ -230,7 +230,7 @@ def test_envoy_reaches_the_hosted_picker_over_mutual_tls(
     (["--extproc-address", "h:1", "--extproc-tls-ca", "ca", "--extproc-tls-cert", "c"],
      "go together"),
     (["--extproc-address", "h:1", "--extproc-tls-cert", "c", "--extproc-tls-key", "k"],
-     "needs --extproc-tls-ca"),
+     "a client certificate needs the server.s CA"),
 ])
 def test_picker_tls_flags_that_cannot_work_end_serve_with_a_message(
     flags: list[str], message: str

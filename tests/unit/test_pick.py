@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from xds_server.extproc.pick import Candidate, PickSettings, Unreadable, pick, read_request
+from xds_server.extproc.pick import Candidate, Unreadable, pick, read_request
 from xds_server.extproc.state import PendingPicks, PrefixOwners
+from xds_server.settings import PickSettings
 
 S = PickSettings(max_num_seqs=10)
 IDLE = Candidate("10.0.0.1:8000", "a", 1, 0, 0)

@@ -15,11 +15,12 @@ from envoy.extensions.filters.http.ext_proc.v3 import processing_mode_pb2
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 from google.protobuf import struct_pb2
 
-from xds_server.extproc.pick import Candidate, PickSettings, Rank
+from xds_server.extproc.pick import Candidate, Rank
 from xds_server.extproc.server import Picker, RareLog, _parse_request
 from xds_server.extproc.state import _local_ranks
 from xds_server.metrics import Metrics
 from xds_server.model import RankLoad
+from xds_server.settings import PickSettings
 
 A = Candidate("10.0.0.1:8000", "n1", 1, 0, 0)
 B = Candidate("10.0.0.2:8000", "n2", 1, 2, 0)

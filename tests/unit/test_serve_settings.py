@@ -9,17 +9,26 @@ import pytest
 
 from xds_server.addresses import host_port
 from xds_server.commands import serve
+from xds_server.settings import ExtprocSettings, Settings, StaticSettings
 
 
-def settings(*argv: str) -> serve.Settings:
+def settings(*argv: str) -> Settings:
     parser = argparse.ArgumentParser()
     serve.add_arguments(parser)
     return serve.settings_from_args(parser.parse_args(list(argv)))
 
 
-def test_defaults_are_the_dataclass_defaults() -> None:
+def test_defaults_are_the_dataclass_defaults_with_the_picker_bind_derived() -> None:
     s = settings("--static", "pools.yaml")
-    assert s == serve.Settings(static=serve.StaticSettings(path=Path("pools.yaml")))
+    assert s == Settings(static=StaticSettings(path=Path("pools.yaml")),
+                         extproc=ExtprocSettings(host="127.0.0.1"))
+
+
+def test_the_picker_reckons_with_the_policy_room_and_waiting_weight() -> None:
+    s = settings("--static", "p.yaml", "--max-num-seqs", "12", "--waiting-factor", "3",
+                 "--room-threshold", "0.5")
+    assert (s.extproc.pick.max_num_seqs, s.extproc.pick.waiting_factor,
+            s.extproc.pick.room_threshold) == (12, 3.0, 0.5)
 
 
 def test_flags_win_over_the_config_file(tmp_path: Path) -> None:
@@ -37,8 +46,8 @@ def test_flags_win_over_the_config_file(tmp_path: Path) -> None:
     ("text", "message"),
     [
         ("xds_prot: 1\n", "unknown key 'xds_prot'"),
-        ("xds_port: many\n", "xds_port: 'many' is not a int"),
-        ("lb-policy: random\n", "is not least_request or round_robin"),
+        ("xds_port: many\n", "xds_port: 'many' is not an int"),
+        ("lb-policy: random\n", "lb-policy: 'random' is not one of least_request, round_robin"),
         ("metrics: magic\n", "is not one of auto, prometheus, scrape, none"),
         ("room-threshold: 1.5\n", "room_threshold must be in"),
         ("metrics: prometheus\n", "needs --prometheus-url"),

@@ -15,10 +15,10 @@ import sys
 
 from envoy.service.ext_proc.v3 import external_processor_pb2 as ep
 
-from xds_server.extproc.pick import PickSettings
 from xds_server.extproc.server import Picker, StreamState, add_to_server
 from xds_server.extproc.state import RemoteState
 from xds_server.metrics import Metrics
+from xds_server.settings import PickSettings
 
 
 class ReplayingPicker(Picker):

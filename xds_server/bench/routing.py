@@ -506,4 +506,4 @@ def extproc_usable() -> bool:
     """Whether `serve` hosts the picker (`--extproc-port`), which another engineer is building."""
     from xds_server.commands import serve
 
-    return "extproc-port" in serve._FLAGS
+    return any(o.flag == "extproc-port" for o in serve.OPTIONS)

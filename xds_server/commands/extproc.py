@@ -15,7 +15,7 @@ import logging
 import signal
 from pathlib import Path
 
-from xds_server.extproc.pick import PickSettings
+from xds_server.settings import PickSettings
 
 log = logging.getLogger(__name__)
 

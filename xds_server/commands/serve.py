@@ -11,217 +11,26 @@ import argparse
 import asyncio
 import gc
 import logging
-from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any
 
 import yaml
 
-from xds_server.extproc.pick import PickSettings
-from xds_server.policy.views import HybridSettings
-from xds_server.policy.weights import PolicySettings
-from xds_server.settings import (
-    AdminSettings,
-    EnvoySettings,
-    ExtprocSettings,
-    KubernetesPool,
-    KubernetesSettings,
-    LoadMode,
-    LoadSettings,
-    Settings,
-    StaticSettings,
-    TlsSettings,
-    UpstreamTls,
-    XdsSettings,
-)
-from xds_server.sources.prometheus import PrometheusQueries
+from xds_server import options
+from xds_server.settings import KubernetesPool, KubernetesSettings, Settings
 
 log = logging.getLogger(__name__)
 
 
-def _switch(value: Any) -> bool:
-    """A flag without a value (`--kubernetes`); in the config file, `true` or `false`."""
-    if not isinstance(value, bool):
-        raise ValueError(value)
-    return value
-
-
-def _names(value: Any) -> tuple[str, ...]:
-    """A repeatable flag (`--namespace a --namespace b`); in the config file, a list."""
-    items = [value] if isinstance(value, str) else value
-    if not isinstance(items, list | tuple) or not all(isinstance(i, str) and i for i in items):
-        raise ValueError(value)
-    return tuple(items)
-
-
-# How argparse takes the flags whose value is not a plain typed string.
-_ACTIONS: dict[Any, dict[str, Any]] = {
-    _switch: {"action": "store_const", "const": True},
-    _names: {"action": "append"},
-}
-def _bool(value: Any) -> bool:
-    """true/false, yes/no, 1/0: for flags and config keys alike."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("true", "yes", "1", "on"):
-        return True
-    if text in ("false", "no", "0", "off"):
-        return False
-    raise ValueError(f"{value!r} is not true or false")
-
-
-# flag -> (type, default, help); the defaults are the settings dataclasses' own.
-_FLAGS: dict[str, tuple[Any, Any, str]] = {
-    "static": (Path, None, "YAML file of pools to serve (watched for changes)"),
-    "static-poll-interval-s": (float, StaticSettings.poll_interval_s,
-                               "how often the pool file is checked"),
-    "kubernetes": (_switch, None, "discover vLLM pods through the Kubernetes API"),
-    "kubeconfig": (Path, None, "kubeconfig for --kubernetes (default: the in-cluster service "
-                   "account)"),
-    "namespace": (_names, None, "namespace to watch; repeat for several (default: all, which "
-                  "needs the ClusterRole)"),
-    "selector": (str, None, "label selector of the vLLM pods, e.g. app=vllm (several pools: "
-                 "kubernetes_pools in --config)"),
-    "inference-pools": (_switch, None, "with --kubernetes: every InferencePool "
-                        "(inference.networking.k8s.io/v1) in the watched namespaces is a pool: "
-                        "its name, the pods its selector matches, its target ports"),
-    "kubernetes-resync-interval-s": (float, KubernetesSettings.resync_interval_s,
-                                     "full relist of the pods, a safety net for the watch"),
-    "kubernetes-watch-timeout-s": (int, KubernetesSettings.watch_timeout_s,
-                                   "server-side end of each watch request (it then resumes)"),
-    "kubernetes-watch-silence-s": (float, KubernetesSettings.watch_silence_s,
-                                   "a watch that receives no event and no bookmark for this "
-                                   "long is taken for dead and resumed (API servers send a "
-                                   "bookmark about once a minute)"),
-    "xds-host": (str, XdsSettings.host, "address the ADS gRPC server binds (in a cluster: "
-                 "the pod IP)"),
-    "xds-port": (int, XdsSettings.port, "port of the ADS gRPC server (0: any free port)"),
-    "xds-max-receive-bytes": (int, XdsSettings.max_receive_bytes,
-                              "largest ADS request accepted (larger: the stream ends)"),
-    "xds-max-streams": (int, XdsSettings.max_streams,
-                        "ADS streams held at once; more are refused (RESOURCE_EXHAUSTED)"),
-    "xds-max-streams-per-peer": (int, XdsSettings.max_streams_per_peer,
-                                 "ADS streams held at once from one address; more are refused"),
-    "xds-max-resource-names": (int, XdsSettings.max_resource_names,
-                               "resource names one ADS request may carry (a real Envoy names a "
-                               "few per pool); more end the stream (RESOURCE_EXHAUSTED)"),
-    "tls-cert": (Path, None, "PEM certificate chain: serve ADS over TLS (re-read when the "
-                 "file changes, no restart)"),
-    "tls-key": (Path, None, "PEM private key of --tls-cert"),
-    "tls-client-ca": (Path, None, "PEM CA bundle: require Envoys to present a client "
-                      "certificate it signed (mutual TLS)"),
-    "tls-node-san": (str, XdsSettings.node_san,
-                     "with --tls-client-ca: an Envoy asking for a node's view must present a "
-                     "certificate with a URI SAN matching this ({node}: the node, *: any one "
-                     "path segment; empty: no check)"),
-    "admin-host": (str, AdminSettings.host, "address the admin HTTP server binds"),
-    "admin-port": (int, AdminSettings.port,
-                   "port of the admin server: /healthz /readyz /metrics /debug/state"),
-    "listener-port": (int, EnvoySettings.listener_port,
-                      "port of the Envoy listener for OpenAI-style traffic (an Envoy's "
-                      "bootstrap may override it)"),
-    "listener-host": (str, EnvoySettings.listener_host, "address the Envoy listener binds"),
-    "connect-timeout-s": (float, EnvoySettings.connect_timeout_s,
-                          "Envoy's upstream connect timeout"),
-    "route-timeout-s": (float, EnvoySettings.route_timeout_s,
-                        "Envoy's whole-request timeout (generation can be long)"),
-    "model-header": (str, EnvoySettings.model_header, "request header that names the pool"),
-    "outlier-consecutive-failures": (int, EnvoySettings.outlier_consecutive_failures,
-                                     "Envoy ejects a replica for a while after this many "
-                                     "connect failures, resets, timeouts or 502-504 in a row "
-                                     "(not vLLM's 500s; 0: off)"),
-    "outlier-ejection-s": (float, EnvoySettings.outlier_ejection_s,
-                           "first ejection time (longer after each ejection in a row)"),
-    "upstream-idle-timeout-s": (float, EnvoySettings.upstream_idle_timeout_s,
-                                "a try that receives nothing for this long fails with 504, "
-                                "bounding a hung replica (0: off; keep it above your longest "
-                                "non-streaming generation)"),
-    "metrics": (str, LoadSettings.mode,
-                "where loads come from: auto (Prometheus if --prometheus-url, else/when stale "
-                "the direct scrape), prometheus, scrape, none (capacity-only weights)"),
-    "prometheus-url": (str, LoadSettings.prometheus_url, "Prometheus base URL"),
-    "prometheus-interval-s": (float, LoadSettings.prometheus_interval_s,
-                              "how often Prometheus is queried (mode prometheus)"),
-    "prometheus-max-age-s": (float, LoadSettings.prometheus_max_age_s,
-                             "in auto mode, older Prometheus samples are replaced by a scrape"),
-    "query-running": (str, PrometheusQueries.running, "PromQL: running requests per replica"),
-    "query-waiting": (str, PrometheusQueries.waiting, "PromQL: waiting requests per replica"),
-    "query-kv": (str, PrometheusQueries.kv_cache_usage, "PromQL: KV-cache use per replica"),
-    "query-sampled-at": (str, PrometheusQueries.sampled_at,
-                         "PromQL: when each replica's samples were taken"),
-    "query-label": (str, PrometheusQueries.label,
-                    "label that carries a replica's metrics address (IP:PORT) in query results"),
-    "scrape-interval-s": (float, LoadSettings.scrape_interval_s,
-                          "how often each replica's /metrics is scraped"),
-    "scrape-timeout-s": (float, LoadSettings.scrape_timeout_s, "timeout of one scrape"),
-    "scrape-concurrency": (int, LoadSettings.scrape_concurrency, "scrapes in flight at once"),
-    "max-num-seqs": (int, PolicySettings.max_num_seqs,
-                     "requests one rank takes at once: the room per rank (vLLM --max-num-seqs, "
-                     "or the concurrency your latency target allows)"),
-    "waiting-factor": (float, PolicySettings.waiting_factor,
-                       "how much more a waiting request weighs than a running one"),
-    "stale-after-s": (float, PolicySettings.stale_after_s,
-                      "load older than this is doubted; at twice it the pool mean stands in"),
-    "smoothing-s": (float, PolicySettings.smoothing_s,
-                    "time constant of weight smoothing (0: off)"),
-    "max-step-per-s": (float, PolicySettings.max_step_per_s,
-                       "largest weight move per second, as a share of capacity weight (0: off)"),
-    "deadband": (float, PolicySettings.deadband,
-                 "smallest weight change worth a push, as a share of capacity weight"),
-    "min-share": (float, PolicySettings.min_share,
-                  "share of its capacity weight a saturated replica keeps"),
-    "decide-interval-s": (float, PolicySettings.decide_interval_s,
-                          "weights are decided again at least this often without a new "
-                          "reading, so that loads that stop arriving go stale on time"),
-    "room-threshold": (float, HybridSettings.room_threshold,
-                       "utilization up to which a node keeps all its Envoy's requests; lower "
-                       "spills earlier (flatter queues, more cross-node hops)"),
-    "keep-step": (int, HybridSettings.keep_step,
-                  "keep shares move in steps of this many per mille (fewer route pushes)"),
-    "local-first": (_bool, HybridSettings.local_first,
-                    "true: an Envoy on a node prefers that node's replicas while they have "
-                    "room; false: every Envoy balances over the whole pool"),
-    "lb-policy": (str, EnvoySettings.lb_policy,
-                  "Envoy's balancer within a cluster: least_request or round_robin"),
-    "session-header": (str, EnvoySettings.session_header,
-                       "requests with this header stick to one replica per session value "
-                       "(bounded-load consistent hashing, no picker needed)"),
-    "hash-balance-factor": (int, EnvoySettings.hash_balance_factor,
-                            "session stickiness bound: no replica above this percent of the "
-                            "mean load (>= 100)"),
-    "extproc-port": (int, ExtprocSettings.port,
-                     "host the ext_proc endpoint picker in this process on this port "
-                     "(0: not hosted)"),
-    "extproc-host": (str, None, "address the hosted picker binds (default: the host of "
-                     "--extproc-address, else 127.0.0.1)"),
-    "extproc-fallbacks": (int, PickSettings.fallbacks,
-                          "endpoints the picker names after its pick, for Envoy to fall "
-                          "back to"),
-    "extproc-max-queue": (int, PickSettings.max_queue,
-                          "the picker answers 429 when every candidate has more waiting "
-                          "requests than this (0: never)"),
-    "extproc-address": (str, EnvoySettings.extproc_address,
-                        "HOST:PORT where Envoys reach the endpoint picker; adds the ext_proc "
-                        "filter (default with --extproc-port: 127.0.0.1:PORT)"),
-    "extproc-timeout-s": (float, EnvoySettings.extproc_timeout_s,
-                          "how long Envoy waits for a pick before routing by the weights"),
-    "extproc-tls-ca": (str, None, "PEM CA, as a path on the Envoys' side: Envoys reach the "
-                       "picker over TLS and verify it against this CA and the host of "
-                       "--extproc-address (a picker hosted here serves --tls-cert)"),
-    "extproc-tls-cert": (str, None, "PEM client certificate, as a path on the Envoys' side, "
-                         "for mutual TLS to the picker (with --extproc-tls-key)"),
-    "extproc-tls-key": (str, None, "PEM private key of --extproc-tls-cert, on the Envoys' "
-                        "side"),
-}
+OPTIONS = options.options(Settings)
+#: Config-file keys with structure of their own, read here rather than by a flag.
+_STRUCTURED = ("kubernetes-pools",)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML file with any of the flags below")
-    for flag, (kind, default, help_text) in _FLAGS.items():
-        shown = "" if default is None else f" (default {default})"
-        how = _ACTIONS.get(kind, {"type": kind})
-        parser.add_argument(f"--{flag}", **how, default=None, help=help_text + shown)
+    options.add_arguments(parser, OPTIONS)
 
 
 def load_config(path: Path) -> dict[str, Any]:
@@ -237,98 +46,38 @@ def load_config(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(doc, dict):
         raise SystemExit(f"config {path}: expected a mapping of flag names to values")
-    values: dict[str, Any] = {}
-    for key, value in doc.items():
-        flag = str(key).replace("_", "-")
-        if flag == "kubernetes-pools":
-            values[flag] = _kubernetes_pools(value, path)
-            continue
-        if flag not in _FLAGS:
-            known = sorted([*_FLAGS, "kubernetes-pools"])
-            raise SystemExit(f"config {path}: unknown key {key!r}; known: {', '.join(known)}")
-        kind = _FLAGS[flag][0]
-        try:
-            values[flag] = kind(value)
-        except (TypeError, ValueError) as exc:
-            raise SystemExit(f"config {path}: {key}: {value!r} is not a {kind.__name__}") from exc
+    values = options.from_config(doc, OPTIONS, source=f"config {path}", extra=_STRUCTURED)
+    if "kubernetes-pools" in values:
+        values["kubernetes-pools"] = _kubernetes_pools(values["kubernetes-pools"], path)
     return values
 
 
 def settings_from_args(args: argparse.Namespace) -> Settings:
     values = load_config(args.config) if args.config else {}
-    for flag in _FLAGS:
-        given = getattr(args, flag.replace("-", "_"))
-        if given is not None:
-            values[flag] = given
+    values.update(options.from_args(args, OPTIONS))
+    pools = values.pop("kubernetes-pools", ())
+    return _check(_derive(options.build(Settings, values, OPTIONS), pools))
 
-    def get(flag: str) -> Any:
-        return values.get(flag, _FLAGS[flag][1])
 
-    return _check(Settings(
-        xds=XdsSettings(
-            host=get("xds-host"), port=get("xds-port"),
-            max_receive_bytes=get("xds-max-receive-bytes"), max_streams=get("xds-max-streams"),
-            max_streams_per_peer=get("xds-max-streams-per-peer"),
-            max_resource_names=get("xds-max-resource-names"), node_san=get("tls-node-san"),
-            tls=TlsSettings(cert=get("tls-cert"), key=get("tls-key"),
-                            client_ca=get("tls-client-ca"))),
-        envoy=EnvoySettings(
-            listener_port=get("listener-port"),
-            listener_host=get("listener-host"),
-            connect_timeout_s=get("connect-timeout-s"),
-            route_timeout_s=get("route-timeout-s"),
-            model_header=get("model-header"),
-            outlier_consecutive_failures=get("outlier-consecutive-failures"),
-            outlier_ejection_s=get("outlier-ejection-s"),
-            upstream_idle_timeout_s=get("upstream-idle-timeout-s"),
-            lb_policy=_lb_policy(get("lb-policy")),
-            session_header=get("session-header"),
-            hash_balance_factor=get("hash-balance-factor"),
-            extproc_timeout_s=get("extproc-timeout-s"),
-            extproc_address=get("extproc-address")
-            or (f"127.0.0.1:{get('extproc-port')}" if get("extproc-port") else ""),
-            extproc_tls=UpstreamTls.from_flags(get("extproc-tls-ca"), get("extproc-tls-cert"),
-                                               get("extproc-tls-key"), flags="--extproc-tls"),
-        ),
-        admin=AdminSettings(host=get("admin-host"), port=get("admin-port")),
-        static=StaticSettings(path=get("static"), poll_interval_s=get("static-poll-interval-s")),
-        kubernetes=_kubernetes(get, values.get("kubernetes-pools", ())),
-        loads=LoadSettings(
-            mode=_mode(get("metrics")),
-            prometheus_url=get("prometheus-url"),
-            prometheus_interval_s=get("prometheus-interval-s"),
-            prometheus_max_age_s=get("prometheus-max-age-s"),
-            queries=PrometheusQueries(
-                running=get("query-running"), waiting=get("query-waiting"),
-                kv_cache_usage=get("query-kv"), sampled_at=get("query-sampled-at"),
-                label=get("query-label"),
-            ),
-            scrape_interval_s=get("scrape-interval-s"),
-            scrape_timeout_s=get("scrape-timeout-s"),
-            scrape_concurrency=get("scrape-concurrency"),
-        ),
-        policy=_checked(
-            PolicySettings, "weight policy",
-            max_num_seqs=get("max-num-seqs"), waiting_factor=get("waiting-factor"),
-            stale_after_s=get("stale-after-s"), smoothing_s=get("smoothing-s"),
-            max_step_per_s=get("max-step-per-s"), deadband=get("deadband"),
-            min_share=get("min-share"), decide_interval_s=get("decide-interval-s"),
-        ),
-        hybrid=_checked(HybridSettings, "hybrid routing", room_threshold=get("room-threshold"),
-                        keep_step=get("keep-step"), local_first=get("local-first")),
-        extproc=ExtprocSettings(
-            host=get("extproc-host") or _host_of(get("extproc-address")) or "127.0.0.1",
-            port=get("extproc-port"),
-            pick=PickSettings(max_num_seqs=get("max-num-seqs"),
-                              waiting_factor=get("waiting-factor"),
-                              room_threshold=get("room-threshold"),
-                              fallbacks=get("extproc-fallbacks"),
-                              max_queue=get("extproc-max-queue")),
-        ),
-    ))
+def _derive(s: Settings, pools: tuple[KubernetesPool, ...]) -> Settings:
+    """Values that follow from others: where the picker is, what it reckons with, what is
+    watched."""
+    address = s.envoy.extproc_address or (
+        f"127.0.0.1:{s.extproc.port}" if s.extproc.port else "")
+    pick = replace(s.extproc.pick, max_num_seqs=s.policy.max_num_seqs,
+                   waiting_factor=s.policy.waiting_factor,
+                   room_threshold=s.hybrid.room_threshold)
+    return replace(
+        s,
+        envoy=replace(s.envoy, extproc_address=address),
+        extproc=replace(s.extproc, host=s.extproc.host or _host_of(address) or "127.0.0.1",
+                        pick=pick),
+        kubernetes=_kubernetes(s.kubernetes, pools),
+    )
 
 
 def _check(settings: Settings) -> Settings:
+    """Combinations across groups that cannot work end the command with a message."""
     from xds_server.xds.guard import NodeSan  # gRPC and protobuf: slow to import
 
     settings.xds.tls.check("hybridlb serve")
@@ -337,19 +86,15 @@ def _check(settings: Settings) -> Settings:
             NodeSan(settings.xds.node_san)
         except ValueError as exc:
             raise SystemExit(f"--tls-node-san: {exc}") from exc
-    xds = settings.xds
-    if min(xds.max_streams, xds.max_streams_per_peer, xds.max_resource_names) < 1:
-        raise SystemExit("--xds-max-streams, --xds-max-streams-per-peer and "
-                         "--xds-max-resource-names must be at least 1")
-    hosted = settings.extproc.port and settings.envoy.extproc_tls is not None
-    if hosted and not settings.xds.tls.enabled:
+    picker_tls = settings.envoy.extproc_tls.enabled
+    if settings.extproc.port and picker_tls and not settings.xds.tls.enabled:
         raise SystemExit("--extproc-tls-ca with --extproc-port: the picker hosted here serves "
                          "the control plane's certificate; give --tls-cert and --tls-key")
-    if settings.extproc.port and settings.xds.tls.enabled and settings.envoy.extproc_tls is None:
+    if settings.extproc.port and settings.xds.tls.enabled and not picker_tls:
         raise SystemExit("--extproc-port with --tls-cert: the picker hosted here serves TLS; "
                          "give --extproc-tls-ca (and for mutual TLS --extproc-tls-cert/-key) "
                          "so that Envoys speak TLS to it")
-    if settings.envoy.extproc_tls is not None and not settings.envoy.extproc_address:
+    if picker_tls and not settings.envoy.extproc_address:
         raise SystemExit("--extproc-tls-ca needs a picker: --extproc-port or --extproc-address")
     if settings.loads.mode == "prometheus" and not settings.loads.prometheus_url:
         raise SystemExit("--metrics prometheus needs --prometheus-url")
@@ -365,58 +110,24 @@ def _kubernetes_pools(value: Any, path: Path) -> tuple[KubernetesPool, ...]:
         raise SystemExit(f"config {path}: {exc}") from exc
 
 
-def _kubernetes(get: Any, pools: tuple[KubernetesPool, ...]) -> KubernetesSettings:
+def _kubernetes(k: KubernetesSettings, pools: tuple[KubernetesPool, ...]) -> KubernetesSettings:
     """Pools from the config file (their own namespaces, else --namespace), plus --selector."""
-    namespaces = tuple(get("namespace") or ())
-    pools = tuple(KubernetesPool(name=p.name, selector=p.selector,
-                                 namespaces=p.namespaces or namespaces,
-                                 inference_pool=p.inference_pool) for p in pools)
-    if get("selector"):
-        pools += (KubernetesPool(selector=get("selector"), namespaces=namespaces),)
-    enabled = bool(get("kubernetes"))
-    inference_pools = bool(get("inference-pools"))
-    if not enabled and (pools or get("kubeconfig") or namespaces or inference_pools):
+    pools = tuple(replace(p, namespaces=p.namespaces or k.namespaces) for p in pools)
+    if k.selector:
+        pools += (KubernetesPool(selector=k.selector, namespaces=k.namespaces),)
+    if not k.enabled and (pools or k.kubeconfig or k.namespaces or k.inference_pools):
         raise SystemExit("--selector, --namespace, --kubeconfig, --inference-pools and "
                          "kubernetes_pools need --kubernetes")
-    if enabled and not pools and not inference_pools:
+    if k.enabled and not pools and not k.inference_pools:
         raise SystemExit("--kubernetes needs --selector or --inference-pools (or "
                          "kubernetes_pools in --config)")
-    return KubernetesSettings(
-        enabled=enabled, kubeconfig=get("kubeconfig"), pools=pools,
-        inference_pools=inference_pools, namespaces=namespaces,
-        resync_interval_s=get("kubernetes-resync-interval-s"),
-        watch_timeout_s=get("kubernetes-watch-timeout-s"),
-        watch_silence_s=get("kubernetes-watch-silence-s"),
-    )
-
-
-def _mode(value: str) -> LoadMode:
-    if value not in ("auto", "prometheus", "scrape", "none"):
-        raise SystemExit(f"--metrics: {value!r} is not one of auto, prometheus, scrape, none")
-    return cast(LoadMode, value)
-
-
-def _lb_policy(value: str) -> Literal["least_request", "round_robin"]:
-    if value not in ("least_request", "round_robin"):
-        raise SystemExit(f"--lb-policy: {value!r} is not least_request or round_robin")
-    return cast(Literal["least_request", "round_robin"], value)
-
-
-_T = TypeVar("_T")
+    return replace(k, pools=pools)
 
 
 def _host_of(address: str) -> str:
     """The host of HOST:PORT (brackets of an IPv6 address dropped), or ""."""
     host, _, _ = (address or "").rpartition(":")
     return host.strip("[]")
-
-
-def _checked(kind: Callable[..., _T], what: str, **values: Any) -> _T:
-    """A settings group whose own validation failed ends the command with a clear message."""
-    try:
-        return kind(**values)
-    except ValueError as exc:
-        raise SystemExit(f"{what}: {exc}") from exc
 
 
 def run(args: argparse.Namespace) -> int:

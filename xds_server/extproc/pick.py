@@ -21,32 +21,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-
-@dataclass(frozen=True)
-class PickSettings:
-    """Tunables of the picker; each is a flag of `hybridlb extproc` and `serve`."""
-
-    #: Requests one rank takes at once: the room per rank (as in the weight policy).
-    max_num_seqs: int = 256
-    waiting_factor: float = 4.0
-    #: Score bonus (in units of a replica's room) for the replica that last took the prefix.
-    affinity_bonus: float = 0.15
-    #: Above this wait a replica gets no affinity bonus: a warm cache is not worth a queue.
-    room_threshold: float = 0.7
-    #: Score bonus for a replica on the asking Envoy's own node.
-    locality_bonus: float = 0.05
-    #: Characters of the prompt that make up its leading block (about 64 tokens).
-    prefix_chars: int = 256
-    #: Bodies larger than this are not parsed (the request passes through to the weights).
-    #: Below Envoy's per-connection buffer limit (1 MiB), which the picker asks Envoy to
-    #: buffer bodies of this size or less in.
-    max_body_bytes: int = 1_000_000
-    #: Endpoints named after the pick, in order, for the proxy to try when the first fails
-    #: (the protocol's fallback list; Envoy goes down it on retries).
-    fallbacks: int = 2
-    #: A request finds every candidate with more than this many waiting requests: it is
-    #: refused with 429 instead of queued (0: never refused).
-    max_queue: int = 0
+from xds_server.settings import PickSettings
 
 
 @dataclass(frozen=True)

@@ -42,7 +42,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from xds_server.extproc.pick import (
     Candidate,
-    PickSettings,
     Unreadable,
     all_queued,
     in_subset,
@@ -53,6 +52,7 @@ from xds_server.extproc.pick import (
 from xds_server.extproc.state import PickerState, PrefixOwners
 from xds_server.logsafe import clip
 from xds_server.metrics import Metrics
+from xds_server.settings import PickSettings
 from xds_server.xds.resources import (
     DESTINATION_HEADER,
     LB_NS,

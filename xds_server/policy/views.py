@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from xds_server.options import option
+
 #: Keep shares are integers out of this total (Envoy's weighted clusters take integers).
 PER_MILLE = 1000
 
@@ -26,13 +28,16 @@ PER_MILLE = 1000
 class HybridSettings:
     """Tunables of node-local-first routing; each is a flag and a config key of `serve`."""
 
-    #: Utilization up to which a node "has room" and keeps all its Envoy's requests. Lower
-    #: it to spill earlier (more cross-node traffic, flatter queues); raise it to stay local.
-    room_threshold: float = 0.7
-    #: Keep shares move in steps of this (per mille), so small load jitter pushes no routes.
-    keep_step: int = 50
-    #: Off: every Envoy balances over the whole pool (global-only weighted routing).
-    local_first: bool = True
+    #: Utilization up to which a node "has room" and keeps all its Envoy's requests.
+    room_threshold: float = option(0.7, "utilization up to which a node keeps all its Envoy's "
+                                   "requests; lower spills earlier (flatter queues, more "
+                                   "cross-node hops)", flag="room-threshold")
+    #: So that small load jitter pushes no routes.
+    keep_step: int = option(50, "keep shares move in steps of this many per mille (fewer route "
+                            "pushes)", flag="keep-step")
+    local_first: bool = option(True, "true: an Envoy on a node prefers that node's replicas "
+                               "while they have room; false: every Envoy balances over the "
+                               "whole pool", flag="local-first")
 
     def __post_init__(self) -> None:
         if not 0 <= self.room_threshold < 1:

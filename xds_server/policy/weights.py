@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from xds_server.model import Load, Pool, Replica, ReplicaState, Weights
+from xds_server.options import option
 
 #: Weight of one idle rank. Envoy needs integers >= 1 and a locality sum below 2**32.
 SCALE = 100
@@ -44,26 +45,30 @@ MIN_WEIGHT = 1
 class PolicySettings:
     """Tunables of the weight policy; each is a flag and a config key of `serve`."""
 
-    #: Requests one rank takes at once (vLLM `--max-num-seqs`); the room per rank. Lower it to
-    #: the concurrency at which your latency target still holds.
-    max_num_seqs: int = 256
-    #: How much more a waiting request counts than a running one (vLLM's own balancer: 4).
-    waiting_factor: float = 4.0
-    #: Past this age a load reading is doubted; at twice it the pool mean replaces it.
-    stale_after_s: float = 5.0
-    #: Time constant of the smoothing; 0 turns smoothing off.
-    smoothing_s: float = 2.0
-    #: Largest move per second, as a share of the replica's capacity weight; 0: unbounded.
-    max_step_per_s: float = 0.5
-    #: Smallest change worth a push, as a share of the capacity weight.
-    deadband: float = 0.05
-    #: Share of its capacity weight a saturated replica keeps, so it is never starved.
-    min_share: float = 0.02
+    #: Lower it to the concurrency at which your latency target still holds.
+    max_num_seqs: int = option(256, "requests one rank takes at once: the room per rank (vLLM "
+                               "--max-num-seqs, or the concurrency your latency target "
+                               "allows)", flag="max-num-seqs")
+    #: vLLM's own balancer counts a waiting request 4 times.
+    waiting_factor: float = option(4.0, "how much more a waiting request weighs than a "
+                                   "running one", flag="waiting-factor")
+    stale_after_s: float = option(5.0, "load older than this is doubted; at twice it the pool "
+                                  "mean stands in", flag="stale-after-s")
+    smoothing_s: float = option(2.0, "time constant of weight smoothing (0: off)",
+                                flag="smoothing-s")
+    max_step_per_s: float = option(0.5, "largest weight move per second, as a share of "
+                                   "capacity weight (0: off)", flag="max-step-per-s")
+    deadband: float = option(0.05, "smallest weight change worth a push, as a share of "
+                             "capacity weight", flag="deadband")
+    #: So that a saturated replica is never starved.
+    min_share: float = option(0.02, "share of its capacity weight a saturated replica keeps",
+                              flag="min-share")
     #: Published weights are multiples of this.
     quantum: int = 1
-    #: Weights are decided again at least this often, even when no reading arrives: a
-    #: reading's age is judged when deciding, so loads that stop coming go stale on time.
-    decide_interval_s: float = 1.0
+    #: A reading's age is judged when deciding, so loads that stop coming go stale on time.
+    decide_interval_s: float = option(1.0, "weights are decided again at least this often "
+                                      "without a new reading, so that loads that stop "
+                                      "arriving go stale on time", flag="decide-interval-s")
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:

@@ -12,29 +12,16 @@ import asyncio
 import logging
 import math
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from xds_server.metrics import Metrics
 from xds_server.model import Load, RankLoad, Replica
+from xds_server.settings import PrometheusQueries
 from xds_server.sources.scrape import combine
 
 log = logging.getLogger(__name__)
 
 SOURCE = "prometheus"
-
-
-@dataclass(frozen=True)
-class PrometheusQueries:
-    """PromQL per signal; each must return one series per replica carrying `label`."""
-
-    # Per engine (the global DP rank), so that rank endpoints get their own rank's load.
-    running: str = "sum by (instance, engine) (vllm:num_requests_running)"
-    waiting: str = "sum by (instance, engine) (vllm:num_requests_waiting)"
-    kv_cache_usage: str = "avg by (instance, engine) (vllm:kv_cache_usage_perc)"
-    #: When the samples were taken (the oldest rank's sample of a replica).
-    sampled_at: str = "min by (instance) (timestamp(vllm:num_requests_running))"
-    label: str = "instance"
 
 
 class PrometheusDown(Exception):

@@ -226,7 +226,7 @@ def extproc_cluster(settings: EnvoySettings) -> cluster_pb2.Cluster:
                         address=host.strip("[]"), port_value=int(port)))))])],
         ),
     )
-    if settings.extproc_tls is not None:
+    if settings.extproc_tls.enabled:
         cluster.transport_socket.CopyFrom(json_format.ParseDict(
             upstream_tls.transport_socket(settings.extproc_tls, [host.strip("[]")]),
             base_pb2.TransportSocket()))

@@ -16,6 +16,7 @@ from xds_server.settings import UpstreamTls
 def transport_socket(tls: UpstreamTls, hosts: Sequence[str]) -> dict[str, Any]:
     """UpstreamTlsContext: verify the server against `ca` and the hosts' names (SAN), send
     SNI for a host name, and present a client certificate for mutual TLS when given."""
+    assert tls.ca is not None, "transport_socket of a plaintext UpstreamTls"
     sans = [{"san_type": "IP_ADDRESS" if is_ip(h) else "DNS", "matcher": {"exact": h}}
             for h in dict.fromkeys(hosts)]
     common: dict[str, Any] = {
