@@ -40,8 +40,7 @@ class Plane:
 @pytest.fixture
 async def plane() -> AsyncIterator[Plane]:
     state, cache, metrics = State(), SnapshotCache(), Metrics()
-    publisher = Publisher(state=state, cache=cache, metrics=metrics, settings=EnvoySettings(),
-                          linger_s=0)
+    publisher = Publisher(state=state, cache=cache, metrics=metrics, settings=EnvoySettings())
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((AdsServer(cache=cache, metrics=metrics).handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
