@@ -278,8 +278,11 @@ class AdsServer:
         )
         if names == state.names and wildcard == state.wildcard:
             return  # an ACK: nothing new is asked for
-        for gone in state.names - names:
-            state.sent.pop(gone, None)
+        if type_url not in types.FULL_STATE_TYPES:
+            # Asked again later, it is sent again (the spec: a newly requested resource is
+            # resent). CDS and LDS responses carry everything anyway.
+            for gone in state.names - names:
+                state.sent.pop(gone, None)
         state.names, state.wildcard, state.dirty = names, wildcard, True
 
     @staticmethod
