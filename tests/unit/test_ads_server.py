@@ -188,6 +188,10 @@ async def test_a_change_arriving_with_a_request_for_an_unserved_type_is_still_pu
         while True:
             request = await outbox.get()
             if request.type_url.endswith("Secret"):
+                # Once the ACK is handled, a change and this request arrive together.
+                while not any(i.types[types.CLUSTER].acked_version
+                              for i in server.streams.values()):
+                    await asyncio.sleep(0.01)
                 plane.state.set_pools("test", [Pool("qwen3", (A, B)), Pool("other", (A,))])
                 plane.publisher.publish_now()  # wakes the stream before it reads the request
             yield request
