@@ -78,12 +78,15 @@ def build_view(plan: Plan, view: View, settings: EnvoySettings) -> Snapshot:
     problems = consistency.problems(clusters, plan.endpoints.keys(), [route])
     if problems:
         raise InconsistentSnapshot(f"view {view}: " + "; ".join(problems))
-    return Snapshot({
-        types.CLUSTER: encode_all(clusters, by_identity=True),
-        types.ENDPOINT: plan.endpoints,
-        types.LISTENER: encode_all([listener], by_identity=True),
-        types.ROUTE: encode_all([route], by_identity=True),
-    })
+    return Snapshot(
+        {
+            types.CLUSTER: encode_all(clusters, by_identity=True),
+            types.ENDPOINT: plan.endpoints,
+            types.LISTENER: encode_all([listener], by_identity=True),
+            types.ROUTE: encode_all([route], by_identity=True),
+        },
+        assignments_needed=consistency.assignments_needed(clusters),
+    )
 
 
 @dataclass(frozen=True)

@@ -61,7 +61,7 @@ async def connect(client: AdsClient) -> asyncio.Task[None]:
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
-async def test_an_update_adds_clusters_before_routes_and_removes_them_after_the_routes(
+async def test_routes_name_new_clusters_after_their_endpoints_and_leave_old_ones_before_removal(
     plane: Plane, delta: bool
 ) -> None:
     client = AdsClient(target=plane.target, node_id="e1", node="node-a", delta=delta)
@@ -73,8 +73,8 @@ async def test_an_update_adds_clusters_before_routes_and_removes_them_after_the_
     await client.wait_until(lambda: "other" in client.held[types.ENDPOINT]
                             and any(r.type_url == types.ROUTE for r in client.received[seen:]))
     added = [r.type_url for r in client.received[seen:]]
-    # The new clusters before the routes that name them.
-    assert added.index(types.CLUSTER) < added.index(types.ROUTE)
+    # The new clusters, then their endpoints, then the routes that name them.
+    assert added.index(types.CLUSTER) < added.index(types.ENDPOINT) < added.index(types.ROUTE)
     seen = len(client.received)
     plane.set(A, B)  # "other" goes
     await client.wait_until(lambda: "other" not in client.held[types.CLUSTER])

@@ -28,6 +28,8 @@ class Snapshot:
     """Everything one view's Envoy holds: type URL -> resource name -> encoded entry."""
 
     resources: Resources = field(default_factory=dict)
+    #: The endpoint assignments the clusters name: routes wait until an Envoy has them.
+    assignments_needed: frozenset[str] = frozenset()
 
     def same_as(self, other: Snapshot | None) -> bool:
         """Same names at the same content versions (the encoded objects may differ)."""

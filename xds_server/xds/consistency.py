@@ -18,6 +18,12 @@ from envoy.extensions.clusters.aggregate.v3 import cluster_pb2 as aggregate_pb2
 MAX_PROBLEMS = 5
 
 
+def assignments_needed(clusters: Iterable[cluster_pb2.Cluster]) -> frozenset[str]:
+    """The endpoint assignments these clusters' EDS subscriptions name."""
+    return frozenset(c.eds_cluster_config.service_name or c.name for c in clusters
+                     if c.type == cluster_pb2.Cluster.EDS)
+
+
 def problems(
     clusters: Iterable[cluster_pb2.Cluster],
     assignments: Collection[str],

@@ -346,6 +346,8 @@ class AdsServer:
             state = info.types.get(type_url)
             if state is None or not state.dirty or state.in_flight:
                 continue
+            if type_url in _ROUTING_TYPES and _warming(info, snapshot):
+                continue  # stays dirty: sent once the new clusters have their endpoints
             response = self._push(info, type_url, snapshot, remove=False)
             if response is not None:
                 responses.append(response)
@@ -488,6 +490,28 @@ class AdsServer:
             removed_resources=[*removed, *absent],
         ).SerializeToString()
         return b"".join([head, *(e.delta for e in send)])
+
+
+_ROUTING_TYPES = (types.LISTENER, types.ROUTE)
+
+
+def _warming(info: StreamInfo, snapshot: Snapshot) -> bool:
+    """Whether a cluster this Envoy was (or is being) sent still waits for its endpoints.
+
+    Envoy keeps a new cluster warming, out of reach of routes (503, "cluster not found"),
+    until its assignment arrives; it asks for the assignment only after taking the cluster.
+    So routes that may name a new cluster wait for: the clusters answered, and every
+    assignment they name sent and answered. Not after a NACK of clusters: Envoy did not
+    take them and will not ask for their endpoints.
+    """
+    clusters, endpoints = info.types.get(types.CLUSTER), info.types.get(types.ENDPOINT)
+    if clusters is None or endpoints is None:
+        return False  # a client that does not use both: nothing to wait for
+    if clusters.in_flight or endpoints.in_flight:
+        return True
+    if clusters.nacked_version:
+        return False
+    return not snapshot.assignments_needed <= endpoints.sent.keys()
 
 
 #: Requests read ahead of the stream's loop; beyond it gRPC flow control holds the client.
