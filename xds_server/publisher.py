@@ -95,6 +95,8 @@ class _Decision:
     decisions: Mapping[str, Decision]
     inputs: tuple[resources.PoolInput, ...]
     keep: Mapping[str, Mapping[str, int]]
+    #: When it was decided: `published.at`, stamped before the build.
+    at: float
 
     @property
     def weights(self) -> dict[str, Weights]:
@@ -185,7 +187,7 @@ class Publisher:
             resources.PoolInput(pool=p, weights=decisions[p.name].weights) for p in pools
         )
         keep = {p.name: self._keep_shares(p, decisions[p.name]) for p in pools}
-        decided = _Decision(pools=pools, decisions=decisions, inputs=inputs, keep=keep)
+        decided = _Decision(pools=pools, decisions=decisions, inputs=inputs, keep=keep, at=now)
         if (self._cache.ready and pools == self.published.pools
                 and decided.weights == self.published.weights and keep == self.published.keep):
             # Most load readings move no published weight (the deadband): explain them, but
@@ -230,7 +232,6 @@ class Publisher:
         changed = self._cache.set_snapshots(plan.nodes, views)
         membership_changed = decided.pools != self.published.pools
         elapsed = time.perf_counter() - started
-        now = time.time()
         self.published = Published(
             state_version=self._state.version,
             xds_version=self._cache.version,
@@ -241,9 +242,9 @@ class Publisher:
             node_utilization={
                 name: d.node_utilization for name, d in decided.decisions.items()
             },
-            at=now,
+            at=decided.at,
         )
-        self._export(decided.inputs, now)
+        self._export(decided.inputs, time.time())
         if changed:
             self._metrics.snapshots.inc()
             self._metrics.snapshot_version.set(self._cache.version)
