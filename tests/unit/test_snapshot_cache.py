@@ -79,3 +79,20 @@ def test_a_message_object_met_again_is_not_encoded_again() -> None:
     fresh = encode_all([twin], by_identity=True)["hybridlb_http"]
     assert fresh is not once and fresh.version == once.version
     assert encode_all([listener])["hybridlb_http"] is not once
+
+
+def test_a_view_no_stream_uses_any_more_is_not_kept() -> None:
+    cache = SnapshotCache()
+    plan = plan_for(POOL)
+
+    class Source:
+        def build_view(self, view: View) -> Snapshot:
+            return build_view(plan, view, SETTINGS)
+
+    cache.set_source(Source())
+    cache.set_snapshots(frozenset("ab"), views_of(plan))
+    for port in range(20000, 20100):  # streams that come and go, each claiming a new port
+        cache.attach(View("made-up", port))
+        assert cache.snapshot_for(View("made-up", port)) is not None
+        cache.detach(View("made-up", port))
+    assert set(cache.views) == {View()}

@@ -117,8 +117,14 @@ class SnapshotCache:
 
     def detach(self, view: View) -> None:
         self._attached[view] -= 1
-        if self._attached[view] <= 0:
-            del self._attached[view]
+        if self._attached[view] > 0:
+            return
+        del self._attached[view]
+        # Keep no view no stream uses: streams that come and go claiming ever new listener
+        # ports must not grow the cache between publishes.
+        key = self.key(view)
+        if key != View() and all(self.key(v) != key for v in self._attached):
+            self._views.pop(key, None)
 
     def subscribe(self, notify: Callable[[], None]) -> None:
         self._subscribers.add(notify)
