@@ -20,7 +20,7 @@ from xds_server.settings import EnvoySettings
 from xds_server.state import State
 from xds_server.xds import resources, types
 from xds_server.xds.cache import SnapshotCache
-from xds_server.xds.server import SERVICE, AdsServer
+from xds_server.xds.server import REQUEST_BACKLOG, SERVICE, AdsServer
 from xds_server.xds.snapshot import encode
 
 A = Replica("10.0.0.1", 8000, "node-a")
@@ -242,3 +242,28 @@ async def test_an_envoy_that_connects_later_gets_the_current_keep_share() -> Non
     early_task.cancel()
     late_task.cancel()
     await server.stop(0)
+
+
+async def test_a_client_that_sends_without_reading_is_held_back_not_buffered(
+    plane: Plane,
+) -> None:
+    """Requests are read into a bounded queue: while the stream does not get to serve them,
+    the server stops reading (gRPC flow control then holds the client) instead of buffering
+    whatever the client sends."""
+    server = AdsServer(cache=plane.publisher._cache, metrics=Metrics())
+    pulled = 0
+
+    async def requests() -> AsyncIterator[discovery_pb2.DeltaDiscoveryRequest]:
+        nonlocal pulled
+        for i in range(10_000):
+            pulled += 1
+            yield discovery_pb2.DeltaDiscoveryRequest(
+                node={"id": "e1"}, type_url=types.ENDPOINT, resource_names_subscribe=[f"n{i}"])
+
+    responses = server.stream_delta(requests(), context=None)
+    await anext(responses)  # the stream is now suspended on its first response
+    for _ in range(100):  # the reader's turns on the loop (no time involved)
+        await asyncio.sleep(0)
+    # The batch the first response answered, plus one full queue (and the one in hand).
+    assert pulled <= 2 * REQUEST_BACKLOG + 2
+    await responses.aclose()
