@@ -335,9 +335,10 @@ class AdsServer:
 
     def _flush(self, info: StreamInfo) -> list[bytes]:
         """What is due now, in push order: clusters before their endpoints, listeners
-        before their routes; at most one unanswered response per type (go-control-plane's
-        rule: the next one carries the latest state once the last is answered). Removals go
-        last, in reverse order, once every addition is answered (make-before-break)."""
+        and routes once new clusters have their endpoints (`_warming`); at most one
+        unanswered response per type (go-control-plane's rule: the next one carries the
+        latest state once the last is answered). Removals go last, in reverse order, once
+        every addition is answered (make-before-break)."""
         snapshot = self._cache.snapshot_for(info.view) if info.node_id else None
         if snapshot is None:
             return []
