@@ -41,6 +41,11 @@ class Metrics:
         self.snapshots = Counter(
             "hybridlb_snapshots_total", "Snapshots built from a changed state", registry=r
         )
+        self.snapshots_refused = Counter(
+            "hybridlb_snapshots_refused_total",
+            "Snapshots refused because a view named a cluster or assignment it lacked "
+            "(the last good one stayed)", registry=r,
+        )
         self.snapshot_build_seconds = Histogram(
             "hybridlb_snapshot_build_seconds", "Time to build and serialize a snapshot",
             registry=r, buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),

@@ -43,8 +43,7 @@ class Plane:
 
 async def _plane(max_streams: int, per_peer: int) -> tuple[Plane, grpc.aio.Server]:
     state, cache, metrics = State(), SnapshotCache(), Metrics()
-    publisher = Publisher(state=state, cache=cache, metrics=metrics, settings=EnvoySettings(),
-                          linger_s=0)
+    publisher = Publisher(state=state, cache=cache, metrics=metrics, settings=EnvoySettings())
     ads = AdsServer(cache=cache, metrics=metrics)
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((AdsGuard(ads.handler(), metrics=metrics,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -12,13 +13,15 @@ from envoy.service.discovery.v3 import discovery_pb2
 
 from xds_server.bench.adsclient import AdsClient
 from xds_server.metrics import Metrics
-from xds_server.model import Pool, Replica
+from xds_server.model import Load, Pool, Replica
+from xds_server.policy.weights import PolicySettings
 from xds_server.publisher import Publisher
 from xds_server.settings import EnvoySettings
 from xds_server.state import State
-from xds_server.xds import types
+from xds_server.xds import resources, types
 from xds_server.xds.cache import SnapshotCache
-from xds_server.xds.server import SERVICE, AdsServer
+from xds_server.xds.server import REQUEST_BACKLOG, SERVICE, AdsServer
+from xds_server.xds.snapshot import encode
 
 A = Replica("10.0.0.1", 8000, "node-a")
 B = Replica("10.0.0.2", 8000, "node-b")
@@ -40,8 +43,7 @@ class Plane:
 @pytest.fixture
 async def plane() -> AsyncIterator[Plane]:
     state, cache, metrics = State(), SnapshotCache(), Metrics()
-    publisher = Publisher(state=state, cache=cache, metrics=metrics, settings=EnvoySettings(),
-                          linger_s=0)
+    publisher = Publisher(state=state, cache=cache, metrics=metrics, settings=EnvoySettings())
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((AdsServer(cache=cache, metrics=metrics).handler(),))
     port = server.add_insecure_port("127.0.0.1:0")
@@ -59,20 +61,30 @@ async def connect(client: AdsClient) -> asyncio.Task[None]:
 
 
 @pytest.mark.parametrize("delta", [False, True], ids=["sotw", "delta"])
-async def test_push_order_is_clusters_endpoints_listeners_routes(
+async def test_routes_name_new_clusters_after_their_endpoints_and_leave_old_ones_before_removal(
     plane: Plane, delta: bool
 ) -> None:
     client = AdsClient(target=plane.target, node_id="e1", node="node-a", delta=delta)
-    task = await connect(client)
-    firsts: list[str] = []
-    for r in client.received:
-        if r.type_url not in firsts:
-            firsts.append(r.type_url)
-    # The client asks for CDS and LDS at once; endpoints follow clusters, routes listeners.
-    assert firsts.index(types.ENDPOINT) > firsts.index(types.CLUSTER)
-    assert firsts.index(types.ROUTE) > firsts.index(types.LISTENER)
-    # Its own node's assignment and the pool's; not another node's (it has no cluster for it).
+    task = await connect(client)  # CDS, EDS, LDS and RDS all subscribed from here on
     assert set(client.held[types.ENDPOINT]) == {"qwen3", "qwen3/node/node-a"}
+    seen = len(client.received)
+    plane.state.set_pools("test", [Pool("qwen3", (A, B)), Pool("other", (A,))])
+    plane.publisher.publish_now()
+    await client.wait_until(lambda: "other" in client.held[types.ENDPOINT]
+                            and any(r.type_url == types.ROUTE for r in client.received[seen:]))
+    added = [r.type_url for r in client.received[seen:]]
+    # The new clusters, then their endpoints, then the routes that name them.
+    assert added.index(types.CLUSTER) < added.index(types.ENDPOINT) < added.index(types.ROUTE)
+    seen = len(client.received)
+    plane.set(A, B)  # "other" goes
+    await client.wait_until(lambda: "other" not in client.held[types.CLUSTER])
+    after = client.received[seen:]
+    route = next(i for i, r in enumerate(after) if r.type_url == types.ROUTE)
+    removal = next(i for i, r in enumerate(after)
+                   if r.type_url == types.CLUSTER and ("other" in r.removed or
+                                                       (not delta and "other" not in r.names)))
+    # The routes stop naming the pool before its clusters go (no 503 in between).
+    assert route < removal
     task.cancel()
 
 
@@ -162,3 +174,96 @@ async def test_a_new_cluster_gets_its_endpoints_and_old_ones_are_not_resent(
                   for name in r.names)
     assert sent == ["qwen3", "qwen3/node/node-c"]
     task.cancel()
+
+
+async def test_a_change_arriving_with_a_request_for_an_unserved_type_is_still_pushed(
+    plane: Plane,
+) -> None:
+    """The change and the request are read together; the change must not wait for (or be
+    lost behind) a request the server ignores."""
+    server = AdsServer(cache=plane.publisher._cache, metrics=Metrics())
+    outbox: asyncio.Queue[discovery_pb2.DiscoveryRequest] = asyncio.Queue()
+
+    async def requests() -> AsyncIterator[discovery_pb2.DiscoveryRequest]:
+        while True:
+            request = await outbox.get()
+            if request.type_url.endswith("Secret"):
+                # Once the ACK is handled, a change and this request arrive together.
+                while not any(i.types[types.CLUSTER].acked_version
+                              for i in server.streams.values()):
+                    await asyncio.sleep(0.01)
+                plane.state.set_pools("test", [Pool("qwen3", (A, B)), Pool("other", (A,))])
+                plane.publisher.publish_now()  # wakes the stream before it reads the request
+            yield request
+
+    responses = server.stream_sotw(requests(), context=None)
+    outbox.put_nowait(discovery_pb2.DiscoveryRequest(
+        node={"id": "e1"}, type_url=types.CLUSTER))
+    first = discovery_pb2.DiscoveryResponse.FromString(await anext(responses))
+    outbox.put_nowait(discovery_pb2.DiscoveryRequest(
+        type_url=types.CLUSTER, response_nonce=first.nonce, version_info=first.version_info))
+    outbox.put_nowait(discovery_pb2.DiscoveryRequest(
+        type_url="type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret"))
+    pushed = discovery_pb2.DiscoveryResponse.FromString(
+        await asyncio.wait_for(anext(responses), 10))
+    assert pushed.type_url == types.CLUSTER and len(pushed.resources) > len(first.resources)
+    await responses.aclose()
+
+
+async def test_an_envoy_that_connects_later_gets_the_current_keep_share() -> None:
+    """node-c's keep share moves while no Envoy on node-c is connected, and no weight moves
+    (inside the deadband): an Envoy on node-c that connects then must get the new share."""
+    state, cache, metrics = State(), SnapshotCache(), Metrics()
+    publisher = Publisher(state=state, cache=cache, metrics=metrics, settings=EnvoySettings(),
+                          policy=PolicySettings(max_num_seqs=100, smoothing_s=0,
+                                                max_step_per_s=0, deadband=0.9))
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((AdsServer(cache=cache, metrics=metrics).handler(),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    target = f"127.0.0.1:{port}"
+
+    def load(running_on_c: int) -> None:
+        state.set_loads({A.address: Load(running=50, waiting=0, read_at=time.time()),
+                         C.address: Load(running=running_on_c, waiting=0, read_at=time.time())})
+        publisher.publish_now()
+
+    state.set_pools("test", [Pool("qwen3", (A, C))])
+    load(75)
+    early = AdsClient(target=target, node_id="e-a", node="node-a")
+    early_task = await connect(early)
+    load(95)
+    assert publisher.published.keep["qwen3"]["node-c"] == 150
+    late = AdsClient(target=target, node_id="e-c", node="node-c", delta=True)  # held: versions
+    late_task = await connect(late)
+    route = resources.build_route_config(
+        (resources.PoolRoute("qwen3", "node-c", 150),), EnvoySettings())
+    assert late.held[types.ROUTE] == {resources.ROUTE_CONFIG_NAME: encode(route).version}
+    early_task.cancel()
+    late_task.cancel()
+    await server.stop(0)
+
+
+async def test_a_client_that_sends_without_reading_is_held_back_not_buffered(
+    plane: Plane,
+) -> None:
+    """Requests are read into a bounded queue: while the stream does not get to serve them,
+    the server stops reading (gRPC flow control then holds the client) instead of buffering
+    whatever the client sends."""
+    server = AdsServer(cache=plane.publisher._cache, metrics=Metrics())
+    pulled = 0
+
+    async def requests() -> AsyncIterator[discovery_pb2.DeltaDiscoveryRequest]:
+        nonlocal pulled
+        for i in range(10_000):
+            pulled += 1
+            yield discovery_pb2.DeltaDiscoveryRequest(
+                node={"id": "e1"}, type_url=types.ENDPOINT, resource_names_subscribe=[f"n{i}"])
+
+    responses = server.stream_delta(requests(), context=None)
+    await anext(responses)  # the stream is now suspended on its first response
+    for _ in range(100):  # the reader's turns on the loop (no time involved)
+        await asyncio.sleep(0)
+    # The batch the first response answered, plus one full queue (and the one in hand).
+    assert pulled <= 2 * REQUEST_BACKLOG + 2
+    await responses.aclose()

@@ -1,22 +1,28 @@
-"""The publisher: a reading that moves no published weight builds nothing, yet is explained;
-loads that stop arriving go stale on time."""
+"""The publisher: what it builds, when, where, and what it refuses; loads that stop arriving
+go stale on time."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import pytest
 
 from xds_server.metrics import Metrics
-from xds_server.model import Load, Pool, Replica
+from xds_server.model import Load, Pool, Replica, View
 from xds_server.policy.weights import PolicySettings
 from xds_server.publisher import Publisher
 from xds_server.settings import EnvoySettings
 from xds_server.state import State
+from xds_server.xds import resources
 from xds_server.xds.cache import SnapshotCache
 
 A = Replica("10.0.0.1", 8000, "node-a")
+B = Replica("10.0.0.2", 8000, "node-b")
 
 
 def test_a_reading_inside_the_deadband_builds_nothing_but_is_explained() -> None:
@@ -78,3 +84,56 @@ async def until(predicate: Callable[[], bool], what: str, timeout_s: float = 10.
         if loop.time() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
         await asyncio.sleep(0.01)
+
+
+def test_a_snapshot_whose_route_names_a_missing_cluster_is_refused_and_the_last_stays(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    state, cache, metrics = State(), SnapshotCache(), Metrics()
+    publisher = Publisher(state=state, cache=cache, metrics=metrics, settings=EnvoySettings())
+    state.set_pools("test", [Pool("p", (A,))])
+    assert publisher.publish_now()
+    good = cache.snapshot_for(View())
+    # A builder bug: the new pool's clusters are left out, its routes are not.
+    real = resources.build_clusters
+    monkeypatch.setattr(resources, "build_clusters", lambda inputs, node, settings: [
+        c for c in real(inputs, node, settings) if not c.name.startswith("q")])
+    state.set_pools("test", [Pool("p", (A,)), Pool("q", (B,))])
+    assert not publisher.publish_now()
+    assert metrics.registry.get_sample_value("hybridlb_snapshots_refused_total") == 1
+    assert cache.version == 1 and cache.snapshot_for(View()) is good
+
+
+async def test_a_build_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a (large) snapshot builds, the loop keeps serving: here, a task that the build
+    waits for must be able to run."""
+    state, cache = State(), SnapshotCache()
+    publisher = Publisher(state=state, cache=cache, metrics=Metrics(), settings=EnvoySettings(),
+                          debounce_s=0)
+    state.set_pools("test", [Pool("p", (A,))])
+    publisher.publish_now()
+    building, loop_ran = threading.Event(), threading.Event()
+    real = resources.build_endpoints
+    saw_the_loop_run: list[bool] = []
+
+    def slow(inputs: Sequence[resources.PoolInput]) -> Any:
+        building.set()
+        # On the loop, this would wait out the 10 s: the loop could not run `tick`.
+        saw_the_loop_run.append(loop_ran.wait(10))
+        return real(inputs)
+
+    async def tick() -> None:
+        while not building.is_set():
+            await asyncio.sleep(0.01)
+        loop_ran.set()
+
+    monkeypatch.setattr(resources, "build_endpoints", slow)
+    ticker = asyncio.create_task(tick())
+    runner = asyncio.create_task(publisher.run())
+    state.set_pools("test", [Pool("p", (A, B))])
+    async with asyncio.timeout(30):
+        while cache.version < 2:
+            await asyncio.sleep(0.01)
+    runner.cancel()
+    await ticker
+    assert saw_the_loop_run == [True]

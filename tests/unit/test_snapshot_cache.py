@@ -1,64 +1,72 @@
-"""The snapshot cache: content versions, one encoding shared by all views, no-op publishes."""
+"""The snapshot cache: views as plain data, content versions, one encoding shared by views."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-
-from google.protobuf.message import Message
-
 from xds_server.model import Pool, Replica, View
 from xds_server.policy.weights import capacity_weights
+from xds_server.publisher import Plan, build_view
 from xds_server.settings import EnvoySettings
 from xds_server.xds import resources, types
-from xds_server.xds.cache import SnapshotCache
+from xds_server.xds.cache import Snapshot, SnapshotCache
 from xds_server.xds.snapshot import encode_all
 
 SETTINGS = EnvoySettings()
-
-
-def shared_for(*pools: Pool) -> dict[str, Sequence[Message]]:
-    inputs = [resources.PoolInput(pool=p, weights=capacity_weights(p)) for p in pools]
-    return {types.ENDPOINT: resources.build_endpoints(inputs)}
-
-
-def per_view(view: View) -> Mapping[str, Sequence[Message]]:
-    routes = (resources.PoolRoute(pool="qwen3", node=view.node, keep_per_mille=1000),)
-    return {types.LISTENER: [resources.build_listener(view, SETTINGS)],
-            types.ROUTE: [resources.build_route_config(routes, SETTINGS)]}
-
-
 POOL = Pool("qwen3", (Replica("10.0.0.1", 8000, "a"), Replica("10.0.0.2", 8000, "b")))
 
 
-def test_republishing_the_same_state_changes_nothing() -> None:
+def plan_for(pool: Pool, keep_a: int = 1000) -> Plan:
+    inputs = (resources.PoolInput(pool=pool, weights=capacity_weights(pool)),)
+    return Plan(inputs=inputs, keep={pool.name: {"a": keep_a, "b": 1000}},
+                nodes=frozenset(pool.nodes),
+                endpoints=encode_all(resources.build_endpoints(inputs)))
+
+
+def views_of(plan: Plan, *views: View) -> dict[View, Snapshot]:
+    return {v: build_view(plan, v, SETTINGS) for v in (View(), *views)}
+
+
+def test_publishing_snapshots_equal_in_content_wakes_no_stream() -> None:
+    cache, woken = SnapshotCache(), []
+    cache.subscribe(lambda: woken.append(1))
+    cache.attach(View("a", 10001))
+    assert cache.set_snapshots(frozenset("ab"), views_of(plan_for(POOL), View("a", 10001)))
+    # A new plan object, built anew: same content, so no version and no wake-up.
+    assert not cache.set_snapshots(frozenset("ab"), views_of(plan_for(POOL), View("a", 10001)))
+    assert cache.version == 1 and woken == [1]
+    # A changed keep share in an attached view is a change.
+    assert cache.set_snapshots(frozenset("ab"),
+                               views_of(plan_for(POOL, keep_a=500), View("a", 10001)))
+    assert cache.version == 2 and woken == [1, 1]
+
+
+def test_a_claimed_node_without_replicas_shares_the_no_node_view_of_its_port() -> None:
     cache = SnapshotCache()
-    assert cache.publish(shared_for(POOL), per_view)
-    cache.resources_for(View("a", 10001))
-    assert not cache.publish(shared_for(POOL), per_view)
-    assert cache.version == 1
+    cache.set_snapshots(frozenset("ab"), views_of(plan_for(POOL), View("", 10001)))
+    made_up = cache.snapshot_for(View("no-such-node", 10001))
+    assert made_up is cache.snapshot_for(View("", 10001)) is not None
+    # 20,000 made-up nodes on one port are one view to keep and rebuild.
+    for i in range(20_000):
+        cache.attach(View(f"made-up-{i}", 10001))
+    assert cache.views_in_use(frozenset("ab")) == {View(), View("", 10001)}
 
 
 def test_changed_endpoint_gets_a_new_version_others_keep_theirs() -> None:
-    cache = SnapshotCache()
-    cache.publish(shared_for(POOL), per_view)
-    before = dict(cache.shared[types.ENDPOINT])
+    before = plan_for(POOL).endpoints
     grown = Pool("qwen3", (*POOL.replicas, Replica("10.0.0.3", 8000, "b")))
-    assert cache.publish(shared_for(grown), per_view)
-    after = cache.shared[types.ENDPOINT]
+    inputs = (resources.PoolInput(pool=grown, weights=capacity_weights(grown)),)
+    after = encode_all(resources.build_endpoints(inputs), before)
     assert after["qwen3/node/a"] is before["qwen3/node/a"]  # same encoded object, reused
     assert after["qwen3"].version != before["qwen3"].version
     assert after["qwen3/node/b"].version != before["qwen3/node/b"].version
 
 
-def test_views_share_encoded_resources_and_differ_in_their_listener() -> None:
-    cache = SnapshotCache()
-    cache.publish(shared_for(POOL), per_view)
-    one = cache.resources_for(View("a", 10001))
-    two = cache.resources_for(View("b", 10002))
+def test_views_share_encoded_endpoints_and_differ_in_their_listener() -> None:
+    plan = plan_for(POOL)
+    one = build_view(plan, View("a", 10001), SETTINGS).resources
+    two = build_view(plan, View("b", 10002), SETTINGS).resources
     assert one[types.ENDPOINT]["qwen3"] is two[types.ENDPOINT]["qwen3"]
     assert one[types.LISTENER]["hybridlb_http"].version != \
         two[types.LISTENER]["hybridlb_http"].version
-    assert cache.resources_for(View("a", 10001)) is one
 
 
 def test_a_message_object_met_again_is_not_encoded_again() -> None:
@@ -71,3 +79,20 @@ def test_a_message_object_met_again_is_not_encoded_again() -> None:
     fresh = encode_all([twin], by_identity=True)["hybridlb_http"]
     assert fresh is not once and fresh.version == once.version
     assert encode_all([listener])["hybridlb_http"] is not once
+
+
+def test_a_view_no_stream_uses_any_more_is_not_kept() -> None:
+    cache = SnapshotCache()
+    plan = plan_for(POOL)
+
+    class Source:
+        def build_view(self, view: View) -> Snapshot:
+            return build_view(plan, view, SETTINGS)
+
+    cache.set_source(Source())
+    cache.set_snapshots(frozenset("ab"), views_of(plan))
+    for port in range(20000, 20100):  # streams that come and go, each claiming a new port
+        cache.attach(View("made-up", port))
+        assert cache.snapshot_for(View("made-up", port)) is not None
+        cache.detach(View("made-up", port))
+    assert set(cache.views) == {View()}

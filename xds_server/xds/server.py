@@ -23,7 +23,7 @@ from xds_server.logsafe import LogLimiter, clip
 from xds_server.metrics import Metrics
 from xds_server.model import View
 from xds_server.xds import types
-from xds_server.xds.cache import CHANGED, SnapshotCache
+from xds_server.xds.cache import Snapshot, SnapshotCache
 from xds_server.xds.snapshot import Entry, set_version
 
 log = logging.getLogger(__name__)
@@ -37,18 +37,32 @@ NODE_METADATA_KEY = "hybridlb"
 class TypeState:
     """One resource type on one stream."""
 
-    wildcard: bool = False
+    #: Names the client subscribed to ("*" included when it asked for it by name).
     names: set[str] = field(default_factory=set)
-    #: name -> version the client has (delta) or was last sent (SotW).
+    #: Whether the client ever named a resource: until then an empty request is the legacy
+    #: wildcard; after, it unsubscribes from everything (xDS spec, "How the client specifies
+    #: what resources to return").
+    explicit: bool = False
+    wildcard: bool = False
+    #: name -> version the client holds (delta: as it told us on reconnect, or we sent).
     sent: dict[str, str] = field(default_factory=dict)
+    #: SotW CDS/LDS: the entries of the last response, so that a removal can be held back.
+    held: dict[str, Entry] = field(default_factory=dict)
+    #: Delta: subscribed names already reported absent in `removed_resources`.
+    told_absent: set[str] = field(default_factory=set)
     responded: bool = False
+    #: Something to send may have changed since the last response.
+    dirty: bool = True
+    #: The client holds resources the snapshot no longer has: removed once the additions
+    #: are answered (make-before-break).
+    removals: bool = False
     last_nonce: str = ""
-    last_version: str = ""
+    #: The one response of this type awaiting an ACK/NACK, and its version.
+    in_flight: str = ""
+    in_flight_version: str = ""
     acked_version: str = ""
     nacked_version: str = ""
     nack_message: str = ""
-    # Nonce -> version of responses not yet answered by Envoy.
-    in_flight: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -157,48 +171,57 @@ class AdsServer:
     async def _serve(
         self, requests: AsyncIterator[Any], context: Any, protocol: str
     ) -> AsyncIterator[bytes]:
+        """Read requests and wake on snapshots; after either, send what is due.
+
+        Nothing is deferred in a flag that one path could skip: every wake-up ends in
+        `_flush`, which compares what each type's client holds with the current snapshot.
+        Requests are read into a bounded queue (a client that sends faster than it is served
+        is pushed back by gRPC flow control), and are all applied before the flush, so a
+        burst of them costs one flush.
+        """
         info = StreamInfo(id=str(next(self._ids)), protocol=protocol, peer=clip(_peer(context)))
-        queue: asyncio.Queue[object] = asyncio.Queue()
-        reader = asyncio.create_task(_read(requests, queue))
-        self._cache.subscribe(queue)
+        queue: asyncio.Queue[object] = asyncio.Queue(maxsize=REQUEST_BACKLOG)
+        wake = asyncio.Event()
+
+        def changed() -> None:
+            for state in info.types.values():
+                state.dirty = True
+            wake.set()
+
+        reader = asyncio.create_task(_read(requests, queue, wake))
+        self._cache.subscribe(changed)
         self._metrics.streams.labels(protocol).inc()
         self._streams[info.id] = info
-        pending_change = False
+        attached: View | None = None
         try:
             while True:
-                item = await queue.get()
-                if item is _EOF:
+                await wake.wait()
+                wake.clear()
+                ended = False
+                while not queue.empty():
+                    item = queue.get_nowait()
+                    if item is _EOF:
+                        ended = True
+                        break
+                    if isinstance(item, BaseException):
+                        self._logs.log(log, logging.INFO, "stream_ended",
+                                       "stream %s (%s) ended: %s", info.id, info.node_id,
+                                       clip(str(item)))
+                        ended = True
+                        break
+                    self._on_request(info, item)
+                if ended:
                     break
-                if isinstance(item, BaseException):
-                    self._logs.log(log, logging.INFO, "stream_ended", "stream %s (%s) ended: %s",
-                                   info.id, info.node_id, clip(str(item)))
-                    break
-                if item is CHANGED:
-                    pending_change = True
-                    if not queue.empty():
-                        continue  # coalesce: serve queued requests first, push once
-                    if info.node_id or info.types:
-                        for response in self._push_all(info):
-                            yield response
-                    pending_change = False
-                    continue
-                if protocol == "sotw":
-                    type_url = self._on_sotw_request(info, item)
-                else:
-                    type_url = self._on_delta_request(info, item)
-                if type_url is None:
-                    continue
-                if pending_change and queue.empty():
-                    pending_change = False
-                    for response in self._push_all(info):
-                        yield response
-                else:
-                    single = self._push(info, type_url)
-                    if single is not None:
-                        yield single
+                if attached is None and info.node_id:
+                    attached = info.view
+                    self._cache.attach(attached)
+                for response in self._flush(info):
+                    yield response
         finally:
             reader.cancel()
-            self._cache.unsubscribe(queue)
+            if attached is not None:
+                self._cache.detach(attached)
+            self._cache.unsubscribe(changed)
             self._metrics.streams.labels(protocol).dec()
             self._streams.pop(info.id, None)
             self._logs.log(log, logging.INFO, "disconnect", "envoy %s (node %r) disconnected",
@@ -216,72 +239,85 @@ class AdsServer:
             info.peer,
         )
 
-    # --- state of the world -------------------------------------------------------------
-
-    def _type_url(self, info: StreamInfo, request: Any) -> str | None:
-        """Identify the Envoy on its first request; the type asked for, if we serve it."""
+    def _on_request(self, info: StreamInfo, request: Any) -> None:
+        """The prologue both protocols share: who asks, for what, answering which response."""
         self._identify(info, request.node)
         type_url = str(request.type_url)
         if type_url not in types.PUSH_ORDER:
             self._logs.log(log, logging.WARNING, "unsupported_type",
                            "envoy %s asked for unsupported type %s", info.node_id,
                            clip(type_url))
-            return None
-        return type_url
-
-    def _on_sotw_request(
-        self, info: StreamInfo, request: discovery_pb2.DiscoveryRequest
-    ) -> str | None:
-        type_url = self._type_url(info, request)
-        if type_url is None:
-            return None
-        state = info.types.setdefault(type_url, TypeState())
-        names = set(request.resource_names)
-        state.wildcard = type_url in types.FULL_STATE_TYPES and (not names or "*" in names)
-        for gone in set(state.sent) - names:
-            if not state.wildcard:
-                state.sent.pop(gone, None)
-        state.names = names
-        self._on_reply(info, type_url, state, request.response_nonce, request.error_detail)
-        return type_url
-
-    # --- incremental --------------------------------------------------------------------
-
-    def _on_delta_request(
-        self, info: StreamInfo, request: discovery_pb2.DeltaDiscoveryRequest
-    ) -> str | None:
-        type_url = self._type_url(info, request)
-        if type_url is None:
-            return None
+            return
         first = type_url not in info.types
         state = info.types.setdefault(type_url, TypeState())
+        nonce = str(request.response_nonce)
+        # A nonce other than the latest sent answers a response the client has since been
+        # sent a newer one of: the spec lets the server ignore such a request. In SotW the
+        # newer response's ACK will carry the whole subscription again; a delta request's
+        # (un)subscriptions are not repeated, so only its ACK/NACK is ignored.
+        stale = not first and nonce != state.last_nonce and bool(nonce)
+        if stale and info.protocol == "sotw":
+            log.debug("envoy %s: ignoring %s request with stale nonce %s",
+                      info.node_id, types.short(type_url), clip(nonce))
+            return
+        if not stale and nonce:
+            self._on_reply(info, type_url, state, nonce, request.error_detail)
+        if info.protocol == "sotw":
+            self._subscribe_sotw(type_url, state, request)
+        else:
+            self._subscribe_delta(type_url, state, request, first)
+
+    @staticmethod
+    def _subscribe_sotw(
+        type_url: str, state: TypeState, request: discovery_pb2.DiscoveryRequest
+    ) -> None:
+        names = set(request.resource_names)
+        state.explicit = state.explicit or bool(names)
+        wildcard = type_url in types.FULL_STATE_TYPES and (
+            "*" in names or not state.explicit
+        )
+        if names == state.names and wildcard == state.wildcard:
+            return  # an ACK: nothing new is asked for
+        if type_url not in types.FULL_STATE_TYPES:
+            # Asked again later, it is sent again (the spec: a newly requested resource is
+            # resent). CDS and LDS responses carry everything anyway.
+            for gone in state.names - names:
+                state.sent.pop(gone, None)
+        state.names, state.wildcard, state.dirty = names, wildcard, True
+
+    @staticmethod
+    def _subscribe_delta(
+        type_url: str,
+        state: TypeState,
+        request: discovery_pb2.DeltaDiscoveryRequest,
+        first: bool,
+    ) -> None:
         subscribe = set(request.resource_names_subscribe)
         unsubscribe = set(request.resource_names_unsubscribe)
         if first:
-            # Legacy wildcard: a first request naming nothing for a wildcard-capable type.
-            state.wildcard = type_url in types.FULL_STATE_TYPES and not subscribe
             state.sent.update(request.initial_resource_versions)
-        if "*" in subscribe:
-            state.wildcard = True
-        if "*" in unsubscribe:
-            state.wildcard = False
-        state.names |= subscribe - {"*"}
-        state.names -= unsubscribe
+        if not subscribe and not unsubscribe and not first:
+            return  # an ACK
+        state.explicit = state.explicit or bool(subscribe)
+        state.names = (state.names | subscribe) - unsubscribe
+        was_wildcard = state.wildcard
+        state.wildcard = type_url in types.FULL_STATE_TYPES and (
+            "*" in state.names or not state.explicit
+        )
         for name in unsubscribe:
             state.sent.pop(name, None)
-        self._on_reply(info, type_url, state, request.response_nonce, request.error_detail)
-        return type_url
-
-    # --- both ---------------------------------------------------------------------------
+            state.told_absent.discard(name)
+        if was_wildcard and not state.wildcard:
+            # Leaving the wildcard: the client drops what it holds only through it.
+            state.sent = {n: v for n, v in state.sent.items() if n in state.names}
+        state.dirty = True
 
     def _on_reply(
         self, info: StreamInfo, type_url: str, state: TypeState, nonce: str, error: Any
     ) -> None:
-        if not nonce:
-            return
-        version = state.in_flight.pop(nonce, None)
-        if version is None:
-            return  # a reply to an older response: only its subscription counts
+        if nonce != state.in_flight:
+            return  # answered already: a request that only changes the subscription
+        version, state.in_flight = state.in_flight_version, ""
         if error.code or error.message:
             state.nacked_version = version
             state.nack_message = clip(error.message)
@@ -294,22 +330,44 @@ class AdsServer:
             )
         else:
             state.acked_version = version
+            state.nacked_version = state.nack_message = ""
             self._metrics.acks.labels(types.short(type_url)).inc()
-        # Nonces answered out of order are moot once a newer one is answered.
-        state.in_flight = {n: v for n, v in state.in_flight.items() if int(n) > int(nonce)}
 
-    def _push_all(self, info: StreamInfo) -> list[bytes]:
+    def _flush(self, info: StreamInfo) -> list[bytes]:
+        """What is due now, in push order: clusters before their endpoints, listeners
+        and routes once new clusters have their endpoints (`_warming`); at most one
+        unanswered response per type (go-control-plane's rule: the next one carries the
+        latest state once the last is answered). Removals go last, in reverse order, once
+        every addition is answered (make-before-break)."""
+        snapshot = self._cache.snapshot_for(info.view) if info.node_id else None
+        if snapshot is None:
+            return []
         responses = []
         for type_url in types.PUSH_ORDER:
-            if type_url in info.types:
-                response = self._push(info, type_url)
+            state = info.types.get(type_url)
+            if state is None or not state.dirty or state.in_flight:
+                continue
+            if type_url in _ROUTING_TYPES and _warming(info, snapshot):
+                continue  # stays dirty: sent once the new clusters have their endpoints
+            response = self._push(info, type_url, snapshot, remove=False)
+            if response is not None:
+                responses.append(response)
+        if any(s.in_flight or s.dirty for s in info.types.values()):
+            return responses
+        for type_url in reversed(types.PUSH_ORDER):
+            state = info.types.get(type_url)
+            if state is not None and state.removals:
+                response = self._push(info, type_url, snapshot, remove=True)
                 if response is not None:
                     responses.append(response)
         return responses
 
-    def _push(self, info: StreamInfo, type_url: str) -> bytes | None:
+    def _push(
+        self, info: StreamInfo, type_url: str, snapshot: Snapshot, *, remove: bool
+    ) -> bytes | None:
         state = info.types[type_url]
-        available = self._cache.resources_for(info.view).get(type_url, {})
+        state.dirty = False
+        available = snapshot.resources.get(type_url, {})
         if state.wildcard or available.keys() <= state.names:
             # Everything there is (the usual EDS subscription): no per-stream copy to build.
             desired: Mapping[str, Entry] = available
@@ -320,9 +378,9 @@ class AdsServer:
         # update that changes no cluster costs no per-cluster Python loop here.
         sent_before = dict(state.sent) if resend_endpoints else {}
         if info.protocol == "sotw":
-            response = self._sotw_response(type_url, state, desired, available)
+            response = self._sotw_response(type_url, state, desired, available, remove)
         else:
-            response = self._delta_response(type_url, state, desired, available)
+            response = self._delta_response(type_url, state, desired, available, remove)
         if response is None:
             return None
         if resend_endpoints:
@@ -331,6 +389,7 @@ class AdsServer:
             for name, entry in desired.items():
                 if sent_before.get(name) != entry.version:
                     endpoints.sent.pop(name, None)
+                    endpoints.dirty = True
         self._metrics.pushes.labels(types.short(type_url), info.protocol).inc()
         self._metrics.push_bytes.labels(types.short(type_url)).inc(len(response))
         return response
@@ -349,31 +408,47 @@ class AdsServer:
         self._set_versions[type_url] = (available, version)
         return version
 
+    def _sent(self, state: TypeState, version: str) -> str:
+        nonce = str(next(self._nonces))
+        state.responded = True
+        state.last_nonce = state.in_flight = nonce
+        state.in_flight_version = version
+        return nonce
+
     def _sotw_response(
         self,
         type_url: str,
         state: TypeState,
         desired: Mapping[str, Entry],
         available: Mapping[str, Entry],
+        remove: bool,
     ) -> bytes | None:
-        current = {n: e.version for n, e in desired.items()}
         if type_url in types.FULL_STATE_TYPES:
+            # Omitting a cluster or listener removes it: until the additions are answered,
+            # keep sending the ones the snapshot dropped.
+            kept = {} if remove else {
+                n: e for n, e in state.held.items()
+                if n not in desired and (state.wildcard or n in state.names)
+            }
+            state.removals = bool(kept)
+            version = (set_version([*kept.values(), *desired.values()]) if kept
+                       else self._set_version(type_url, desired, available))
+            if kept:
+                desired = {**kept, **desired}
+            current = {n: e.version for n, e in desired.items()}
             if state.responded and current == state.sent:
                 return None
             send = list(desired.values())
+            state.sent = current
+            state.held = dict(desired)
         else:
+            # Other types are removed by their parents no longer naming them.
             send = [e for n, e in desired.items() if state.sent.get(n) != e.version]
             if not send:
                 return None
-        version = self._set_version(type_url, desired, available)
-        nonce = str(next(self._nonces))
-        state.sent.update({e.name: e.version for e in send})
-        if type_url in types.FULL_STATE_TYPES:
-            state.sent = current
-        state.responded = True
-        state.last_nonce = nonce
-        state.last_version = version
-        state.in_flight[nonce] = version
+            state.sent.update({e.name: e.version for e in send})
+            version = self._set_version(type_url, desired, available)
+        nonce = self._sent(state, version)
         head: bytes = discovery_pb2.DiscoveryResponse(
             version_info=version, type_url=type_url, nonce=nonce
         ).SerializeToString()
@@ -386,48 +461,85 @@ class AdsServer:
         state: TypeState,
         desired: Mapping[str, Entry],
         available: Mapping[str, Entry],
+        remove: bool,
     ) -> bytes | None:
         send = [e for n, e in desired.items() if state.sent.get(n) != e.version]
-        gone = state.sent.keys() - desired.keys()
-        removed = [
-            n for n in state.sent if n in gone and (state.wildcard or n in state.names)
-        ] if gone else []
-        if not send and not removed and (state.responded or not state.wildcard):
+        gone = list(state.sent.keys() - desired.keys())
+        state.removals = bool(gone) and not remove
+        removed = gone if remove else []
+        # A subscribed name the snapshot lacks is said to be absent, once (xDS spec,
+        # "Knowing When a Requested Resource Does Not Exist"); nothing held goes with it.
+        absent = [
+            n for n in state.names - state.told_absent - state.sent.keys()
+            if n != "*" and n not in available
+        ]
+        if not send and not removed and not absent and (state.responded or not state.wildcard):
             return None
-        version = self._set_version(type_url, desired, available)
-        nonce = str(next(self._nonces))
         for name in removed:
             del state.sent[name]
+            if name in state.names:
+                state.told_absent.add(name)
+        state.told_absent.update(absent)
+        state.told_absent.difference_update(e.name for e in send)
         state.sent.update({e.name: e.version for e in send})
-        state.responded = True
-        state.last_nonce = nonce
-        state.last_version = version
-        state.in_flight[nonce] = version
+        version = self._set_version(type_url, desired, available)
+        nonce = self._sent(state, version)
         head: bytes = discovery_pb2.DeltaDiscoveryResponse(
             system_version_info=version,
             type_url=type_url,
             nonce=nonce,
-            removed_resources=removed,
+            removed_resources=[*removed, *absent],
         ).SerializeToString()
         return b"".join([head, *(e.delta for e in send)])
 
 
+_ROUTING_TYPES = (types.LISTENER, types.ROUTE)
+
+
+def _warming(info: StreamInfo, snapshot: Snapshot) -> bool:
+    """Whether a cluster this Envoy was (or is being) sent still waits for its endpoints.
+
+    Envoy keeps a new cluster warming, out of reach of routes (503, "cluster not found"),
+    until its assignment arrives; it asks for the assignment only after taking the cluster.
+    So routes that may name a new cluster wait for: the clusters answered, and every
+    assignment they name sent and answered. Not after a NACK of clusters: Envoy did not
+    take them and will not ask for their endpoints.
+    """
+    clusters, endpoints = info.types.get(types.CLUSTER), info.types.get(types.ENDPOINT)
+    if clusters is None or endpoints is None:
+        return False  # a client that does not use both: nothing to wait for
+    if clusters.in_flight or endpoints.in_flight:
+        return True
+    if clusters.nacked_version:
+        return False
+    return not snapshot.assignments_needed <= endpoints.sent.keys()
+
+
+#: Requests read ahead of the stream's loop; beyond it gRPC flow control holds the client.
+REQUEST_BACKLOG = 16
+
 _EOF = object()
 
 
-async def _read(requests: AsyncIterator[Any], queue: asyncio.Queue[object]) -> None:
+async def _read(
+    requests: AsyncIterator[Any], queue: asyncio.Queue[object], wake: asyncio.Event
+) -> None:
     try:
         async for request in requests:
-            queue.put_nowait(request)
+            await queue.put(request)
+            wake.set()
     except (grpc.aio.AioRpcError, asyncio.CancelledError) as exc:
         if isinstance(exc, asyncio.CancelledError):
             raise
-        queue.put_nowait(exc)
+        await queue.put(exc)
+        wake.set()
         return
     except Exception as exc:  # the stream broke: end this stream, never the server
-        queue.put_nowait(exc)
+        await queue.put(exc)
+        wake.set()
         return
-    queue.put_nowait(_EOF)
+    await queue.put(_EOF)
+    wake.set()
 
 
 def _identity(data: bytes) -> bytes:

@@ -9,6 +9,7 @@ entries' bytes joined: no stream ever re-serializes a pool's endpoints.
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -53,23 +54,27 @@ class _EncodedByIdentity:
     The builders memoize their messages and never mutate one they returned, so the same
     object met again (a pool's clusters in 200 views, a listener from one snapshot to the
     next) has the same bytes: at 200 views that is most of the per-view work. The message
-    is held with its entry, so its id cannot be reused while cached.
+    is held with its entry, so its id cannot be reused while cached. Locked: the publisher
+    builds in a worker thread while the loop may build a late view.
     """
 
     def __init__(self, capacity: int) -> None:
         self._entries: OrderedDict[int, tuple[Message, Entry]] = OrderedDict()
         self._capacity = capacity
+        self._lock = threading.Lock()
 
     def __call__(self, message: Message) -> Entry:
         key = id(message)
-        hit = self._entries.get(key)
-        if hit is not None and hit[0] is message:
-            self._entries.move_to_end(key)
-            return hit[1]
+        with self._lock:
+            hit = self._entries.get(key)
+            if hit is not None and hit[0] is message:
+                self._entries.move_to_end(key)
+                return hit[1]
         entry = encode(message)
-        self._entries[key] = (message, entry)
-        if len(self._entries) > self._capacity:
-            self._entries.popitem(last=False)
+        with self._lock:
+            self._entries[key] = (message, entry)
+            if len(self._entries) > self._capacity:
+                self._entries.popitem(last=False)
         return entry
 
 
