@@ -108,13 +108,6 @@ class PoolInput:
 
     pool: Pool
     weights: Weights
-    #: Nodes that get local clusters: the pool's own, plus nodes that just lost their last
-    #: replica (kept a while so no route points at a cluster that is already gone).
-    nodes: tuple[str, ...] = ()
-
-    @functools.cached_property
-    def all_nodes(self) -> tuple[str, ...]:
-        return tuple(sorted(set(self.pool.nodes) | set(self.nodes)))
 
 
 @dataclass(frozen=True)
@@ -406,7 +399,7 @@ def build_endpoints(pools: Sequence[PoolInput]) -> list[endpoint_pb2.ClusterLoad
         localities = _localities(pool.replicas, item.weights)
         assignments.append(endpoint_pb2.ClusterLoadAssignment(
             cluster_name=cluster_name(pool.name), endpoints=list(localities.values())))
-        for node in item.all_nodes:
+        for node in item.pool.nodes:
             assignments.append(endpoint_pb2.ClusterLoadAssignment(
                 cluster_name=local_cluster_name(pool.name, node),
                 endpoints=[localities[node]] if node in localities else []))
@@ -423,7 +416,7 @@ def build_clusters(
         clusters.append(extproc_cluster(settings))
     for item in pools:
         clusters.extend(_pool_clusters(item.pool.name, settings))
-        if node and node in item.all_nodes:
+        if node and node in item.pool.nodes:
             clusters.extend(_node_clusters(item.pool.name, node, settings))
     return clusters
 
