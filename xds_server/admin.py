@@ -1,4 +1,5 @@
-"""The admin HTTP server: /healthz, /readyz, /metrics, /debug/state. Read-only by design.
+"""The admin HTTP server: /healthz, /readyz, /metrics, /debug/state, /picker/state.
+Read-only by design.
 
 /debug/state is rendered at most once per `DEBUG_STATE_MAX_AGE_S` and the same bytes go to
 every reader: 200 concurrent readers once took `serve` to 1 GiB and delayed config updates
@@ -7,9 +8,11 @@ by seconds, each building its own copy of every stream's (then uncapped) node id
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -19,6 +22,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from xds_server.metrics import Metrics
 from xds_server.model import Load
 from xds_server.publisher import Published
+from xds_server.state import State
 from xds_server.xds.server import StreamInfo
 
 
@@ -115,12 +119,102 @@ class Rendered:
         return self._body
 
 
+def picker_state(state: State) -> dict[str, Any]:
+    """The JSON document of /picker/state: what an endpoint picker reads, nothing more.
+    Load times are this host's wall clock; the reply's `X-Hybridlb-Time` lets a reader on
+    another host correct for clock skew."""
+    loads = state.loads
+    pools = []
+    for pool in state.pools:
+        replicas = []
+        for r in pool.replicas:
+            load = loads.get(r.address)
+            replicas.append({
+                "address": r.address, "node": r.node, "capacity": r.capacity,
+                "dp_rank": r.dp_rank, "state": r.state.value,
+                "load": None if load is None else {
+                    "running": load.running, "waiting": load.waiting, "read_at": load.read_at,
+                    "ranks": [[k.engine, k.running, k.waiting] for k in load.ranks],
+                },
+            })
+        pools.append({"name": pool.name, "replicas": replicas})
+    return {"version": state.version, "pools": pools}
+
+
+#: Renders of /picker/state at most this often however often loads change: at 10,000
+#: replicas one render is tens of milliseconds of the control plane's loop.
+PICKER_STATE_MIN_INTERVAL_S = 0.1
+#: Longest long-poll (`?wait_s=`) a reader may ask for.
+PICKER_STATE_MAX_WAIT_S = 30.0
+
+
+class PickerFeed:
+    """/picker/state, versioned: the ETag names the hub's version, so a reader that has it
+    gets an empty 304 (optionally after waiting up to `wait_s` for a change) instead of the
+    whole fleet again. The ETag carries this process's instance id: a restarted control
+    plane counts versions from 0 again."""
+
+    def __init__(self, state: State, *, min_interval_s: float = PICKER_STATE_MIN_INTERVAL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._state = state
+        self._min_interval_s = min_interval_s
+        self._clock = clock
+        self._instance = uuid.uuid4().hex[:12]
+        self._etag = ""
+        self._body = b""
+        self._at = -float("inf")
+        self.renders = 0
+
+    def current(self) -> tuple[str, bytes]:
+        """(ETag, body) of the latest render, rendering again if the hub changed since and
+        the last render is at least `min_interval_s` old."""
+        etag = f'"{self._instance}-{self._state.version}"'
+        now = self._clock()
+        if etag != self._etag and now - self._at >= self._min_interval_s:
+            self._body = json.dumps(picker_state(self._state)).encode()
+            self._etag, self._at = etag, now
+            self.renders += 1
+        return self._etag, self._body
+
+    async def wait_other_than(self, etag: str, wait_s: float) -> None:
+        """Return once a render with another ETag is due, or after `wait_s`."""
+        deadline = self._clock() + wait_s
+        while self.current()[0] == etag:
+            left = deadline - self._clock()
+            if left <= 0:
+                return
+            if self._etag == f'"{self._instance}-{self._state.version}"':
+                # Unchanged since the render the reader has: wait for the hub to change.
+                try:
+                    await asyncio.wait_for(self._state.wait_change(self._state.version), left)
+                except TimeoutError:
+                    return
+            else:  # changed, but rendered too recently: the next render is due soon
+                await asyncio.sleep(min(left, self._min_interval_s))
+
+    async def handle(self, request: web.Request) -> web.Response:
+        seen = request.headers.get("If-None-Match", "")
+        try:
+            wait_s = min(max(float(request.query.get("wait_s", "0")), 0.0),
+                         PICKER_STATE_MAX_WAIT_S)
+        except ValueError:
+            return web.Response(status=400, text="wait_s: expected seconds\n")
+        if seen and wait_s > 0:
+            await self.wait_other_than(seen, wait_s)
+        etag, body = self.current()
+        headers = {"ETag": etag, "X-Hybridlb-Time": repr(time.time())}
+        if seen == etag:
+            return web.Response(status=304, headers=headers)
+        return web.Response(body=body, content_type="application/json", headers=headers)
+
+
 def build_app(
     *,
     metrics: Metrics,
     ready: Callable[[], bool],
     state: Callable[[], dict[str, Any]],
     problems: Callable[[], Mapping[str, str]] = dict,
+    picker_feed: PickerFeed | None = None,
 ) -> web.Application:
     rendered = Rendered(state, max_age_s=DEBUG_STATE_MAX_AGE_S)
 
@@ -150,4 +244,6 @@ def build_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", prometheus)
     app.router.add_get("/debug/state", debug)
+    if picker_feed is not None:
+        app.router.add_get("/picker/state", picker_feed.handle)
     return app

@@ -17,11 +17,12 @@ from aiohttp import web
 
 from xds_server import admin, tls
 from xds_server.addresses import host_port
+from xds_server.extproc.child import PickerChild, picker_args
 from xds_server.extproc.server import Picker, add_health, add_to_server, new_server
 from xds_server.extproc.state import LocalState
 from xds_server.metrics import Metrics
 from xds_server.publisher import Publisher
-from xds_server.settings import Settings, TlsSettings
+from xds_server.settings import Settings
 from xds_server.sources.kubernetes import KubernetesSource
 from xds_server.sources.loads import LoadLoop
 from xds_server.sources.static_file import StaticFileSource
@@ -67,13 +68,19 @@ class App:
         self._grpc: grpc.aio.Server | None = None
         self._extproc: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
+        self.feed = admin.PickerFeed(self.state)
+        #: The endpoint picker's own process (`--extproc-port` without `--extproc-in-process`).
+        self.picker: PickerChild | None = None
 
     def ready(self) -> bool:
         return self.cache.ready and self.state.synced
 
     def debug_state(self) -> dict[str, Any]:
-        return admin.debug_state(self.publisher.published, self.state.loads, self.ads.streams,
-                                 self.state.problems)
+        doc = admin.debug_state(self.publisher.published, self.state.loads, self.ads.streams,
+                                self.state.problems)
+        if self.picker is not None:
+            doc["picker"] = {"pid": self.picker.pid, "restarts": self.picker.restarts}
+        return doc
 
     async def start(self) -> None:
         s = self.settings
@@ -100,11 +107,11 @@ class App:
             raise SystemExit(f"cannot listen for xDS on {s.xds.host}:{s.xds.port}: {exc}") from exc
         await server.start()
         self._grpc = server
-        if s.extproc.port:
+        if s.extproc.port and s.extproc.in_process:
             await self._start_extproc()
         runner = web.AppRunner(
             admin.build_app(metrics=self.metrics, ready=self.ready, state=self.debug_state,
-                            problems=lambda: self.state.problems),
+                            problems=lambda: self.state.problems, picker_feed=self.feed),
             access_log=None,
         )
         await runner.setup()
@@ -119,7 +126,12 @@ class App:
         self._admin = runner
         self.admin_port = runner.addresses[0][1]
         log.info("xDS (ADS) on %s:%d%s, admin on http://%s:%d", s.xds.host, self.xds_port,
-                 _tls_mode(s.xds.tls), s.admin.host, self.admin_port)
+                 tls.describe(s.xds.tls), s.admin.host, self.admin_port)
+        if s.extproc.port and not s.extproc.in_process:
+            # After the admin server: the child follows its /picker/state (port 0: now known).
+            self.picker = PickerChild(picker_args(s, self.admin_port),
+                                      self.metrics.extproc_process_restarts)
+            await self.picker.spawn()
 
     async def _start_extproc(self) -> None:
         """The endpoint picker on its own port, reading this process's state."""
@@ -138,9 +150,11 @@ class App:
         await server.start()
         self._extproc = server
         log.info("ext_proc endpoint picker on %s:%d%s", s.host, self.extproc_port,
-                 _tls_mode(served))
+                 tls.describe(served))
 
     async def stop(self) -> None:
+        if self.picker is not None:
+            await self.picker.stop()
         if self._extproc is not None:
             await self._extproc.stop(self.settings.xds.stop_grace_s)
             self._extproc = None
@@ -164,6 +178,8 @@ class App:
                     group.create_task(run()) for run in self.sources
                 ]
                 tasks.append(group.create_task(self.publisher.run()))
+                if self.picker is not None:
+                    tasks.append(group.create_task(self.picker.run()))
                 await stop.wait()
                 log.info("stopping")
                 for task in tasks:
@@ -171,9 +187,3 @@ class App:
         finally:
             with contextlib.suppress(Exception):
                 await self.stop()
-
-
-def _tls_mode(settings: TlsSettings) -> str:
-    if settings.client_ca is not None:
-        return " (mutual TLS)"
-    return " (TLS)" if settings.enabled else " (plaintext)"

@@ -106,6 +106,11 @@ class Metrics:
             "hybridlb_extproc_decision_seconds", "Time to read a body and pick a replica",
             registry=r, buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05),
         )
+        self.extproc_process_restarts = Counter(
+            "hybridlb_extproc_process_restarts_total",
+            "Times serve restarted its endpoint picker process after it exited",
+            registry=r,
+        )
         self.weight = Gauge(
             "hybridlb_endpoint_weight", "Endpoint weight published to Envoy",
             ["pool", "replica", "node"], registry=r,

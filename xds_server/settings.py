@@ -170,7 +170,7 @@ class AdminSettings:
 
     host: str = option("127.0.0.1", "address the admin HTTP server binds", flag="admin-host")
     port: int = option(18080, "port of the admin server: /healthz /readyz /metrics "
-                       "/debug/state", flag="admin-port")
+                       "/debug/state /picker/state", flag="admin-port")
 
 
 @dataclass(frozen=True)
@@ -265,13 +265,21 @@ class PickSettings:
 
 @dataclass(frozen=True)
 class ExtprocSettings:
-    """The endpoint picker hosted inside `serve` (port 0: not hosted)."""
+    """The endpoint picker run by `serve` (port 0: none)."""
 
-    port: int = option(0, "host the ext_proc endpoint picker in this process on this port "
-                       "(0: not hosted)", flag="extproc-port")
+    port: int = option(0, "run the ext_proc endpoint picker on this port, in a child process "
+                       "of its own, restarted if it dies (0: none)", flag="extproc-port")
     host: str = option("", "address the hosted picker binds (default: the host of "
                        "--extproc-address, else 127.0.0.1)", flag="extproc-host")
     pick: PickSettings = group(PickSettings)
+    #: On the control plane's own event loop instead of a child process: picks then wait
+    #: behind snapshot builds (and fail open during a large publish). For tests, tiny setups.
+    in_process: bool = option(False, "host the picker on the control plane's own event loop "
+                              "instead (tests, tiny setups: picks fail open while a large "
+                              "snapshot builds)", flag="extproc-in-process")
+    #: The child reads /picker/state at most this often (it long-polls: an unchanged fleet
+    #: costs one empty reply per 10 s); the control plane renders it at most every 0.1 s.
+    poll_interval_s: float = 0.1
 
 
 LoadMode = Literal["auto", "prometheus", "scrape", "none"]

@@ -95,3 +95,10 @@ def add_port(server: grpc.aio.Server, address: str, settings: TlsSettings) -> in
     if not settings.enabled:
         return int(server.add_insecure_port(address))
     return int(server.add_secure_port(address, TlsFiles(settings).credentials()))
+
+
+def describe(settings: TlsSettings) -> str:
+    """How a server speaks, for its "listening on" log line."""
+    if settings.client_ca is not None:
+        return " (mutual TLS)"
+    return " (TLS)" if settings.enabled else " (plaintext)"

@@ -1,9 +1,9 @@
-"""Run the ext_proc endpoint picker on its own, following a control plane's /debug/state.
+"""Run the ext_proc endpoint picker on its own, following a control plane's /picker/state.
 
 Envoy asks it per request (headers and buffered body) and it names a replica: least
 expected wait first, prefix affinity and node locality as tie-breakers. It fails open: a
-picker that is down, slow or confused leaves the request to the weights. To run it inside
-the control plane instead, use `hybridlb serve --extproc-port PORT`.
+picker that is down, slow or confused leaves the request to the weights. `hybridlb serve
+--extproc-port PORT` runs this as its child process.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to bind; in a pod, its IP or 0.0.0.0 (default 127.0.0.1)")
     parser.add_argument("--control-plane", default="http://127.0.0.1:18080",
-                        help="the control plane's admin URL, whose /debug/state is followed "
+                        help="the control plane's admin URL, whose /picker/state is followed "
                         "(default http://127.0.0.1:18080)")
     parser.add_argument("--poll-interval-s", type=float, default=0.5,
-                        help="how often /debug/state is read (default 0.5)")
+                        help="/picker/state is read at most this often; it is a long poll, "
+                        "answered when the fleet changes (default 0.5)")
     parser.add_argument("--admin-port", type=int, default=0,
                         help="serve /healthz, /readyz, /metrics and /debug/state (the picker's "
                         "view of the replicas) here (default: off)")
@@ -45,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = PickSettings()
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
                         help=f"room per rank, as in `serve` (default {d.max_num_seqs})")
+    parser.add_argument("--waiting-factor", type=float, default=d.waiting_factor,
+                        help=f"how much more a waiting request weighs than a running one, as "
+                        f"in `serve` (default {d.waiting_factor})")
+    parser.add_argument("--room-threshold", type=float, default=d.room_threshold,
+                        help=f"above this wait a replica gets no affinity bonus, as in `serve` "
+                        f"(default {d.room_threshold})")
     parser.add_argument("--affinity-bonus", type=float, default=d.affinity_bonus,
                         help=f"score bonus for the replica that last took a prompt's leading "
                         f"block (default {d.affinity_bonus})")
@@ -65,16 +72,19 @@ def run(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from xds_server import admin
+    from xds_server.addresses import host_port
     from xds_server.extproc.server import Picker, add_health, add_to_server, new_server
     from xds_server.extproc.state import RemoteState
     from xds_server.metrics import Metrics
     from xds_server.settings import TlsSettings
-    from xds_server.tls import add_port
+    from xds_server.tls import add_port, describe
 
     tls = TlsSettings(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
     tls.check("hybridlb extproc")
 
-    settings = PickSettings(max_num_seqs=args.max_num_seqs, affinity_bonus=args.affinity_bonus,
+    settings = PickSettings(max_num_seqs=args.max_num_seqs, waiting_factor=args.waiting_factor,
+                            room_threshold=args.room_threshold,
+                            affinity_bonus=args.affinity_bonus,
                             locality_bonus=args.locality_bonus,
                             max_body_bytes=args.max_body_bytes, fallbacks=args.fallbacks,
                             max_queue=args.max_queue)
@@ -87,7 +97,7 @@ def run(args: argparse.Namespace) -> int:
                                      model_header=args.model_header))
         add_health(server, state.ready.is_set)
         try:
-            port = add_port(server, f"{args.host}:{args.port}", tls)
+            port = add_port(server, host_port(args.host, args.port), tls)
         except RuntimeError as exc:
             raise SystemExit(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
         await server.start()
@@ -97,8 +107,8 @@ def run(args: argparse.Namespace) -> int:
                 metrics=metrics, ready=state.ready.is_set, state=state.describe), access_log=None)
             await runner.setup()
             await web.TCPSite(runner, args.admin_host, args.admin_port).start()
-        log.info("ext_proc endpoint picker on %s:%d, following %s", args.host, port,
-                 args.control_plane)
+        log.info("ext_proc endpoint picker on %s:%d%s, following %s", args.host, port,
+                 describe(tls), args.control_plane)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,5 +1,6 @@
 """Where the picker's view of the fleet comes from: the control plane's own state when it
-runs inside `hybridlb serve`, or the control plane's /debug/state when it runs alone.
+runs inside `hybridlb serve`, or the control plane's /picker/state when it runs in its own
+process.
 
 Both count the picker's own recent picks that the latest load reading cannot include yet.
 """
@@ -9,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import bisect
 import dataclasses
-import json
 import logging
 import time
-import urllib.request
 from collections import OrderedDict, deque
 from collections.abc import Iterable
 from typing import Any, Protocol
+
+import aiohttp
 
 from xds_server.extproc.pick import Candidate, Rank
 from xds_server.model import RankLoad, ReplicaState
@@ -141,38 +142,57 @@ def _with_pending(address: str, ranks: tuple[Rank, ...], pending: PendingPicks,
 
 
 class RemoteState:
-    """Follows a control plane's /debug/state (polled), for a picker in its own process."""
+    """Follows a control plane's /picker/state, for a picker in its own process.
+
+    A long poll: the control plane answers when its state changes (or after `WAIT_S` with an
+    empty 304), so an unchanged fleet costs one small exchange per `WAIT_S`; `interval_s`
+    spaces reads of a changing one."""
+
+    #: How long one read waits for a change before the control plane answers "unchanged".
+    WAIT_S = 10.0
 
     def __init__(self, admin_url: str, interval_s: float = 0.5) -> None:
-        self._url = admin_url.rstrip("/") + "/debug/state"
+        self._url = admin_url.rstrip("/") + "/picker/state"
         self._interval_s = interval_s
         self._pools: dict[str, list[tuple[Candidate, float]]] = {}
         self._pending = PendingPicks()
         self._failing = False
         self._read_at = 0.0
+        self._etag = ""
         self.ready = asyncio.Event()
 
     async def run(self) -> None:
-        while True:
-            try:
-                doc = await asyncio.to_thread(self._fetch)
-                self._pools = _parse(doc)
-                self._read_at = time.time()
-                self.ready.set()
-                if self._failing:
-                    log.info("control plane %s answers again", self._url)
-                    self._failing = False
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                if not self._failing:
-                    log.warning("cannot read %s (%s); picking from the last state seen",
-                                self._url, exc)
-                    self._failing = True
-            await asyncio.sleep(self._interval_s)
+        timeout = aiohttp.ClientTimeout(total=self.WAIT_S + 5, connect=2)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while True:
+                started = time.monotonic()
+                try:
+                    await self._read(session)
+                    if self._failing:
+                        log.info("control plane %s answers again", self._url)
+                        self._failing = False
+                except (OSError, aiohttp.ClientError, TimeoutError, ValueError, KeyError,
+                        TypeError, IndexError) as exc:
+                    if not self._failing:
+                        log.warning("cannot read %s (%s); picking from the last state seen",
+                                    self._url, str(exc)[:200])
+                        self._failing = True
+                await asyncio.sleep(max(0.0, self._interval_s - (time.monotonic() - started)))
 
-    def _fetch(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self._url, timeout=2) as response:
-            doc: dict[str, Any] = json.load(response)
-            return doc
+    async def _read(self, session: aiohttp.ClientSession) -> None:
+        headers = {"If-None-Match": self._etag} if self._etag else {}
+        async with session.get(self._url, headers=headers,
+                               params={"wait_s": str(self.WAIT_S)}) as response:
+            if response.status not in (200, 304):
+                raise ValueError(f"HTTP {response.status}")
+            if response.status == 200:
+                doc = await response.json()
+                # Load times are the control plane's clock: shift them onto ours.
+                skew = time.time() - float(response.headers["X-Hybridlb-Time"])
+                self._pools = _parse(doc, skew)
+                self._etag = response.headers.get("ETag", "")
+        self._read_at = time.time()
+        self.ready.set()
 
     def candidates(self, pool: str) -> list[Candidate] | None:
         members = self._pools.get(pool)
@@ -211,25 +231,25 @@ class RemoteState:
         self._pending.move(picked, served)
 
 
-def _parse(doc: dict[str, Any]) -> dict[str, list[tuple[Candidate, float]]]:
-    now = time.time()
+def _parse(doc: dict[str, Any], skew: float) -> dict[str, list[tuple[Candidate, float]]]:
+    """/picker/state into candidates with their load's read time on this host's clock."""
     pools: dict[str, list[tuple[Candidate, float]]] = {}
     for pool in doc["pools"]:
         members = []
         for r in pool["replicas"]:
             if r["state"] != ReplicaState.READY.value:
                 continue
-            load = r.get("load") or {}
-            read_at = now - float(load["age_s"]) if "age_s" in load else 0.0
+            load = r["load"] or {}
+            read_at = float(load["read_at"]) + skew if "read_at" in load else 0.0
             capacity = int(r["capacity"])
-            engines = (RankLoad(str(k["engine"]), float(k["running"]), float(k["waiting"]))
-                       for k in load.get("ranks", ()))
+            engines = (RankLoad(str(engine), float(running), float(waiting))
+                       for engine, running, waiting in load.get("ranks", ()))
             members.append((Candidate(
                 address=r["address"], node=r["node"], capacity=capacity,
                 running=float(load.get("running", 0.0)), waiting=float(load.get("waiting", 0.0)),
-                ranks=_local_ranks(capacity, int(r.get("dp_rank", 0)), engines),
+                ranks=_local_ranks(capacity, int(r["dp_rank"]), engines),
             ), read_at))
-        pools[pool["name"]] = members
+        pools[str(pool["name"])] = members
     return pools
 
 

@@ -1,0 +1,151 @@
+"""/picker/state: the lean, versioned feed a picker in its own process follows."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from xds_server import admin
+from xds_server.extproc.state import RemoteState
+from xds_server.metrics import Metrics
+from xds_server.model import Load, Pool, RankLoad, Replica, ReplicaState
+from xds_server.settings import AdminSettings, ExtprocSettings, Settings, TlsSettings, XdsSettings
+from xds_server.state import State
+
+A, B = Replica("10.0.0.1", 8000, "n1", capacity=2, dp_rank=4), Replica("10.0.0.2", 8000, "n2")
+
+
+def _hub() -> State:
+    state = State()
+    state.set_pools("file", [Pool("m", (A, B))])
+    state.set_loads({A.address: Load(3, 1, read_at=100.0, ranks=(
+        RankLoad("4", 2, 0), RankLoad("5", 1, 1)))})
+    return state
+
+
+@pytest.fixture
+async def served() -> AsyncIterator[tuple[State, admin.PickerFeed, TestClient]]:
+    state = _hub()
+    # No rendering rate limit: each change is rendered at the next read.
+    feed = admin.PickerFeed(state, min_interval_s=0)
+    app = admin.build_app(metrics=Metrics(), ready=lambda: True, state=dict,
+                          picker_feed=feed)
+    async with TestClient(TestServer(app)) as client:
+        yield state, feed, client
+
+
+async def test_feed_holds_what_the_picker_reads(
+    served: tuple[State, admin.PickerFeed, TestClient]
+) -> None:
+    state, _, client = served
+    response = await client.get("/picker/state")
+    assert response.status == 200
+    assert abs(float(response.headers["X-Hybridlb-Time"]) - time.time()) < 60
+    doc = await response.json()
+    assert doc["version"] == state.version
+    [pool] = doc["pools"]
+    assert pool["name"] == "m"
+    assert pool["replicas"][0] == {
+        "address": "10.0.0.1:8000", "node": "n1", "capacity": 2, "dp_rank": 4,
+        "state": "ready", "load": {"running": 3, "waiting": 1, "read_at": 100.0,
+                                   "ranks": [["4", 2, 0], ["5", 1, 1]]}}
+    assert pool["replicas"][1]["load"] is None
+
+
+async def test_unchanged_state_answers_304_without_rendering_again(
+    served: tuple[State, admin.PickerFeed, TestClient]
+) -> None:
+    _, feed, client = served
+    first = await client.get("/picker/state")
+    etag = first.headers["ETag"]
+    renders = feed.renders
+    again = await client.get("/picker/state", headers={"If-None-Match": etag})
+    assert again.status == 304
+    assert await again.read() == b""
+    assert again.headers["ETag"] == etag
+    # A long poll that sees no change ends with the same 304.
+    waited = await client.get("/picker/state", params={"wait_s": "0.05"},
+                              headers={"If-None-Match": etag})
+    assert waited.status == 304
+    assert feed.renders == renders
+
+
+async def test_a_state_change_gives_a_new_version(
+    served: tuple[State, admin.PickerFeed, TestClient]
+) -> None:
+    state, _, client = served
+    first = await client.get("/picker/state")
+    etag = first.headers["ETag"]
+    state.set_loads({B.address: Load(7, 0, read_at=200.0)})
+    second = await client.get("/picker/state", headers={"If-None-Match": etag})
+    assert second.status == 200
+    assert second.headers["ETag"] != etag
+    doc = await second.json()
+    assert doc["version"] == state.version
+    assert doc["pools"][0]["replicas"][1]["load"]["running"] == 7
+
+
+async def test_a_long_poll_answers_when_the_state_changes(
+    served: tuple[State, admin.PickerFeed, TestClient]
+) -> None:
+    state, _, client = served
+    etag = (await client.get("/picker/state")).headers["ETag"]
+    poll = asyncio.create_task(client.get(
+        "/picker/state", params={"wait_s": "30"}, headers={"If-None-Match": etag}))
+    state.set_pools("file", [Pool("m", (A,))])
+    response = await poll
+    assert response.status == 200
+    assert [r["address"] for r in (await response.json())["pools"][0]["replicas"]] == [
+        A.address]
+
+
+async def test_a_restarted_control_plane_is_not_mistaken_for_the_same_version() -> None:
+    """Both count versions from the same start; the ETags still differ."""
+    one, two = admin.PickerFeed(_hub()), admin.PickerFeed(_hub())
+    assert one.current()[0] != two.current()[0]
+
+
+async def test_remote_state_follows_the_feed(
+    served: tuple[State, admin.PickerFeed, TestClient]
+) -> None:
+    state, _, client = served
+    remote = RemoteState(str(client.make_url("/")), interval_s=0)
+    follow = asyncio.create_task(remote.run())
+    try:
+        await asyncio.wait_for(remote.ready.wait(), 10)
+        [a, b] = remote.candidates("m") or []
+        assert (a.address, a.node, a.running, a.waiting) == (A.address, "n1", 3, 1)
+        # Ranks by local index (global rank - dp_rank).
+        assert [(k.index, k.running, k.waiting) for k in a.ranks] == [(0, 2, 0), (1, 1, 1)]
+        assert b.running == 0
+        state.set_pools("file", [Pool("m", (A, Replica("10.0.0.2", 8000, "n2",
+                                                      state=ReplicaState.DRAINING)))])
+
+        async def drained() -> None:
+            while len(remote.candidates("m") or []) != 1:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(drained(), 10)
+    finally:
+        follow.cancel()
+
+
+def test_serves_picker_follows_the_admin_server_over_loopback() -> None:
+    from xds_server.extproc.child import picker_args
+
+    tls = TlsSettings(cert=Path("c.pem"), key=Path("k.pem"), client_ca=Path("ca.pem"))
+    settings = Settings(admin=AdminSettings(host="0.0.0.0"), xds=XdsSettings(tls=tls),
+                        extproc=ExtprocSettings(host="10.1.2.3", port=9002))
+    args = picker_args(settings, 18081)
+    flags = dict(zip(args[::2], args[1::2], strict=True))
+    assert flags["--control-plane"] == "http://127.0.0.1:18081"
+    assert (flags["--host"], flags["--port"]) == ("10.1.2.3", "9002")
+    assert (flags["--tls-cert"], flags["--tls-key"], flags["--tls-client-ca"]) == (
+        "c.pem", "k.pem", "ca.pem")
+    ipv6 = Settings(admin=AdminSettings(host="::"), extproc=ExtprocSettings(port=9002))
+    assert "http://[::1]:18081" in picker_args(ipv6, 18081)
