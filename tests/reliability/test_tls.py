@@ -200,9 +200,6 @@ def test_envoy_reaches_the_hosted_picker_over_mutual_tls(
     envoy = Envoy(tmp_path, xds_port=cp.xds_port, bootstrap={"xds_tls": UpstreamTls(
         str(ca.cert), str(client.cert), str(client.key))})
     with running(Upstreams(tmp_path, ports), cp, envoy):
-        assert "ext_proc endpoint picker on" in cp.output()
-        assert "(mutual TLS)" in cp.output().split("ext_proc endpoint picker on", 1)[1]
-
         def picked() -> bool:
             r = httpx.post(envoy.url + "/v1/completions", timeout=10,
                            json={"model": "qwen3", "prompt": "hello"})
@@ -211,6 +208,8 @@ def test_envoy_reaches_the_hosted_picker_over_mutual_tls(
                         .split(",")[0] == r.headers["x-hybridlb-replica"])
 
         wait_for(picked, 30, "a pick over mutual TLS, obeyed")
+        # The picker (serve's child process) logged how it listens.
+        assert "(mutual TLS)" in cp.output().split("ext_proc endpoint picker on", 1)[1]
         assert all(picked() for _ in range(10))
         # Envoy's side of it: TLS handshakes to the picker, none failed.
         stats = httpx.get(envoy.admin + "/stats").text

@@ -1,0 +1,94 @@
+"""`serve --extproc-port`: the picker runs in a child process of its own, with real Envoy.
+
+It answers picks from that child, survives the child's death (restarted; requests fail open
+meanwhile) and goes away with `serve`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.harness import ControlPlane, Envoy, Upstreams, free_ports, running, wait_for, write_pools
+
+pytestmark = pytest.mark.envoy
+
+
+class Stack:
+    def __init__(self, workdir: Path) -> None:
+        ports = free_ports(2)
+        self.addresses = [f"127.0.0.1:{p}" for p in ports]
+        pools = workdir / "pools.yaml"
+        write_pools(pools, [(self.addresses[0], "node-a"), (self.addresses[1], "node-b")])
+        self.upstreams = Upstreams(workdir, ports)
+        self.cp = ControlPlane(workdir, pools, listener_port=free_ports(1)[0], extra=[
+            "--metrics", "none", "--extproc-port", str(free_ports(1)[0]),
+            # Generous: a late pick fails open (correct, but not what is tested here).
+            "--extproc-timeout-s", "2"])
+        self.envoy = Envoy(workdir, xds_port=self.cp.xds_port)
+        self.failures: list[str] = []
+
+    def picker(self) -> dict[str, int]:
+        doc: dict[str, int] = self.cp.state()["picker"]
+        return doc
+
+    def picked(self, client: httpx.Client) -> bool:
+        """One request; True if a replica answered it where the picker said. Requests that
+        fail are kept in `failures` (wait_for would swallow an assertion)."""
+        r = client.post(self.envoy.url + "/v1/completions",
+                        json={"model": "qwen3", "prompt": "hello"})
+        if r.status_code != 200:
+            self.failures.append(f"{r.status_code} {r.text[:200]}")
+        return bool(r.headers.get("x-hybridlb-picked", "").split(",")[0]
+                    == r.headers["x-hybridlb-replica"])
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    s = Stack(tmp_path_factory.mktemp("picker_process"))
+    with running(s.upstreams, s.cp, s.envoy):
+        yield s
+
+
+def _parent(pid: int) -> int:
+    # /proc/PID/stat: "pid (comm) state ppid ..."; comm may hold spaces, not ")".
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
+def test_picks_come_from_a_child_process(stack: Stack) -> None:
+    with httpx.Client(timeout=10) as client:
+        wait_for(lambda: stack.picked(client), 30, "a pick, obeyed")
+        assert all(stack.picked(client) for _ in range(10))
+    assert stack.failures == []
+    assert stack.cp.proc is not None
+    pid = stack.picker()["pid"]
+    assert pid != stack.cp.proc.pid
+    assert _parent(pid) == stack.cp.proc.pid
+    assert f"endpoint picker process {pid} started" in stack.cp.output()
+
+
+def test_a_killed_picker_is_restarted_and_requests_flow_meanwhile(stack: Stack) -> None:
+    old = stack.picker()
+    with httpx.Client(timeout=10) as client:
+        os.kill(old["pid"], signal.SIGKILL)
+        # Every request is answered while the picker is gone (fail open) and after.
+        wait_for(lambda: (stack.picked(client), stack.picker()["restarts"] == old["restarts"] + 1)
+                 [1], 30, "the picker restarted")
+        new = stack.picker()["pid"]
+        assert new != old["pid"]
+        assert stack.cp.proc is not None and _parent(new) == stack.cp.proc.pid
+        wait_for(lambda: stack.picked(client), 30, "picks from the new child")
+    assert stack.cp.metric("hybridlb_extproc_process_restarts_total") == old["restarts"] + 1
+    assert "killed by SIGKILL" in stack.cp.output()
+    assert stack.failures == []
+
+
+def test_serve_stops_its_picker(stack: Stack) -> None:
+    pid = stack.picker()["pid"]
+    stack.cp.stop()  # SIGTERM, waits for serve to exit
+    assert not Path(f"/proc/{pid}").exists()
