@@ -46,6 +46,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="how long the picker alone is driven (default 10)")
     extproc.add_argument("--concurrency", type=int, default=16,
                          help="gRPC streams driving the picker alone (default 16)")
+    publish = sub.add_parser("publish", help="picks that fail open and ADS answers during "
+                             "a 10,000-replica publish, picker in-process vs own process")
+    publish.add_argument("--out", default="bench/results", help="output folder")
+    publish.add_argument("--repeats", type=int, default=3, help="interleaved repeats (default 3)")
+    publish.add_argument("--publishes", type=int, default=3,
+                         help="pool-file rewrites per run (default 3)")
 
     k8s = sub.add_parser(
         "k8s", help="Kubernetes lifecycle → Envoy: Ready → routed, deletion → draining",
@@ -78,6 +84,10 @@ def run(args: argparse.Namespace) -> int:
         from xds_server.bench.extproc import main as extproc_main
 
         return extproc_main(args)
+    if args.bench == "publish":
+        from xds_server.bench.publish import main as publish_main
+
+        return publish_main(args)
     if args.bench == "k8s":
         from xds_server.bench.k8s import main as k8s_main
 
