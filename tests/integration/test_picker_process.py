@@ -77,8 +77,12 @@ def test_a_killed_picker_is_restarted_and_requests_flow_meanwhile(stack: Stack) 
     with httpx.Client(timeout=10) as client:
         os.kill(old["pid"], signal.SIGKILL)
         # Every request is answered while the picker is gone (fail open) and after.
-        wait_for(lambda: (stack.picked(client), stack.picker()["restarts"] == old["restarts"] + 1)
-                 [1], 30, "the picker restarted")
+        def restarted() -> bool:
+            stack.picked(client)
+            now = stack.picker()
+            return now["restarts"] == old["restarts"] + 1 and now["pid"] is not None
+
+        wait_for(restarted, 30, "the picker restarted")
         new = stack.picker()["pid"]
         assert new != old["pid"]
         assert stack.cp.proc is not None and _parent(new) == stack.cp.proc.pid
@@ -92,3 +96,14 @@ def test_serve_stops_its_picker(stack: Stack) -> None:
     pid = stack.picker()["pid"]
     stack.cp.stop()  # SIGTERM, waits for serve to exit
     assert not Path(f"/proc/{pid}").exists()
+
+
+def test_a_killed_serve_leaves_no_picker_behind(stack: Stack) -> None:
+    """SIGKILL gives serve no chance to stop its child: the child notices it was orphaned."""
+    stack.cp.start()
+    wait_for(lambda: stack.picker()["pid"] is not None, 20, "a picker")
+    pid = stack.picker()["pid"]
+    stack.cp.stop(signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{pid}").exists()
+             or Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z",
+             20, "the orphaned picker to exit")

@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from pathlib import Path
 
@@ -43,6 +44,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tls-client-ca", type=Path, default=None,
                         help="PEM CA bundle: require Envoys to present a client certificate it "
                         "signed (mutual TLS)")
+    parser.add_argument("--parent-pid", type=int, default=0,
+                        help="exit when this process is gone (`serve` sets it for the picker "
+                        "it runs, so a killed `serve` leaves no picker holding the port)")
     d = PickSettings()
     parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
                         help=f"room per rank, as in `serve` (default {d.max_num_seqs})")
@@ -114,15 +118,27 @@ def run(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         follow = asyncio.create_task(state.run())
+        orphaned = asyncio.create_task(_parent_gone(args.parent_pid, stop)) \
+            if args.parent_pid else None
         try:
             await stop.wait()
         finally:
-            follow.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await follow
+            for task in (follow, orphaned):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await server.stop(1.0)
             if runner is not None:
                 await runner.cleanup()
 
     asyncio.run(main())
     return 0
+
+
+async def _parent_gone(pid: int, stop: asyncio.Event) -> None:
+    """Set `stop` once this process's parent is no longer `pid` (it died: we were adopted)."""
+    while os.getppid() == pid:
+        await asyncio.sleep(1.0)
+    log.warning("parent process %d is gone; stopping", pid)
+    stop.set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
@@ -119,6 +120,7 @@ def picker_args(settings: Settings, admin_port: int) -> list[str]:
         "--waiting-factor", str(s.pick.waiting_factor),
         "--room-threshold", str(s.pick.room_threshold),
         "--fallbacks", str(s.pick.fallbacks), "--max-queue", str(s.pick.max_queue),
+        "--parent-pid", str(os.getpid()),
     ]
     for flag, path in (("--tls-cert", served.cert), ("--tls-key", served.key),
                        ("--tls-client-ca", served.client_ca)):

@@ -154,6 +154,10 @@ class RemoteState:
     def __init__(self, admin_url: str, interval_s: float = 0.5) -> None:
         self._url = admin_url.rstrip("/") + "/picker/state"
         self._interval_s = interval_s
+        #: Each pool's rows as read, and parsed only when a pick asks for the pool: parsing all
+        #: 10,000 replicas of a large fleet took 0.15 s of the picker's loop per change.
+        self._rows: dict[str, list[list[Any]]] = {}
+        self._skew = 0.0
         self._pools: dict[str, list[tuple[Candidate, float]]] = {}
         self._pending = PendingPicks()
         self._failing = False
@@ -188,8 +192,9 @@ class RemoteState:
             if response.status == 200:
                 doc = await response.json()
                 # Load times are the control plane's clock: shift them onto ours.
-                skew = time.time() - float(response.headers["X-Hybridlb-Time"])
-                self._pools = _parse(doc, skew)
+                self._skew = time.time() - float(response.headers["X-Hybridlb-Time"])
+                self._rows = {str(p["name"]): p["replicas"] for p in doc["pools"]}
+                self._pools = {}
                 self._etag = response.headers.get("ETag", "")
         self._read_at = time.time()
         self.ready.set()
@@ -197,7 +202,15 @@ class RemoteState:
     def candidates(self, pool: str) -> list[Candidate] | None:
         members = self._pools.get(pool)
         if members is None:
-            return None
+            rows = self._rows.get(pool)
+            if rows is None:
+                return None
+            try:
+                members = self._pools[pool] = _parse(rows, self._skew)
+            except (ValueError, TypeError, IndexError) as exc:
+                log.warning("pool %.100r from %s does not parse (%s); no picks for it",
+                            pool, self._url, str(exc)[:200])
+                members = self._pools[pool] = []
         return [
             Candidate(c.address, c.node, c.capacity, c.running, c.waiting,
                       self._pending.since(c.address, read_at),
@@ -206,7 +219,7 @@ class RemoteState:
         ]
 
     def default_pool(self) -> str:
-        return next(iter(self._pools), "")
+        return next(iter(self._rows), "")
 
     def describe(self) -> dict[str, Any]:
         """The picker's view for its /debug/state: what it would pick from, and how old."""
@@ -220,7 +233,7 @@ class RemoteState:
                      "running": c.running, "waiting": c.waiting, "pending": c.pending,
                      "ranks": [dataclasses.asdict(k) for k in c.ranks]}
                     for c in self.candidates(name) or ()]}
-                for name in self._pools
+                for name in self._rows
             ],
         }
 
@@ -231,26 +244,21 @@ class RemoteState:
         self._pending.move(picked, served)
 
 
-def _parse(doc: dict[str, Any], skew: float) -> dict[str, list[tuple[Candidate, float]]]:
-    """/picker/state into candidates with their load's read time on this host's clock."""
-    pools: dict[str, list[tuple[Candidate, float]]] = {}
-    for pool in doc["pools"]:
-        members = []
-        for r in pool["replicas"]:
-            if r["state"] != ReplicaState.READY.value:
-                continue
-            load = r["load"] or {}
-            read_at = float(load["read_at"]) + skew if "read_at" in load else 0.0
-            capacity = int(r["capacity"])
-            engines = (RankLoad(str(engine), float(running), float(waiting))
-                       for engine, running, waiting in load.get("ranks", ()))
-            members.append((Candidate(
-                address=r["address"], node=r["node"], capacity=capacity,
-                running=float(load.get("running", 0.0)), waiting=float(load.get("waiting", 0.0)),
-                ranks=_local_ranks(capacity, int(r["dp_rank"]), engines),
-            ), read_at))
-        pools[str(pool["name"])] = members
-    return pools
+def _parse(rows: list[list[Any]], skew: float) -> list[tuple[Candidate, float]]:
+    """A pool's /picker/state rows into its ready candidates, each with its load's read time
+    on this host's clock."""
+    members = []
+    for address, node, capacity, dp_rank, state, running, waiting, read_at, ranks in rows:
+        if state != ReplicaState.READY.value:
+            continue
+        capacity = int(capacity)
+        engines = (RankLoad(str(engine), float(r), float(w)) for engine, r, w in ranks)
+        members.append((Candidate(
+            address=str(address), node=str(node), capacity=capacity,
+            running=float(running or 0.0), waiting=float(waiting or 0.0),
+            ranks=_local_ranks(capacity, int(dp_rank), engines),
+        ), float(read_at) + skew if read_at is not None else 0.0))
+    return members
 
 
 class PrefixOwners:
