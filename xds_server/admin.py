@@ -221,6 +221,13 @@ class PickerFeed:
         return web.Response(body=body, content_type="application/json", headers=headers)
 
 
+def build_feed_app(picker_feed: PickerFeed) -> web.Application:
+    """/picker/state alone: what serve's picker process follows, on loopback."""
+    app = web.Application()
+    app.router.add_get("/picker/state", picker_feed.handle)
+    return app
+
+
 def build_app(
     *,
     metrics: Metrics,

@@ -68,6 +68,7 @@ class App:
         self._grpc: grpc.aio.Server | None = None
         self._extproc: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
+        self._feed: web.AppRunner | None = None
         self.feed = admin.PickerFeed(self.state)
         #: The endpoint picker's own process (`--extproc-port` without `--extproc-in-process`).
         self.picker: PickerChild | None = None
@@ -128,10 +129,20 @@ class App:
         log.info("xDS (ADS) on %s:%d%s, admin on http://%s:%d", s.xds.host, self.xds_port,
                  tls.describe(s.xds.tls), s.admin.host, self.admin_port)
         if s.extproc.port and not s.extproc.in_process:
-            # After the admin server: the child follows its /picker/state (port 0: now known).
-            self.picker = PickerChild(picker_args(s, self.admin_port),
-                                      self.metrics.extproc_process_restarts)
-            await self.picker.spawn()
+            await self._start_picker_process()
+
+    async def _start_picker_process(self) -> None:
+        """The endpoint picker in a child process, following /picker/state on a listener of
+        its own on loopback: the admin server may bind only the pod IP, behind a
+        NetworkPolicy that admits Prometheus alone."""
+        runner = web.AppRunner(admin.build_feed_app(self.feed), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        self._feed = runner
+        feed_url = f"http://127.0.0.1:{runner.addresses[0][1]}"
+        self.picker = PickerChild(picker_args(self.settings, feed_url),
+                                  self.metrics.extproc_process_restarts)
+        await self.picker.spawn()
 
     async def _start_extproc(self) -> None:
         """The endpoint picker on its own port, reading this process's state."""
@@ -164,6 +175,9 @@ class App:
         if self._admin is not None:
             await self._admin.cleanup()
             self._admin = None
+        if self._feed is not None:
+            await self._feed.cleanup()
+            self._feed = None
 
     async def run(self) -> None:
         """Run until SIGTERM/SIGINT; a dying root task ends the process with its error."""

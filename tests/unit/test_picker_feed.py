@@ -14,7 +14,13 @@ from xds_server import admin
 from xds_server.extproc.state import RemoteState
 from xds_server.metrics import Metrics
 from xds_server.model import Load, Pool, RankLoad, Replica, ReplicaState
-from xds_server.settings import AdminSettings, ExtprocSettings, Settings, TlsSettings, XdsSettings
+from xds_server.settings import (
+    ExtprocSettings,
+    PickSettings,
+    Settings,
+    TlsSettings,
+    XdsSettings,
+)
 from xds_server.state import State
 
 A, B = Replica("10.0.0.1", 8000, "n1", capacity=2, dp_rank=4), Replica("10.0.0.2", 8000, "n2")
@@ -136,17 +142,16 @@ async def test_remote_state_follows_the_feed(
         follow.cancel()
 
 
-def test_serves_picker_follows_the_admin_server_over_loopback() -> None:
+def test_serves_picker_gets_serves_certificate_and_pick_settings() -> None:
     from xds_server.extproc.child import picker_args
 
     tls = TlsSettings(cert=Path("c.pem"), key=Path("k.pem"), client_ca=Path("ca.pem"))
-    settings = Settings(admin=AdminSettings(host="0.0.0.0"), xds=XdsSettings(tls=tls),
-                        extproc=ExtprocSettings(host="10.1.2.3", port=9002))
-    args = picker_args(settings, 18081)
+    settings = Settings(xds=XdsSettings(tls=tls), extproc=ExtprocSettings(
+        host="10.1.2.3", port=9002, pick=PickSettings(max_num_seqs=64, fallbacks=1)))
+    args = picker_args(settings, "http://127.0.0.1:4242")
     flags = dict(zip(args[::2], args[1::2], strict=True))
-    assert flags["--control-plane"] == "http://127.0.0.1:18081"
+    assert flags["--control-plane"] == "http://127.0.0.1:4242"
     assert (flags["--host"], flags["--port"]) == ("10.1.2.3", "9002")
     assert (flags["--tls-cert"], flags["--tls-key"], flags["--tls-client-ca"]) == (
         "c.pem", "k.pem", "ca.pem")
-    ipv6 = Settings(admin=AdminSettings(host="::"), extproc=ExtprocSettings(port=9002))
-    assert "http://[::1]:18081" in picker_args(ipv6, 18081)
+    assert (flags["--max-num-seqs"], flags["--fallbacks"]) == ("64", "1")

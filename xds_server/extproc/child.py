@@ -3,8 +3,9 @@
 On the control plane's event loop a pick waits behind every snapshot build and pool-file
 parse (over a second at 10,000 replicas), longer than Envoy waits (0.2 s): picks failed
 open during every large publish. The child runs `hybridlb extproc`, following this
-process's /picker/state over loopback; it is restarted with backoff when it dies, and
-stopped with `serve`.
+process's /picker/state on a loopback-only listener of its own (whatever address the admin
+server binds, and whoever a NetworkPolicy admits to it); it is restarted with backoff when
+it dies, and stopped with `serve`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from collections.abc import Sequence
 
 from prometheus_client import Counter
 
-from xds_server.addresses import host_port
 from xds_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -101,19 +101,13 @@ def _how(code: int) -> str:
     return f"exit status {code}"
 
 
-def picker_args(settings: Settings, admin_port: int) -> list[str]:
+def picker_args(settings: Settings, feed_url: str) -> list[str]:
     """`hybridlb extproc` flags for serve's picker: its port, host, certificate and pick
-    settings, following this control plane's admin server over loopback when it binds all
-    addresses."""
+    settings, following `feed_url` (serve's /picker/state on loopback)."""
     s, served = settings.extproc, settings.xds.tls
-    admin_host = settings.admin.host
-    if admin_host in ("0.0.0.0", ""):
-        admin_host = "127.0.0.1"
-    elif admin_host == "::":
-        admin_host = "::1"
     args = [
         "--port", str(s.port), "--host", s.host,
-        "--control-plane", f"http://{host_port(admin_host, admin_port)}",
+        "--control-plane", feed_url,
         "--poll-interval-s", str(s.poll_interval_s),
         "--model-header", settings.envoy.model_header,
         "--max-num-seqs", str(s.pick.max_num_seqs),
