@@ -172,6 +172,8 @@ class PickerFeed:
         self._at = -float("inf")
         self._cost_s = 0.0
         self.renders = 0
+        #: Readers waiting in a long poll now.
+        self.waiting = 0
 
     def current(self) -> tuple[str, bytes]:
         """(ETag, body) of the latest render, rendering again if the hub changed since and
@@ -213,7 +215,11 @@ class PickerFeed:
         except ValueError:
             return web.Response(status=400, text="wait_s: expected seconds\n")
         if seen and wait_s > 0:
-            await self.wait_other_than(seen, wait_s)
+            self.waiting += 1
+            try:
+                await self.wait_other_than(seen, wait_s)
+            finally:
+                self.waiting -= 1
         etag, body = self.current()
         headers = {"ETag": etag, "X-Hybridlb-Time": repr(time.time())}
         if seen == etag:

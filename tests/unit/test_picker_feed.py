@@ -101,10 +101,17 @@ async def test_a_state_change_gives_a_new_version(
 async def test_a_long_poll_answers_when_the_state_changes(
     served: tuple[State, admin.PickerFeed, TestClient]
 ) -> None:
-    state, _, client = served
+    state, feed, client = served
     etag = (await client.get("/picker/state")).headers["ETag"]
     poll = asyncio.create_task(client.get(
         "/picker/state", params={"wait_s": "30"}, headers={"If-None-Match": etag}))
+
+    async def waiting() -> None:
+        while feed.waiting != 1:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(waiting(), 10)
+    assert not poll.done()
     state.set_pools("file", [Pool("m", (A,))])
     response = await poll
     assert response.status == 200
