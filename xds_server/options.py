@@ -26,6 +26,14 @@ def option(default: Any, help: str, *, flag: str) -> Any:
     return dataclasses.field(default=default, metadata={"flag": flag, "help": help})
 
 
+def same_as(kind: type, name: str) -> Any:
+    """A field that takes another settings field's declaration (flag, help, default): one
+    setting read by two parts. In one command both fields take the one flag."""
+    declared = {f.name: f for f in dataclasses.fields(kind)}[name]
+    return dataclasses.field(default=declared.default,
+                             metadata={**declared.metadata, "shared": True})
+
+
 def group(kind: Callable[[], _T], *, prefix: str = "") -> _T:
     """A nested settings group, with the group's own defaults; its flags take `prefix`, so
     that one group (TLS files, say) can serve under several names."""
@@ -36,8 +44,9 @@ def group(kind: Callable[[], _T], *, prefix: str = "") -> _T:
 @dataclass(frozen=True)
 class Option:
     flag: str
-    #: Attribute path from the root settings object, e.g. ("xds", "tls", "cert").
-    path: tuple[str, ...]
+    #: Attribute paths from the root settings object, e.g. (("xds", "tls", "cert"),); more
+    #: than one where parts share a setting (`same_as`).
+    paths: tuple[tuple[str, ...], ...]
     convert: Callable[[Any], Any]
     default: Any
     help: str
@@ -49,15 +58,19 @@ class Option:
 
 def options(root: type) -> list[Option]:
     """Every option of a settings tree, in declaration order."""
-    found = list(_walk(root, (), ""))
-    flags = [o.flag for o in found]
-    twice = sorted({f for f in flags if flags.count(f) > 1})
-    if twice:
-        raise TypeError(f"{root.__name__}: flags declared twice: {', '.join(twice)}")
-    return found
+    merged: dict[str, Option] = {}
+    for opt, shared in _walk(root, (), ""):
+        first = merged.get(opt.flag)
+        if first is None:
+            merged[opt.flag] = opt
+        elif shared and first.help == opt.help and first.default == opt.default:
+            merged[opt.flag] = dataclasses.replace(first, paths=first.paths + opt.paths)
+        else:
+            raise TypeError(f"{root.__name__}: --{opt.flag} declared twice")
+    return list(merged.values())
 
 
-def _walk(cls: type, path: tuple[str, ...], prefix: str) -> Iterator[Option]:
+def _walk(cls: type, path: tuple[str, ...], prefix: str) -> Iterator[tuple[Option, bool]]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
@@ -65,10 +78,13 @@ def _walk(cls: type, path: tuple[str, ...], prefix: str) -> Iterator[Option]:
             yield from _walk(kind, (*path, f.name), prefix + f.metadata.get("prefix", ""))
         elif "flag" in f.metadata:
             convert, how, expects = _converter(kind)
+            shared = bool(f.metadata.get("shared"))
+            # A shared field keeps its declaration's flag, whichever group it sits in.
+            flag = f.metadata["flag"] if shared else prefix + f.metadata["flag"]
             yield Option(
-                flag=prefix + f.metadata["flag"], path=(*path, f.name), convert=convert,
-                default=f.default, help=f.metadata["help"], argparse=how, expects=expects,
-            )
+                flag=flag, paths=((*path, f.name),), convert=convert, default=f.default,
+                help=f.metadata["help"], argparse=how, expects=expects,
+            ), shared
 
 
 def _converter(kind: Any) -> tuple[Callable[[Any], Any], dict[str, Any], str]:
@@ -193,11 +209,13 @@ def build(root: type[_T], values: Mapping[str, Any], opts: list[Option]) -> _T:
     validation fails ends the command with the group's name and its message."""
     tree: dict[str, Any] = {}
     for opt in opts:
-        if opt.flag in values:
+        if opt.flag not in values:
+            continue
+        for path in opt.paths:
             node = tree
-            for part in opt.path[:-1]:
+            for part in path[:-1]:
                 node = node.setdefault(part, {})
-            node[opt.path[-1]] = values[opt.flag]
+            node[path[-1]] = values[opt.flag]
     return _construct(root, tree, ())
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from xds_server.options import group, option
+from xds_server.options import group, option, same_as
 from xds_server.policy.views import HybridSettings
 from xds_server.policy.weights import PolicySettings
 
@@ -240,27 +240,27 @@ class KubernetesSettings:
 class PickSettings:
     """Tunables of the endpoint picker (extproc/pick.py)."""
 
-    #: Requests one rank takes at once, the waiting weight and the room threshold: the weight
-    #: policy's own (`serve` passes them on; `hybridlb extproc` has flags for them).
-    max_num_seqs: int = 256
-    waiting_factor: float = 4.0
+    #: The weight policy's own: both deciders reckon with the same room and waiting weight.
+    max_num_seqs: int = same_as(PolicySettings, "max_num_seqs")
+    waiting_factor: float = same_as(PolicySettings, "waiting_factor")
     #: Above this wait a replica gets no affinity bonus: a warm cache is not worth a queue.
-    room_threshold: float = 0.7
-    #: Score bonus (in units of a replica's room) for the replica that last took the prefix.
-    affinity_bonus: float = 0.15
-    #: Score bonus for a replica on the asking Envoy's own node.
-    locality_bonus: float = 0.05
+    room_threshold: float = same_as(HybridSettings, "room_threshold")
+    affinity_bonus: float = option(0.15, "score bonus (in units of a replica's room) for the "
+                                   "replica that last took a prompt's leading block",
+                                   flag="affinity-bonus")
+    locality_bonus: float = option(0.05, "score bonus for a replica on the asking Envoy's "
+                                   "node", flag="locality-bonus")
     #: Characters of the prompt that make up its leading block (about 64 tokens).
     prefix_chars: int = 256
-    #: Bodies larger than this are not parsed (the request passes through to the weights).
     #: Below Envoy's per-connection buffer limit (1 MiB), which the picker asks Envoy to
     #: buffer bodies of this size or less in.
-    max_body_bytes: int = 1_000_000
+    max_body_bytes: int = option(1_000_000, "larger bodies are not parsed (the request goes "
+                                 "by the weights)", flag="max-body-bytes")
     #: The protocol's fallback list: Envoy goes down it on retries.
     fallbacks: int = option(2, "endpoints the picker names after its pick, for Envoy to fall "
-                            "back to", flag="extproc-fallbacks")
+                            "back to", flag="fallbacks")
     max_queue: int = option(0, "the picker answers 429 when every candidate has more waiting "
-                            "requests than this (0: never)", flag="extproc-max-queue")
+                            "requests than this (0: never)", flag="max-queue")
 
 
 @dataclass(frozen=True)
@@ -271,7 +271,7 @@ class ExtprocSettings:
                        "of its own, restarted if it dies (0: none)", flag="extproc-port")
     host: str = option("", "address the hosted picker binds (default: the host of "
                        "--extproc-address, else 127.0.0.1)", flag="extproc-host")
-    pick: PickSettings = group(PickSettings)
+    pick: PickSettings = group(PickSettings, prefix="extproc-")
     #: On the control plane's own event loop instead of a child process: picks then wait
     #: behind snapshot builds (and fail open during a large publish). For tests, tiny setups.
     in_process: bool = option(False, "host the picker on the control plane's own event loop "
@@ -336,3 +336,25 @@ class Settings:
     policy: PolicySettings = group(PolicySettings)
     hybrid: HybridSettings = group(HybridSettings)
     extproc: ExtprocSettings = group(ExtprocSettings)
+
+
+@dataclass(frozen=True)
+class PickerSettings:
+    """`hybridlb extproc`: the endpoint picker in a process of its own."""
+
+    port: int = option(9002, "gRPC port", flag="port")
+    host: str = option("127.0.0.1", "address to bind; in a pod, its IP or 0.0.0.0", flag="host")
+    control_plane: str = option("http://127.0.0.1:18080", "the control plane's admin URL, "
+                                "whose /picker/state is followed", flag="control-plane")
+    poll_interval_s: float = option(0.5, "/picker/state is read at most this often; it is a "
+                                    "long poll, answered when the fleet changes",
+                                    flag="poll-interval-s")
+    admin_port: int = option(0, "serve /healthz, /readyz, /metrics and /debug/state (the "
+                             "picker's view of the replicas) here (0: off)", flag="admin-port")
+    admin_host: str = option("127.0.0.1", "address the admin server binds", flag="admin-host")
+    model_header: str = same_as(EnvoySettings, "model_header")
+    #: `serve` sets it for the picker it runs, so a killed `serve` leaves no picker holding
+    #: the port.
+    parent_pid: int = option(0, "exit when this process is gone (0: never)", flag="parent-pid")
+    tls: TlsSettings = group(TlsSettings, prefix="tls-")
+    pick: PickSettings = group(PickSettings)

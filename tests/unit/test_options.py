@@ -10,7 +10,7 @@ from typing import Literal
 import pytest
 
 from xds_server import options
-from xds_server.options import group, option
+from xds_server.options import group, option, same_as
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ def parse(*argv: str, config: dict[str, object] | None = None) -> Root:
 
 def test_every_declared_field_is_a_flag_and_undeclared_ones_are_not() -> None:
     assert [o.flag for o in OPTS] == ["port", "file", "on", "name", "rate-s", "mode"]
-    assert [o.path for o in OPTS][-1] == ("inner", "mode")
+    assert [o.paths for o in OPTS][-1] == (("inner", "mode"),)
 
 
 def test_nothing_given_builds_the_dataclass_defaults() -> None:
@@ -107,3 +107,32 @@ def test_the_table_lists_every_flag_with_its_default() -> None:
         "| `--rate-s` | 1.5 | how often |",
         "| `--mode` | fast | speed |",
     ]
+
+
+@dataclass(frozen=True)
+class Reader:
+    mode: Literal["fast", "slow"] = same_as(Inner, "mode")
+    own: int = option(1, "own", flag="own")
+
+
+@dataclass(frozen=True)
+class Both:
+    inner: Inner = group(Inner)
+    reader: Reader = group(Reader, prefix="reader-")
+
+
+def test_a_shared_setting_is_one_flag_that_sets_every_field_declared_with_it() -> None:
+    opts = options.options(Both)
+    assert [o.flag for o in opts] == ["rate-s", "mode", "reader-own"]
+    built = options.build(Both, {"mode": "slow", "reader-own": 3}, opts)
+    assert (built.inner.mode, built.reader.mode, built.reader.own) == ("slow", "slow", 3)
+
+
+def test_one_flag_declared_twice_is_refused() -> None:
+    @dataclass(frozen=True)
+    class Clash:
+        a: int = option(1, "a", flag="x")
+        b: int = option(1, "a", flag="x")
+
+    with pytest.raises(TypeError, match="--x declared twice"):
+        options.options(Clash)

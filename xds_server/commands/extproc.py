@@ -14,62 +14,18 @@ import contextlib
 import logging
 import os
 import signal
-from pathlib import Path
 
-from xds_server.settings import PickSettings
+from xds_server import options
+from xds_server.settings import PickerSettings
 
 log = logging.getLogger(__name__)
 
 
+OPTIONS = options.options(PickerSettings)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--port", type=int, default=9002, help="gRPC port (default 9002)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to bind; in a pod, its IP or 0.0.0.0 (default 127.0.0.1)")
-    parser.add_argument("--control-plane", default="http://127.0.0.1:18080",
-                        help="the control plane's admin URL, whose /picker/state is followed "
-                        "(default http://127.0.0.1:18080)")
-    parser.add_argument("--poll-interval-s", type=float, default=0.5,
-                        help="/picker/state is read at most this often; it is a long poll, "
-                        "answered when the fleet changes (default 0.5)")
-    parser.add_argument("--admin-port", type=int, default=0,
-                        help="serve /healthz, /readyz, /metrics and /debug/state (the picker's "
-                        "view of the replicas) here (default: off)")
-    parser.add_argument("--admin-host", default="127.0.0.1", help="(default 127.0.0.1)")
-    parser.add_argument("--model-header", default="x-model",
-                        help="header that names the pool, set on picked requests (default x-model)")
-    parser.add_argument("--tls-cert", type=Path, default=None,
-                        help="PEM certificate chain: serve ext_proc over TLS (re-read when the "
-                        "file changes, no restart; default: plaintext)")
-    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
-    parser.add_argument("--tls-client-ca", type=Path, default=None,
-                        help="PEM CA bundle: require Envoys to present a client certificate it "
-                        "signed (mutual TLS)")
-    parser.add_argument("--parent-pid", type=int, default=0,
-                        help="exit when this process is gone (`serve` sets it for the picker "
-                        "it runs, so a killed `serve` leaves no picker holding the port)")
-    d = PickSettings()
-    parser.add_argument("--max-num-seqs", type=int, default=d.max_num_seqs,
-                        help=f"room per rank, as in `serve` (default {d.max_num_seqs})")
-    parser.add_argument("--waiting-factor", type=float, default=d.waiting_factor,
-                        help=f"how much more a waiting request weighs than a running one, as "
-                        f"in `serve` (default {d.waiting_factor})")
-    parser.add_argument("--room-threshold", type=float, default=d.room_threshold,
-                        help=f"above this wait a replica gets no affinity bonus, as in `serve` "
-                        f"(default {d.room_threshold})")
-    parser.add_argument("--affinity-bonus", type=float, default=d.affinity_bonus,
-                        help=f"score bonus for the replica that last took a prompt's leading "
-                        f"block (default {d.affinity_bonus})")
-    parser.add_argument("--locality-bonus", type=float, default=d.locality_bonus,
-                        help=f"score bonus for a replica on the asking Envoy's node "
-                        f"(default {d.locality_bonus})")
-    parser.add_argument("--max-body-bytes", type=int, default=d.max_body_bytes,
-                        help=f"larger bodies are not parsed (default {d.max_body_bytes})")
-    parser.add_argument("--fallbacks", type=int, default=d.fallbacks,
-                        help=f"endpoints named after the pick for the proxy to fall back to "
-                        f"(default {d.fallbacks})")
-    parser.add_argument("--max-queue", type=int, default=d.max_queue,
-                        help="answer 429 when every candidate has more waiting requests than "
-                        "this (default 0: never)")
+    options.add_arguments(parser, OPTIONS)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -80,46 +36,38 @@ def run(args: argparse.Namespace) -> int:
     from xds_server.extproc.server import Picker, add_health, add_to_server, new_server
     from xds_server.extproc.state import RemoteState
     from xds_server.metrics import Metrics
-    from xds_server.settings import TlsSettings
     from xds_server.tls import add_port, describe
 
-    tls = TlsSettings(cert=args.tls_cert, key=args.tls_key, client_ca=args.tls_client_ca)
-    tls.check("hybridlb extproc")
-
-    settings = PickSettings(max_num_seqs=args.max_num_seqs, waiting_factor=args.waiting_factor,
-                            room_threshold=args.room_threshold,
-                            affinity_bonus=args.affinity_bonus,
-                            locality_bonus=args.locality_bonus,
-                            max_body_bytes=args.max_body_bytes, fallbacks=args.fallbacks,
-                            max_queue=args.max_queue)
+    s = options.build(PickerSettings, options.from_args(args, OPTIONS), OPTIONS)
+    s.tls.check("hybridlb extproc")
 
     async def main() -> None:
         metrics = Metrics()
-        state = RemoteState(args.control_plane, args.poll_interval_s)
+        state = RemoteState(s.control_plane, s.poll_interval_s)
         server = new_server()
-        add_to_server(server, Picker(state=state, metrics=metrics, settings=settings,
-                                     model_header=args.model_header))
+        add_to_server(server, Picker(state=state, metrics=metrics, settings=s.pick,
+                                     model_header=s.model_header))
         add_health(server, state.ready.is_set)
         try:
-            port = add_port(server, host_port(args.host, args.port), tls)
+            port = add_port(server, host_port(s.host, s.port), s.tls)
         except RuntimeError as exc:
-            raise SystemExit(f"cannot listen on {args.host}:{args.port}: {exc}") from exc
+            raise SystemExit(f"cannot listen on {s.host}:{s.port}: {exc}") from exc
         await server.start()
         runner = None
-        if args.admin_port:
+        if s.admin_port:
             runner = web.AppRunner(admin.build_app(
                 metrics=metrics, ready=state.ready.is_set, state=state.describe), access_log=None)
             await runner.setup()
-            await web.TCPSite(runner, args.admin_host, args.admin_port).start()
-        log.info("ext_proc endpoint picker on %s:%d%s, following %s", args.host, port,
-                 describe(tls), args.control_plane)
+            await web.TCPSite(runner, s.admin_host, s.admin_port).start()
+        log.info("ext_proc endpoint picker on %s:%d%s, following %s", s.host, port,
+                 describe(s.tls), s.control_plane)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         follow = asyncio.create_task(state.run())
-        orphaned = asyncio.create_task(_parent_gone(args.parent_pid, stop)) \
-            if args.parent_pid else None
+        orphaned = asyncio.create_task(_parent_gone(s.parent_pid, stop)) \
+            if s.parent_pid else None
         try:
             await stop.wait()
         finally:

@@ -60,18 +60,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _derive(s: Settings, pools: tuple[KubernetesPool, ...]) -> Settings:
-    """Values that follow from others: where the picker is, what it reckons with, what is
-    watched."""
+    """Values that follow from others: where the picker is, what is watched."""
     address = s.envoy.extproc_address or (
         f"127.0.0.1:{s.extproc.port}" if s.extproc.port else "")
-    pick = replace(s.extproc.pick, max_num_seqs=s.policy.max_num_seqs,
-                   waiting_factor=s.policy.waiting_factor,
-                   room_threshold=s.hybrid.room_threshold)
     return replace(
         s,
         envoy=replace(s.envoy, extproc_address=address),
-        extproc=replace(s.extproc, host=s.extproc.host or _host_of(address) or "127.0.0.1",
-                        pick=pick),
+        extproc=replace(s.extproc, host=s.extproc.host or _host_of(address) or "127.0.0.1"),
         kubernetes=_kubernetes(s.kubernetes, pools),
     )
 

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 
 from prometheus_client import Counter
 
-from xds_server.settings import Settings
+from xds_server import options
+from xds_server.settings import PickSettings, Settings
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +102,9 @@ def _how(code: int) -> str:
     return f"exit status {code}"
 
 
+_PICK_OPTIONS = options.options(PickSettings)
+
+
 def picker_args(settings: Settings, feed_url: str) -> list[str]:
     """`hybridlb extproc` flags for serve's picker: its port, host, certificate and pick
     settings, following `feed_url` (serve's /picker/state on loopback)."""
@@ -110,12 +114,12 @@ def picker_args(settings: Settings, feed_url: str) -> list[str]:
         "--control-plane", feed_url,
         "--poll-interval-s", str(s.poll_interval_s),
         "--model-header", settings.envoy.model_header,
-        "--max-num-seqs", str(s.pick.max_num_seqs),
-        "--waiting-factor", str(s.pick.waiting_factor),
-        "--room-threshold", str(s.pick.room_threshold),
-        "--fallbacks", str(s.pick.fallbacks), "--max-queue", str(s.pick.max_queue),
         "--parent-pid", str(os.getpid()),
     ]
+    # Every pick setting, by the flag `hybridlb extproc` declares for it.
+    for opt in _PICK_OPTIONS:
+        (field,) = (path[-1] for path in opt.paths)
+        args += [f"--{opt.flag}", str(getattr(s.pick, field))]
     for flag, path in (("--tls-cert", served.cert), ("--tls-key", served.key),
                        ("--tls-client-ca", served.client_ca)):
         if path is not None:
