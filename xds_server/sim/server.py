@@ -29,6 +29,7 @@ from xds_server.sim.balancer import DPBalancer
 from xds_server.sim.engine import Engine, EngineSettings, FinishReason, SimRequest
 from xds_server.sim.faults import Faults, FaultState
 from xds_server.sim.metrics import ServerMetrics
+from xds_server.sim.orca import FORMAT_HEADER, orca_header
 from xds_server.sim.protocol import (
     SSE_DONE,
     GenerationRequest,
@@ -335,7 +336,7 @@ class SimServer:
                     completion_tokens=sim.output_tokens,
                     finish_reason=_reason(sim.finish_reason),
                 )
-                return web.json_response(body, headers=headers)
+                return web.json_response(body, headers={**headers, **self._orca(request)})
             return await self._stream(request, generation, sim, progressed, created, headers)
         finally:
             # The client left (write failed or the handler was cancelled): free the rank.
@@ -382,6 +383,13 @@ class SimServer:
             await response.write(SSE_DONE)
             await response.write_eof()
         return response
+
+    def _orca(self, request: web.Request) -> dict[str, str]:
+        # vLLM reads each gauge's first sample: the first engine's, not the server's sum.
+        first = self.runners[0].engine
+        return orca_header(request.headers.get(FORMAT_HEADER, ""),
+                           num_requests_waiting=first.num_waiting,
+                           kv_cache_usage_perc=first.kv_cache_usage)
 
     def _enter(self) -> None:
         self.in_flight += 1
