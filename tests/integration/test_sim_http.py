@@ -323,3 +323,21 @@ async def test_orca_reports_only_when_asked_and_never_on_streams(start_sim: Star
             streamed = dict(response.headers)
     for headers in (plain, unknown, streamed):
         assert "endpoint-load-metrics" not in {k.lower() for k in headers}
+
+
+async def test_a_request_from_another_node_pays_the_hop(start_sim: StartSim) -> None:
+    # An hour's hop (simulated): a cross-node request cannot finish while the test runs.
+    host = await start_sim(node="node-a", hop_s=3600.0)
+    url = base_url(host)
+    async with aiohttp.ClientSession() as session:
+        remote = asyncio.create_task(complete(
+            session, url, headers={"x-hybridlb-origin-node": "node-b"}))
+        await wait_for_state(session, url, lambda s: s["cross_node_requests"] == 1)
+        status, _, _ = await complete(session, url,
+                                      headers={"x-hybridlb-origin-node": "node-a"})
+        assert status == 200
+        # the local request came and went while the remote one still crosses
+        assert not remote.done()
+        remote.cancel()
+        state = await wait_for_state(session, url, lambda s: s["in_flight"] == 0)
+    assert state["cross_node_requests"] == 1

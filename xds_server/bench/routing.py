@@ -34,7 +34,13 @@ from xds_server.bench.oracle import OracleReplayer
 from xds_server.bench.procs import scratch
 from xds_server.bench.report import progress
 from xds_server.bench.routing_report import write_outputs
-from xds_server.bench.routing_stats import latency, mean_cv, on_node_share, per_rank_depths
+from xds_server.bench.routing_stats import (
+    cross_node,
+    latency,
+    mean_cv,
+    on_node_share,
+    per_rank_depths,
+)
 from xds_server.ports import free_ports
 from xds_server.sim.engine import EngineSettings
 from xds_server.sim.server import ServerSettings
@@ -94,6 +100,9 @@ class Plan:
     prefix_lengths: LengthMix = field(default_factory=lambda: SHARED_PREFIX)
     burst_entry: str = "node-a"
     slow_replica_slowdown: float = 3.0
+    #: A cross-node hop in simulated seconds: once per request, and per streamed chunk.
+    hop_s: float = 0.0
+    hop_chunk_s: float = 0.0
 
 
 def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
@@ -176,6 +185,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         case=case, quick=args.quick, repeats=repeats,
         duration_s=duration_s, points=points, policies=(),
         time_scale=args.time_scale, max_num_seqs=args.max_num_seqs,
+        hop_s=args.hop_ms / 1000, hop_chunk_s=args.hop_chunk_ms / 1000,
         probe_s=12.0 if args.quick else 20.0,
     )
 
@@ -189,7 +199,13 @@ def timing_model(plan: Plan) -> dict[str, Any]:
 
 
 def sim_args(plan: Plan) -> list[str]:
-    return ["--time-scale", str(plan.time_scale), "--max-num-seqs", str(plan.max_num_seqs)]
+    return ["--time-scale", str(plan.time_scale), "--max-num-seqs", str(plan.max_num_seqs),
+            "--hop-s", str(plan.hop_s), "--hop-chunk-s", str(plan.hop_chunk_s)]
+
+
+#: The node each entry sends from; the central Envoy is on no GPU node, so every request
+#: through it crosses a hop.
+ORIGINS = {name: node or "central" for name, node in ENVOYS.items()}
 
 
 @dataclass
@@ -264,10 +280,11 @@ class Bench:
         if policy.flags is None:
             visible = ServerSettings().frontend_overhead_s * self.plan.time_scale + 0.05
             return OracleReplayer(urls={n: "" for n in ENVOYS}, model=MODEL,
-                                  headers=MODEL_HEADERS,
+                                  headers=MODEL_HEADERS, origin_nodes=ORIGINS,
                                   addresses=list(self.fleet.replica_nodes),
                                   visible_after_s=visible, seed=repeat)
-        return Replayer(urls=self.fleet.envoy_urls, model=MODEL, headers=MODEL_HEADERS)
+        return Replayer(urls=self.fleet.envoy_urls, model=MODEL, headers=MODEL_HEADERS,
+                        origin_nodes=ORIGINS)
 
     async def replay(self, session: aiohttp.ClientSession, replayer: Replayer,
                      arrivals: Sequence[Any]) -> bool:
@@ -365,6 +382,7 @@ class Bench:
             "imbalance_cv": mean_cv(window),
             "on_node_share": on_node_share(replayer.results, ENVOYS, self.fleet.replica_nodes),
             "served_by_node": _served_by_node(replayer, self.fleet.replica_nodes),
+            **cross_node(replayer.results, ORIGINS, self.fleet.replica_nodes),
             "client_cpu_s": cpu,
             # Where the machine's time went: a policy that costs CPU slows everything here.
             "cpu_s_by_role": others,
