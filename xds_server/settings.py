@@ -15,6 +15,8 @@ from xds_server.policy.views import HybridSettings
 from xds_server.policy.weights import PolicySettings
 from xds_server.sources.prometheus import PrometheusQueries
 
+LbPolicy = Literal["least_request", "round_robin", "orca_wrr", "load_aware_locality"]
+
 
 @dataclass(frozen=True)
 class TlsSettings:
@@ -94,8 +96,9 @@ class EnvoySettings:
     #: Header that pins a request to one node's replicas (503 if it has none ready).
     node_header: str = "x-hybridlb-node"
     #: Envoy's balancer within a cluster: least_request (weight / in-flight, the default)
-    #: or round_robin (weighted), for comparison.
-    lb_policy: Literal["least_request", "round_robin"] = "least_request"
+    #: or round_robin (weighted), for comparison; or Envoy's own ORCA-driven balancers,
+    #: orca_wrr (client_side_weighted_round_robin) and load_aware_locality (xds/lb_policies.py).
+    lb_policy: LbPolicy = "least_request"
     #: Where Envoys reach the endpoint picker (HOST:PORT); empty: no ext_proc filter.
     extproc_address: str = ""
     #: How long Envoy waits for a pick before routing by the weights (fail open).

@@ -37,7 +37,7 @@ def test_flags_win_over_the_config_file(tmp_path: Path) -> None:
     [
         ("xds_prot: 1\n", "unknown key 'xds_prot'"),
         ("xds_port: many\n", "xds_port: 'many' is not a int"),
-        ("lb-policy: random\n", "is not least_request or round_robin"),
+        ("lb-policy: random\n", "is not one of least_request, round_robin, orca_wrr"),
         ("metrics: magic\n", "is not one of auto, prometheus, scrape, none"),
         ("room-threshold: 1.5\n", "room_threshold must be in"),
         ("metrics: prometheus\n", "needs --prometheus-url"),

@@ -13,7 +13,7 @@ import gc
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Any, TypeVar, cast, get_args
 
 import yaml
 
@@ -26,6 +26,7 @@ from xds_server.settings import (
     ExtprocSettings,
     KubernetesPool,
     KubernetesSettings,
+    LbPolicy,
     LoadMode,
     LoadSettings,
     Settings,
@@ -159,7 +160,8 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
                     "true: an Envoy on a node prefers that node's replicas while they have "
                     "room; false: every Envoy balances over the whole pool"),
     "lb-policy": (str, EnvoySettings.lb_policy,
-                  "Envoy's balancer within a cluster: least_request or round_robin"),
+                  "Envoy's balancer within a cluster: least_request, round_robin, or Envoy's "
+                  "ORCA-driven orca_wrr or load_aware_locality (see README)"),
     "session-header": (str, EnvoySettings.session_header,
                        "requests with this header stick to one replica per session value "
                        "(bounded-load consistent hashing, no picker needed)"),
@@ -340,10 +342,10 @@ def _mode(value: str) -> LoadMode:
     return cast(LoadMode, value)
 
 
-def _lb_policy(value: str) -> Literal["least_request", "round_robin"]:
-    if value not in ("least_request", "round_robin"):
-        raise SystemExit(f"--lb-policy: {value!r} is not least_request or round_robin")
-    return cast(Literal["least_request", "round_robin"], value)
+def _lb_policy(value: str) -> LbPolicy:
+    if value not in get_args(LbPolicy):
+        raise SystemExit(f"--lb-policy: {value!r} is not one of {', '.join(get_args(LbPolicy))}")
+    return cast(LbPolicy, value)
 
 
 _T = TypeVar("_T")
