@@ -178,7 +178,8 @@ class Publisher:
         for r in pool.replicas:
             if r.state is ReplicaState.READY:
                 capacity[r.node] = capacity.get(r.node, 0) + r.capacity
-        return keep_shares(pool.nodes, decision.node_utilization, capacity, self._hybrid)
+        return keep_shares(pool.nodes, decision.node_utilization, capacity, self._hybrid,
+                           decision.node_keep)
 
     def _update_lingering(self, pools: Sequence[Pool], now: float) -> None:
         """Nodes that lost their last replica keep their (empty) clusters for `linger_s`.

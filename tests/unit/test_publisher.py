@@ -19,7 +19,8 @@ def test_a_reading_inside_the_deadband_builds_nothing_but_is_explained() -> None
     state, cache = State(), SnapshotCache()
     publisher = Publisher(state=state, cache=cache, metrics=Metrics(), settings=EnvoySettings(),
                           policy=PolicySettings(max_num_seqs=100, smoothing_s=0,
-                                                max_step_per_s=0, deadband=0.2))
+                                                max_step_per_s=0, deadband=0.2,
+                                                model="queue"))
     state.set_pools("test", [Pool("p", (A,))])
     state.set_loads({A.address: Load(running=10, waiting=0, read_at=time.time())})
     assert publisher.publish_now()

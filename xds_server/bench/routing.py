@@ -77,7 +77,7 @@ class Point:
 
     name: str
     load: float
-    kind: str = "poisson"  # poisson | bursty | prefix | hetero
+    kind: str = "poisson"  # poisson | bursty | prefix | hetero | skewed
 
 
 @dataclass(frozen=True)
@@ -120,8 +120,27 @@ def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
                "weights from a direct 1 s scrape, global"),
         Policy("weights-prometheus", (*prom, "--local-first", "false", *room),
                "weights from Prometheus (5 s scrape), global", needs_prometheus=True),
-        Policy("hybrid", ("--metrics", "scrape", "--local-first", "true", *room),
-               "weights (1 s scrape) + node-local first"),
+        Policy("hybrid", ("--metrics", "scrape", "--local-first", "true"),
+               "the default: least-request with weights that carry only lasting differences "
+               "(1 s scrape), node-local first while the node has no queue the pool lacks; "
+               "--max-num-seqs left at its default (256): the room is read from vLLM"),
+        Policy("hybrid-prometheus", (*prom, "--local-first", "true"),
+               "the default fed by Prometheus (5 s scrape)", needs_prometheus=True),
+        Policy("hybrid-queue", ("--metrics", "scrape", "--local-first", "true", *room,
+                                "--load-model", "queue"),
+               "the previous default: weights from each reading's free room (1 s scrape), "
+               "node-local first up to --room-threshold 0.7, --max-num-seqs set to the "
+               "replicas' own"),
+        Policy("envoy-orca-wrr", ("--metrics", "none", "--local-first", "false",
+                                  "--lb-policy", "orca_wrr"),
+               "Envoy's client_side_weighted_round_robin on vLLM's ORCA reports: vLLM sends "
+               "no request rate (and no report on a stream), so every weight stays equal: "
+               "round robin"),
+        Policy("envoy-load-aware-locality", ("--metrics", "none", "--local-first", "false",
+                                             "--lb-policy", "load_aware_locality"),
+               "Envoy's load_aware_locality (node = locality, least-request inside): vLLM "
+               "reports no utilization it reads, so a node's Envoy stays local (less a 3% "
+               "probe) and the central one spreads by host count"),
         Policy("oracle", None, "client-side join-shortest-expected-wait on true queues"),
         Policy(EXTPROC_SLOT, ("--metrics", "scrape", "--local-first", "false", *room,
                               "--extproc-port", "EXTPROC_PORT"),
@@ -144,8 +163,8 @@ def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
 
 #: Policies each case compares, in the order they take turns.
 CASE_POLICIES = {
-    "main": ("round-robin", "least-request", "weights-scrape", "weights-prometheus", "hybrid",
-             EXTPROC_SLOT, "oracle"),
+    "main": ("round-robin", "least-request", "envoy-orca-wrr", "envoy-load-aware-locality",
+             "hybrid-queue", "hybrid", "hybrid-prometheus", "oracle"),
     "herding": ("fresh-damped", "fresh-undamped", "stale-damped", "stale-undamped", "oracle"),
     "hybrid": ("round-robin", "weights-scrape", "hybrid", "oracle"),
 }
@@ -153,7 +172,8 @@ CASE_POLICIES["prefix"] = CASE_POLICIES["main"]
 CASE_POLICIES["extproc"] = ("weights-scrape", EXTPROC_SLOT, "oracle")
 SWEEP = (Point("50%", 0.5), Point("70%", 0.7), Point("85%", 0.85), Point("95%", 0.95))
 CASE_POINTS = {
-    "main": (*SWEEP, Point("bursty", 0.7, "bursty"), Point("slow-replica", 0.85, "hetero")),
+    "main": (*SWEEP, Point("bursty", 0.7, "bursty"), Point("slow-replica", 0.85, "hetero"),
+             Point("skewed-entry", 0.85, "skewed")),
     # Not in `main` to keep the default run near 20 minutes on 2 cores; the simulator has
     # no prefix cache, so this only exercises routing of long prompts with one prefix.
     "prefix": (Point("shared-prefix", 0.7, "prefix"),),
@@ -243,7 +263,13 @@ class Bench:
         self.total_points = plan.repeats * len(plan.policies) * len(plan.points)
         self.point_s: list[float] = []
 
-    def entries(self) -> list[Entry]:
+    def entries(self, point: Point | None = None) -> list[Entry]:
+        if point is not None and point.kind == "skewed":
+            # An uneven ingress: one node's Envoy takes half of all requests while its node
+            # holds under a third of the ranks; the others share the other half.
+            hot = self.plan.burst_entry
+            rest = 0.5 / (len(ENVOYS) - 1)
+            return [Entry(name, 0.5 if name == hot else rest) for name in ENVOYS]
         return [Entry(name) for name in ENVOYS]
 
     def arrivals(self, point: Point, repeat: int, rate: float) -> list[Any]:
@@ -254,7 +280,7 @@ class Bench:
             bursts = (Burst(start_s=plan.duration_s / 3, duration_s=plan.duration_s / 3,
                             rate_rps=rate * 0.6, entry=plan.burst_entry),)
         return schedule(seed=plan.seed + repeat, rate_rps=rate, duration_s=plan.duration_s,
-                        entries=self.entries(),
+                        entries=self.entries(point),
                         lengths=plan.prefix_lengths if point.kind == "prefix" else plan.lengths,
                         bursts=bursts)
 
@@ -395,7 +421,7 @@ class Bench:
             run["oracle_decision_p50_s"] = report.percentile(replayer.decision_s, 50)
             run["oracle_decision_p99_s"] = report.percentile(replayer.decision_s, 99)
         self.runs.append(run)
-        if repeat == 0 and point.name in ("85%", "slow-replica"):
+        if repeat == 0 and point.name in ("85%", "slow-replica", "skewed-entry"):
             self.series[f"{point.name}/{policy.name}"] = sampler.samples
         await self.wait_idle(session)
         self.fleet.check_alive()

@@ -141,6 +141,23 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
                      "or the concurrency your latency target allows)"),
     "waiting-factor": (float, PolicySettings.waiting_factor,
                        "how much more a waiting request weighs than a running one"),
+    "load-model": (str, PolicySettings.model,
+                   "persistent: weights carry only lasting differences between replicas and "
+                   "Envoy's least-request the rest, local-first by queue; queue: weights follow "
+                   "each reading's free room, local-first by --room-threshold"),
+    "balance-gain-per-s": (float, PolicySettings.balance_gain_per_s,
+                           "persistent: how fast a weight follows a replica's lasting excess "
+                           "load per slot over the pool's"),
+    "balance-memory-s": (float, PolicySettings.balance_memory_s,
+                         "persistent: time for a weight to return to capacity once the excess "
+                         "is gone"),
+    "spill-margin": (float, PolicySettings.spill_margin,
+                     "persistent: queue per slot (in service times) by which a node may exceed "
+                     "the rest of the pool and still keep its requests (a hop's worth)"),
+    "spill-gain-per-s": (float, PolicySettings.spill_gain_per_s,
+                         "persistent: how fast a queued node's kept share falls"),
+    "keep-recover-s": (float, PolicySettings.keep_recover_s,
+                       "persistent: seconds for a node with room to climb back to keeping all"),
     "stale-after-s": (float, PolicySettings.stale_after_s,
                       "load older than this is doubted; at twice it the pool mean stands in"),
     "smoothing-s": (float, PolicySettings.smoothing_s,
@@ -277,7 +294,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             max_num_seqs=get("max-num-seqs"), waiting_factor=get("waiting-factor"),
             stale_after_s=get("stale-after-s"), smoothing_s=get("smoothing-s"),
             max_step_per_s=get("max-step-per-s"), deadband=get("deadband"),
-            min_share=get("min-share"),
+            min_share=get("min-share"), model=get("load-model"),
+            balance_gain_per_s=get("balance-gain-per-s"),
+            balance_memory_s=get("balance-memory-s"), spill_margin=get("spill-margin"),
+            spill_gain_per_s=get("spill-gain-per-s"), keep_recover_s=get("keep-recover-s"),
         ),
         hybrid=_checked(HybridSettings, "hybrid routing", room_threshold=get("room-threshold"),
                         keep_step=get("keep-step"), local_first=get("local-first")),

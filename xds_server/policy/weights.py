@@ -33,6 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from xds_server.model import Load, Pool, Replica, ReplicaState, Weights
+from xds_server.policy.load import learn_slots, per_slot, pool_slots, queue_per_slot
 
 #: Weight of one idle rank. Envoy needs integers >= 1 and a locality sum below 2**32.
 SCALE = 100
@@ -61,6 +62,24 @@ class PolicySettings:
     min_share: float = 0.02
     #: Published weights are multiples of this.
     quantum: int = 1
+    #: `persistent` (the default): weights carry only lasting differences between replicas,
+    #: Envoy's least-request the rest; `queue`: weights follow each reading's free room (the
+    #: formula above). See `decide_persistent`.
+    model: str = "persistent"
+    #: persistent: how fast a replica's log-weight follows its load per slot's excess over
+    #: the pool's (per second, per unit of load per slot).
+    balance_gain_per_s: float = 0.15
+    #: persistent: time constant with which a weight returns to its capacity weight once
+    #: the difference that lowered it is gone.
+    balance_memory_s: float = 30.0
+    #: persistent: a node keeps its Envoy's requests while its queue per slot exceeds the
+    #: rest of the pool's by less than this (a cross-node hop's worth, in service times).
+    spill_margin: float = 0.05
+    #: persistent: how fast the kept share falls per second per unit of queue per slot
+    #: above the rest of the pool's.
+    spill_gain_per_s: float = 0.5
+    #: persistent: seconds for the kept share to climb back to all while the node has room.
+    keep_recover_s: float = 10.0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -71,10 +90,15 @@ class PolicySettings:
             raise ValueError("waiting_factor, smoothing_s must be >= 0; stale_after_s > 0")
         if self.max_step_per_s < 0 or self.deadband < 0 or self.quantum < 1:
             raise ValueError("max_step_per_s and deadband must be >= 0, quantum >= 1")
+        if self.model not in ("persistent", "queue"):
+            raise ValueError("model must be persistent or queue")
+        if (self.balance_gain_per_s < 0 or self.balance_memory_s <= 0 or self.spill_margin < 0
+                or self.spill_gain_per_s < 0 or self.keep_recover_s <= 0):
+            raise ValueError("balance and spill gains and margin must be >= 0, their times > 0")
 
 
-UNDAMPED = PolicySettings(smoothing_s=0.0, max_step_per_s=0.0, deadband=0.0)
-"""The same formula with no smoothing, step bound or deadband (the benchmark's baseline)."""
+UNDAMPED = PolicySettings(model="queue", smoothing_s=0.0, max_step_per_s=0.0, deadband=0.0)
+"""The queue formula with no smoothing, step bound or deadband (a benchmark baseline)."""
 
 
 @dataclass(frozen=True)
@@ -94,6 +118,11 @@ class Memory:
     at: float | None = None
     smoothed: Mapping[str, float] = field(default_factory=dict)
     published: Mapping[str, int] = field(default_factory=dict)
+    #: persistent: each replica's learnt room per rank (load.py), its log-weight, and each
+    #: node's kept share (0..1).
+    slots: Mapping[str, float] = field(default_factory=dict)
+    balance: Mapping[str, float] = field(default_factory=dict)
+    keep: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -104,6 +133,9 @@ class Decision:
     #: node -> capacity-weighted utilization of its ready replicas, from the smoothed values
     #: (what the hybrid views decide local-first on); nodes with no ready replica are absent.
     node_utilization: Mapping[str, float] = field(default_factory=dict)
+    #: persistent: node -> share (0..1) of its Envoy's requests to keep there; absent under
+    #: the queue model (views.keep_shares decides from node_utilization then).
+    node_keep: Mapping[str, float] = field(default_factory=dict)
 
 
 def capacity_weight(replica: Replica) -> int:
@@ -146,6 +178,8 @@ def decide(
     settings: PolicySettings,
 ) -> Decision:
     """Endpoint and node weights for one pool; `memory` comes from the previous decision."""
+    if settings.model == "persistent":
+        return decide_persistent(pool, loads, memory, now, settings)
     ready = [r for r in pool.replicas if r.state is ReplicaState.READY]
     fresh: dict[str, float] = {}
     util: dict[str, float] = {}
@@ -204,6 +238,138 @@ def decide(
         explain=explain,
         node_utilization={n: min(1.0, max(0.0, used[n] / room[n])) for n in room},
     )
+
+
+def decide_persistent(
+    pool: Pool,
+    loads: Mapping[str, Load],
+    memory: Memory,
+    now: float,
+    settings: PolicySettings,
+) -> Decision:
+    """Weights that carry only lasting differences; Envoy's least-request does the rest.
+
+    Envoy's least-request already balances each Envoy's own requests by their in-flight
+    counts, at every request; weights that follow each 1 s reading fight it with noise and
+    herd (issue 15). So a replica's weight is its capacity weight times `exp(m)`, where the
+    log-weight `m` integrates how far the replica's load per slot (load.py) stays above the
+    pool's, and leaks back to 0 (capacity) with `balance_memory_s`:
+
+        dm/dt = -balance_gain_per_s * freshness * (per_slot - pool_per_slot) - m / memory_s
+
+    A replica that is persistently fuller than the rest (slow, KV-bound, or fed by other
+    Envoys) loses weight until its load per slot matches the pool's; one reading's noise
+    moves it by little. Stale loads move nothing.
+
+    A node keeps a share of its Envoy's requests that falls while its queue per slot exceeds
+    the rest of the pool's by more than `spill_margin`, and climbs back while it has none:
+
+        dk/dt = spill_gain_per_s * (queue_rest + spill_margin - queue_node)   (node queued)
+        dk/dt = 1 / keep_recover_s                                            (node has room)
+
+    so local-first never holds a request in a queue that a hop would avoid, at any load.
+    """
+    ready = [r for r in pool.replicas if r.state is ReplicaState.READY]
+    dt = None if memory.at is None else max(0.0, now - memory.at)
+    fresh = {r.address: freshness(loads.get(r.address), now, settings) for r in ready}
+    learned = {
+        r.address: learn_slots(memory.slots.get(r.address),
+                               loads.get(r.address) if fresh[r.address] > 0 else None,
+                               r.capacity)
+        for r in ready
+    }
+    slots = pool_slots(learned, (r.address for r in ready), settings.max_num_seqs)
+    occupancy: dict[str, float] = {}
+    queue: dict[str, float] = {}
+    for r in ready:
+        load = loads.get(r.address)
+        if load is None or fresh[r.address] <= 0:
+            continue
+        occupancy[r.address] = per_slot(load.running, load.waiting, r.capacity, slots[r.address])
+        queue[r.address] = queue_per_slot(load.waiting, r.capacity, slots[r.address])
+    known = [r for r in ready if r.address in occupancy]
+    weight_sum = sum(r.capacity * fresh[r.address] for r in known)
+    pool_occupancy = (sum(occupancy[r.address] * r.capacity * fresh[r.address] for r in known)
+                      / weight_sum if weight_sum else 0.0)
+    floor = math.log(settings.min_share)
+    balance: dict[str, float] = {}
+    smoothed: dict[str, float] = {}
+    published: dict[str, int] = {}
+    explain: dict[str, Explanation] = {}
+    for r in ready:
+        m = memory.balance.get(r.address, 0.0)
+        if dt:
+            excess = occupancy.get(r.address, pool_occupancy) - pool_occupancy
+            m += dt * (-settings.balance_gain_per_s * fresh[r.address] * excess
+                       - m / settings.balance_memory_s)
+            m = min(0.0, max(floor, m))
+        balance[r.address] = m
+        full = capacity_weight(r)
+        value = full * math.exp(m)
+        smoothed[r.address] = value
+        before = memory.published.get(r.address)
+        if before is None or abs(value - before) >= settings.deadband * full:
+            published[r.address] = _quantize(value, settings.quantum)
+        else:
+            published[r.address] = before
+        explain[r.address] = Explanation(
+            utilization=round(occupancy.get(r.address, pool_occupancy), 4),
+            freshness=round(fresh[r.address], 3), target=round(value, 2),
+            smoothed=round(value, 2),
+        )
+    endpoint_weights = dict(published)
+    for r in pool.replicas:
+        if r.state is not ReplicaState.READY:
+            endpoint_weights[r.address] = 0
+    keep, node_load = _keep(ready, occupancy, queue, slots, memory.keep, dt, settings)
+    return Decision(
+        weights=_assemble(pool, endpoint_weights),
+        memory=Memory(at=now, smoothed=smoothed, published=published,
+                      slots={a: v for a, v in learned.items() if v is not None},
+                      balance=balance, keep=keep),
+        explain=explain,
+        node_utilization=node_load,
+        node_keep=keep,
+    )
+
+
+def _keep(
+    ready: list[Replica],
+    occupancy: Mapping[str, float],
+    queue: Mapping[str, float],
+    slots: Mapping[str, float],
+    previous: Mapping[str, float],
+    dt: float | None,
+    s: PolicySettings,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Each node's kept share (see decide_persistent) and its load per slot."""
+    room: dict[str, float] = {}
+    busy: dict[str, float] = {}
+    queued: dict[str, float] = {}
+    for r in ready:
+        if r.address not in occupancy:
+            continue
+        slots_here = r.capacity * slots[r.address]
+        room[r.node] = room.get(r.node, 0.0) + slots_here
+        busy[r.node] = busy.get(r.node, 0.0) + occupancy[r.address] * slots_here
+        queued[r.node] = queued.get(r.node, 0.0) + queue[r.address] * slots_here
+    total_room, total_queued = sum(room.values()), sum(queued.values())
+    keep: dict[str, float] = {}
+    for node in sorted({r.node for r in ready}):
+        k = previous.get(node, 1.0)
+        rest_room = total_room - room.get(node, 0.0)
+        if node not in room or rest_room <= 0:
+            keep[node] = k if node not in room else 1.0
+            continue
+        q_node = queued[node] / room[node]
+        q_rest = (total_queued - queued[node]) / rest_room
+        if dt:
+            if q_node > 0:
+                k += dt * s.spill_gain_per_s * (q_rest + s.spill_margin - q_node)
+            else:
+                k += dt / s.keep_recover_s
+        keep[node] = min(1.0, max(0.0, k))
+    return keep, {n: round(busy[n] / room[n], 4) for n in room}
 
 
 def _damp(
