@@ -249,6 +249,30 @@ class Sampler:
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - tick)))
 
 
+@dataclass
+class ControlSampler:
+    """The control plane's published weights and keep shares every `interval_s` (what the
+    policy did, beside the queues it did it to): /debug/state's pools."""
+
+    admin: str
+    interval_s: float = 1.0
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    async def run(self, session: aiohttp.ClientSession, started: float) -> None:
+        while True:
+            tick = time.monotonic()
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                async with session.get(f"{self.admin}/debug/state") as response:
+                    doc = await response.json()
+                pool = doc["pools"][0]
+                self.samples.append({
+                    "t": round(tick - started, 2), "xds_version": doc["xds_version"],
+                    "keep": {n: v["keep_per_mille"] for n, v in pool["nodes"].items()},
+                    "weights": {r["address"]: r["weight"] for r in pool["replicas"]},
+                })
+            await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - tick)))
+
+
 class Bench:
     """One run of a case: owns the fleet, the measurements and the progress display."""
 
@@ -257,6 +281,7 @@ class Bench:
         self.fleet = fleet
         self.runs: list[dict[str, Any]] = []
         self.series: dict[str, list[tuple[float, dict[str, float]]]] = {}
+        self.control: dict[str, list[dict[str, Any]]] = {}
         self.capacity_rps = math.nan
         self.started = time.monotonic()
         self.done_points = 0
@@ -385,16 +410,20 @@ class Bench:
         arrivals = self.arrivals(point, repeat, rate)
         replayer = self.replayer(policy, repeat)
         sampler = Sampler(list(self.fleet.replica_nodes), plan.sample_interval_s)
+        control = ControlSampler(self.fleet.admin)
         cpu = time.process_time()
         others = self.fleet.cpu_by_role()
         t0 = time.monotonic()
-        sampling = asyncio.create_task(sampler.run(session, t0))
+        sampling = [asyncio.create_task(sampler.run(session, t0))]
+        if policy.flags is not None and repeat == 0:
+            sampling.append(asyncio.create_task(control.run(session, t0)))
         try:
             drained = await self.replay(session, replayer, arrivals)
         finally:
-            sampling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampling
+            for task in sampling:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if slow:
                 self.fleet.fault(slow, {"clear": True})
         cpu = time.process_time() - cpu
@@ -423,6 +452,8 @@ class Bench:
         self.runs.append(run)
         if repeat == 0 and point.name in ("85%", "slow-replica", "skewed-entry"):
             self.series[f"{point.name}/{policy.name}"] = sampler.samples
+        if control.samples:
+            self.control[f"{point.name}/{policy.name}"] = control.samples
         await self.wait_idle(session)
         self.fleet.check_alive()
         self.done_points += 1
@@ -535,6 +566,7 @@ def main(args: argparse.Namespace) -> int:
                 doc.update(asyncio.run(bench.run(instant_url)))
             doc["runs"] = bench.runs
             doc["series"] = {k: [[t, s] for t, s in v] for k, v in bench.series.items()}
+            doc["control_series"] = bench.control
             progress("stopping")
     except (RuntimeError, TimeoutError) as exc:
         progress(f"failed: {exc}")

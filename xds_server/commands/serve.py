@@ -151,13 +151,15 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
     "balance-memory-s": (float, PolicySettings.balance_memory_s,
                          "persistent: time for a weight to return to capacity once the excess "
                          "is gone"),
+    "local-headroom": (float, PolicySettings.local_headroom,
+                       "persistent: a node keeps its requests while its load per slot stays "
+                       "below 1 - this (a free slot) or below the rest of the pool's"),
     "spill-margin": (float, PolicySettings.spill_margin,
-                     "persistent: queue per slot (in service times) by which a node may exceed "
-                     "the rest of the pool and still keep its requests (a hop's worth)"),
+                     "persistent: ... or exceeds that by less than this (a hop's worth of "
+                     "wait, in service times)"),
     "spill-gain-per-s": (float, PolicySettings.spill_gain_per_s,
-                         "persistent: how fast a queued node's kept share falls"),
-    "keep-recover-s": (float, PolicySettings.keep_recover_s,
-                       "persistent: seconds for a node with room to climb back to keeping all"),
+                         "persistent: how fast the kept share moves with the node's load per "
+                         "slot past that bound"),
     "stale-after-s": (float, PolicySettings.stale_after_s,
                       "load older than this is doubted; at twice it the pool mean stands in"),
     "smoothing-s": (float, PolicySettings.smoothing_s,
@@ -297,7 +299,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             min_share=get("min-share"), model=get("load-model"),
             balance_gain_per_s=get("balance-gain-per-s"),
             balance_memory_s=get("balance-memory-s"), spill_margin=get("spill-margin"),
-            spill_gain_per_s=get("spill-gain-per-s"), keep_recover_s=get("keep-recover-s"),
+            spill_gain_per_s=get("spill-gain-per-s"), local_headroom=get("local-headroom"),
         ),
         hybrid=_checked(HybridSettings, "hybrid routing", room_threshold=get("room-threshold"),
                         keep_step=get("keep-step"), local_first=get("local-first")),

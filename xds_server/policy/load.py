@@ -32,9 +32,12 @@ def per_slot(running: float, waiting: float, capacity: int, slots: float,
     return busy / (max(1, capacity) * max(1.0, slots))
 
 
-def queue_per_slot(waiting: float, capacity: int, slots: float) -> float:
-    """Requests queued per slot: the wait of a new request in service times, 0 with room."""
-    return max(0.0, waiting) / (max(1, capacity) * max(1.0, slots))
+def expected_wait(running: float, waiting: float, capacity: int, slots: float,
+                  pending: float = 0.0) -> float:
+    """What a request sent now waits, in service times (0 while a slot is free), plus a
+    hundredth of the load per slot so that among replicas with room the emptier wins."""
+    load = per_slot(running, waiting, capacity, slots, pending)
+    return max(0.0, load - 1.0) + 0.01 * load
 
 
 def observed_slots(load: Load, capacity: int) -> float | None:
@@ -46,6 +49,14 @@ def observed_slots(load: Load, capacity: int) -> float | None:
     if load.waiting > 0 and load.running > 0:
         return load.running / max(1, capacity)
     return None
+
+
+def slots_now(readings: Iterable[tuple[float, float, int]], hint: int) -> float:
+    """Room per rank from one moment's (running, waiting, capacity) readings, for a decider
+    that keeps no history (the picker): the median over the full replicas, else `hint`."""
+    full = [running / max(1, capacity) for running, waiting, capacity in readings
+            if waiting > 0 and running > 0]
+    return statistics.median(full) if full else float(hint)
 
 
 def learn_slots(previous: float | None, load: Load | None, capacity: int) -> float | None:

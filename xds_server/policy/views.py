@@ -59,7 +59,7 @@ def keep_shares(
         step = settings.keep_step
         return {
             node: round(node_keep[node] * PER_MILLE / step) * step
-            if settings.local_first and node in node_keep and node in node_utilization else 0
+            if settings.local_first and node in node_keep else 0
             for node in nodes
         }
     ready = {n: c for n, c in capacity.items() if n in node_utilization}

@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from xds_server.model import Load, Pool, Replica, ReplicaState, Weights
-from xds_server.policy.load import learn_slots, per_slot, pool_slots, queue_per_slot
+from xds_server.policy.load import learn_slots, per_slot, pool_slots
 
 #: Weight of one idle rank. Envoy needs integers >= 1 and a locality sum below 2**32.
 SCALE = 100
@@ -68,18 +68,19 @@ class PolicySettings:
     model: str = "persistent"
     #: persistent: how fast a replica's log-weight follows its load per slot's excess over
     #: the pool's (per second, per unit of load per slot).
-    balance_gain_per_s: float = 0.15
+    balance_gain_per_s: float = 0.3
     #: persistent: time constant with which a weight returns to its capacity weight once
     #: the difference that lowered it is gone.
     balance_memory_s: float = 30.0
-    #: persistent: a node keeps its Envoy's requests while its queue per slot exceeds the
-    #: rest of the pool's by less than this (a cross-node hop's worth, in service times).
-    spill_margin: float = 0.05
-    #: persistent: how fast the kept share falls per second per unit of queue per slot
-    #: above the rest of the pool's.
-    spill_gain_per_s: float = 0.5
-    #: persistent: seconds for the kept share to climb back to all while the node has room.
-    keep_recover_s: float = 10.0
+    #: persistent: a node keeps its Envoy's requests while its load per slot stays below
+    #: 1 - this (a free slot, allowing for a reading's age), or below the rest of the pool's.
+    local_headroom: float = 0.1
+    #: persistent: ... or exceeds that by less than this (a cross-node hop's worth, in
+    #: service times: the wait a request may take on its node to save the hop).
+    spill_margin: float = 0.02
+    #: persistent: how fast the kept share moves per second per unit of load per slot
+    #: above (falls) or below (climbs) that bound.
+    spill_gain_per_s: float = 1.0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -93,8 +94,9 @@ class PolicySettings:
         if self.model not in ("persistent", "queue"):
             raise ValueError("model must be persistent or queue")
         if (self.balance_gain_per_s < 0 or self.balance_memory_s <= 0 or self.spill_margin < 0
-                or self.spill_gain_per_s < 0 or self.keep_recover_s <= 0):
-            raise ValueError("balance and spill gains and margin must be >= 0, their times > 0")
+                or self.spill_gain_per_s < 0 or not 0 <= self.local_headroom < 1):
+            raise ValueError("balance and spill gains and margin must be >= 0, "
+                             "balance_memory_s > 0, local_headroom in [0, 1)")
 
 
 UNDAMPED = PolicySettings(model="queue", smoothing_s=0.0, max_step_per_s=0.0, deadband=0.0)
@@ -261,13 +263,16 @@ def decide_persistent(
     Envoys) loses weight until its load per slot matches the pool's; one reading's noise
     moves it by little. Stale loads move nothing.
 
-    A node keeps a share of its Envoy's requests that falls while its queue per slot exceeds
-    the rest of the pool's by more than `spill_margin`, and climbs back while it has none:
+    A node keeps a share k of its Envoy's requests that integrates how far the node's load
+    per slot is past where its requests would start to queue (1 - local_headroom) or, when
+    the rest of the pool is fuller still, past the rest's:
 
-        dk/dt = spill_gain_per_s * (queue_rest + spill_margin - queue_node)   (node queued)
-        dk/dt = 1 / keep_recover_s                                            (node has room)
+        bound = max(1 - local_headroom, per_slot_rest) + spill_margin
+        dk/dt = -spill_gain_per_s * (per_slot_node - bound)
 
-    so local-first never holds a request in a queue that a hop would avoid, at any load.
+    so a node keeps everything while it has free slots, spills just what it cannot serve
+    without queueing more than elsewhere (an uneven ingress, a slow replica), and climbs back
+    as room returns: local-first costs no queueing, at any load.
     """
     ready = [r for r in pool.replicas if r.state is ReplicaState.READY]
     dt = None if memory.at is None else max(0.0, now - memory.at)
@@ -280,13 +285,11 @@ def decide_persistent(
     }
     slots = pool_slots(learned, (r.address for r in ready), settings.max_num_seqs)
     occupancy: dict[str, float] = {}
-    queue: dict[str, float] = {}
     for r in ready:
         load = loads.get(r.address)
         if load is None or fresh[r.address] <= 0:
             continue
         occupancy[r.address] = per_slot(load.running, load.waiting, r.capacity, slots[r.address])
-        queue[r.address] = queue_per_slot(load.waiting, r.capacity, slots[r.address])
     known = [r for r in ready if r.address in occupancy]
     weight_sum = sum(r.capacity * fresh[r.address] for r in known)
     pool_occupancy = (sum(occupancy[r.address] * r.capacity * fresh[r.address] for r in known)
@@ -321,7 +324,7 @@ def decide_persistent(
     for r in pool.replicas:
         if r.state is not ReplicaState.READY:
             endpoint_weights[r.address] = 0
-    keep, node_load = _keep(ready, occupancy, queue, slots, memory.keep, dt, settings)
+    keep, node_load = _keep(ready, occupancy, slots, memory.keep, dt, settings)
     return Decision(
         weights=_assemble(pool, endpoint_weights),
         memory=Memory(at=now, smoothed=smoothed, published=published,
@@ -336,7 +339,6 @@ def decide_persistent(
 def _keep(
     ready: list[Replica],
     occupancy: Mapping[str, float],
-    queue: Mapping[str, float],
     slots: Mapping[str, float],
     previous: Mapping[str, float],
     dt: float | None,
@@ -345,31 +347,32 @@ def _keep(
     """Each node's kept share (see decide_persistent) and its load per slot."""
     room: dict[str, float] = {}
     busy: dict[str, float] = {}
-    queued: dict[str, float] = {}
     for r in ready:
         if r.address not in occupancy:
             continue
         slots_here = r.capacity * slots[r.address]
         room[r.node] = room.get(r.node, 0.0) + slots_here
         busy[r.node] = busy.get(r.node, 0.0) + occupancy[r.address] * slots_here
-        queued[r.node] = queued.get(r.node, 0.0) + queue[r.address] * slots_here
-    total_room, total_queued = sum(room.values()), sum(queued.values())
+    total_room, total_busy = sum(room.values()), sum(busy.values())
     keep: dict[str, float] = {}
     for node in sorted({r.node for r in ready}):
         k = previous.get(node, 1.0)
         rest_room = total_room - room.get(node, 0.0)
-        if node not in room or rest_room <= 0:
-            keep[node] = k if node not in room else 1.0
+        if node not in room:  # no fresh reading: hold the share (all, at first)
+            keep[node] = k
             continue
-        q_node = queued[node] / room[node]
-        q_rest = (total_queued - queued[node]) / rest_room
+        if rest_room <= 0:  # nowhere else to go
+            keep[node] = 1.0
+            continue
+        rest = (total_busy - busy[node]) / rest_room
+        bound = max(1.0 - s.local_headroom, rest) + s.spill_margin
         if dt:
-            if q_node > 0:
-                k += dt * s.spill_gain_per_s * (q_rest + s.spill_margin - q_node)
-            else:
-                k += dt / s.keep_recover_s
+            k -= dt * s.spill_gain_per_s * (busy[node] / room[node] - bound)
         keep[node] = min(1.0, max(0.0, k))
-    return keep, {n: round(busy[n] / room[n], 4) for n in room}
+    pool_load = total_busy / total_room if total_room else 0.0
+    # A node with no fresh reading reads as the pool (as a replica does in the weights).
+    return keep, {n: round(busy[n] / room[n], 4) if n in room else round(pool_load, 4)
+                  for n in keep}
 
 
 def _damp(
