@@ -135,10 +135,41 @@ def test_a_node_keeps_its_requests_unless_it_queues_more_than_the_pool(
 def test_a_spilling_node_climbs_back_once_it_has_room() -> None:
     queued = run({**EVEN, A1.address: load(8, waiting=8), A2.address: load(8, waiting=8)}, 5)
     assert queued.node_keep["node-a"] < 0.5
-    back = run(EVEN, 12, queued.memory, start=6)
+    back = run(EVEN, 30, queued.memory, start=6)
     assert back.node_keep["node-a"] == 1.0
 
 
 def test_weights_are_bounded_by_the_minimum_share() -> None:
     d = run({**EVEN, A1.address: load(8, waiting=80)}, 300)
     assert d.weights.endpoints[A1.address] >= math.floor(S.min_share * 2 * SCALE)
+
+
+BIG = Pool("p", (A1, A2, B1, B2, *(Replica(f"10.0.1.{i}", 8000, "node-c", capacity=2)
+                                     for i in range(8))))
+
+
+def node_keep_at(node_a: float, others: float, seconds: int = 30) -> float:
+    """node-a's kept share with its replicas at `node_a` running per rank, the rest at
+    `others`, in a pool whose room (4 per rank) was read from one full reading."""
+    memory = decide(BIG, {A1.address: load(8, waiting=1, at=0.0)}, Memory(), 0.0, S).memory
+    for t in range(1, seconds + 1):
+        readings = {r.address: load((node_a if r.node == "node-a" else others) * 2,
+                                    at=float(t)) for r in BIG.replicas}
+        decision = decide(BIG, readings, memory, float(t), S)
+        memory = decision.memory
+    return decision.node_keep["node-a"]
+
+
+@pytest.mark.parametrize(
+    ("node_a", "others", "keeps_all"),
+    [
+        (2.0, 1.6, True),    # half full, a bit above the pool: its queue costs no hop's worth
+        (2.4, 2.4, True),    # 60% everywhere: still nothing worth a hop
+        (3.6, 3.0, False),   # 90% against 75%: a small node's queue costs more than a hop
+        (3.8, 3.8, False),   # 95% everywhere: a node's queue is longer than the pool's
+    ],
+)
+def test_a_node_spills_only_when_its_own_queue_would_cost_more_than_the_pools(
+    node_a: float, others: float, keeps_all: bool
+) -> None:
+    assert (node_keep_at(node_a, others) == 1.0) is keeps_all

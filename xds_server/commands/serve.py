@@ -151,15 +151,14 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
     "balance-memory-s": (float, PolicySettings.balance_memory_s,
                          "persistent: time for a weight to return to capacity once the excess "
                          "is gone"),
-    "local-headroom": (float, PolicySettings.local_headroom,
-                       "persistent: a node keeps its requests while its load per slot stays "
-                       "below 1 - this (a free slot) or below the rest of the pool's"),
     "spill-margin": (float, PolicySettings.spill_margin,
-                     "persistent: ... or exceeds that by less than this (a hop's worth of "
-                     "wait, in service times)"),
+                     "persistent: a node keeps its requests while its own queue's mean wait "
+                     "exceeds the rest of the pool's by less than this (service times: a "
+                     "hop's worth)"),
     "spill-gain-per-s": (float, PolicySettings.spill_gain_per_s,
-                         "persistent: how fast the kept share moves with the node's load per "
-                         "slot past that bound"),
+                         "persistent: largest move of a kept share per second"),
+    "load-smoothing-s": (float, PolicySettings.load_smoothing_s,
+                         "persistent: time over which a node's load per slot is averaged"),
     "stale-after-s": (float, PolicySettings.stale_after_s,
                       "load older than this is doubted; at twice it the pool mean stands in"),
     "smoothing-s": (float, PolicySettings.smoothing_s,
@@ -299,7 +298,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             min_share=get("min-share"), model=get("load-model"),
             balance_gain_per_s=get("balance-gain-per-s"),
             balance_memory_s=get("balance-memory-s"), spill_margin=get("spill-margin"),
-            spill_gain_per_s=get("spill-gain-per-s"), local_headroom=get("local-headroom"),
+            spill_gain_per_s=get("spill-gain-per-s"), load_smoothing_s=get("load-smoothing-s"),
         ),
         hybrid=_checked(HybridSettings, "hybrid routing", room_threshold=get("room-threshold"),
                         keep_step=get("keep-step"), local_first=get("local-first")),

@@ -51,6 +51,22 @@ def observed_slots(load: Load, capacity: int) -> float | None:
     return None
 
 
+def mean_wait(load: float, slots: float) -> float:
+    """Mean wait of a request, in service times, at a steady load per slot `load` over
+    `slots` slots serving one queue (Erlang C, M/M/n): what a node's own queue costs against
+    the pool's. A small node waits longer than a big pool at the same load per slot, which
+    is what keeping requests local costs; past a full load, 1 plus the queue per slot."""
+    n = max(1, round(slots))
+    if load >= 1.0:
+        return 1.0 + (load - 1.0)
+    offered = max(0.0, load) * n
+    blocking = 1.0  # Erlang B by its recursion, stable for thousands of slots
+    for k in range(1, n + 1):
+        blocking = offered * blocking / (k + offered * blocking)
+    waits = blocking / (1.0 - load * (1.0 - blocking))
+    return min(1.0, waits / (n * (1.0 - load)))
+
+
 def slots_now(readings: Iterable[tuple[float, float, int]], hint: int) -> float:
     """Room per rank from one moment's (running, waiting, capacity) readings, for a decider
     that keeps no history (the picker): the median over the full replicas, else `hint`."""

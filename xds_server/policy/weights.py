@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from xds_server.model import Load, Pool, Replica, ReplicaState, Weights
-from xds_server.policy.load import learn_slots, per_slot, pool_slots
+from xds_server.policy.load import learn_slots, mean_wait, per_slot, pool_slots
 
 #: Weight of one idle rank. Envoy needs integers >= 1 and a locality sum below 2**32.
 SCALE = 100
@@ -72,15 +72,15 @@ class PolicySettings:
     #: persistent: time constant with which a weight returns to its capacity weight once
     #: the difference that lowered it is gone.
     balance_memory_s: float = 30.0
-    #: persistent: a node keeps its Envoy's requests while its load per slot stays below
-    #: 1 - this (a free slot, allowing for a reading's age), or below the rest of the pool's.
-    local_headroom: float = 0.1
-    #: persistent: ... or exceeds that by less than this (a cross-node hop's worth, in
-    #: service times: the wait a request may take on its node to save the hop).
+    #: persistent: a node keeps its Envoy's requests while the mean wait its own queue
+    #: causes exceeds the rest of the pool's by less than this (in service times: the wait
+    #: worth a cross-node hop saved).
     spill_margin: float = 0.02
-    #: persistent: how fast the kept share moves per second per unit of load per slot
-    #: above (falls) or below (climbs) that bound.
-    spill_gain_per_s: float = 1.0
+    #: persistent: the largest move of a kept share per second (at a wait difference well
+    #: past the margin).
+    spill_gain_per_s: float = 0.25
+    #: persistent: time constant over which a node's load per slot is averaged for that.
+    load_smoothing_s: float = 3.0
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -94,9 +94,9 @@ class PolicySettings:
         if self.model not in ("persistent", "queue"):
             raise ValueError("model must be persistent or queue")
         if (self.balance_gain_per_s < 0 or self.balance_memory_s <= 0 or self.spill_margin < 0
-                or self.spill_gain_per_s < 0 or not 0 <= self.local_headroom < 1):
+                or self.spill_gain_per_s < 0 or self.load_smoothing_s <= 0):
             raise ValueError("balance and spill gains and margin must be >= 0, "
-                             "balance_memory_s > 0, local_headroom in [0, 1)")
+                             "balance_memory_s and load_smoothing_s > 0")
 
 
 UNDAMPED = PolicySettings(model="queue", smoothing_s=0.0, max_step_per_s=0.0, deadband=0.0)
@@ -125,6 +125,7 @@ class Memory:
     slots: Mapping[str, float] = field(default_factory=dict)
     balance: Mapping[str, float] = field(default_factory=dict)
     keep: Mapping[str, float] = field(default_factory=dict)
+    node_load: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -263,16 +264,18 @@ def decide_persistent(
     Envoys) loses weight until its load per slot matches the pool's; one reading's noise
     moves it by little. Stale loads move nothing.
 
-    A node keeps a share k of its Envoy's requests that integrates how far the node's load
-    per slot is past where its requests would start to queue (1 - local_headroom) or, when
-    the rest of the pool is fuller still, past the rest's:
+    A node keeps a share k of its Envoy's requests that integrates how far the mean wait of
+    the node's own queue exceeds the rest of the pool's (load.mean_wait: Erlang C on the
+    slots read from vLLM, at the load per slot averaged over load_smoothing_s):
 
-        bound = max(1 - local_headroom, per_slot_rest) + spill_margin
-        dk/dt = -spill_gain_per_s * (per_slot_node - bound)
+        excess = mean_wait(node) - mean_wait(rest of pool) - spill_margin
+        dk/dt  = -spill_gain_per_s * tanh(excess / 0.05)
 
-    so a node keeps everything while it has free slots, spills just what it cannot serve
-    without queueing more than elsewhere (an uneven ingress, a slow replica), and climbs back
-    as room returns: local-first costs no queueing, at any load.
+    A small node queues sooner than a big pool at the same load, which is what keeping
+    requests local costs. So a node keeps everything while that cost is under a hop's worth
+    (low load), gives up just enough as load grows that its queue is no worse than the
+    pool's (high load, an uneven ingress, a slow replica), and takes it back as room
+    returns: local-first costs no queueing, at any load, with no utilization threshold.
     """
     ready = [r for r in pool.replicas if r.state is ReplicaState.READY]
     dt = None if memory.at is None else max(0.0, now - memory.at)
@@ -324,14 +327,14 @@ def decide_persistent(
     for r in pool.replicas:
         if r.state is not ReplicaState.READY:
             endpoint_weights[r.address] = 0
-    keep, node_load = _keep(ready, occupancy, slots, memory.keep, dt, settings)
+    keep, node_load = _keep(ready, occupancy, slots, memory, dt, settings)
     return Decision(
         weights=_assemble(pool, endpoint_weights),
         memory=Memory(at=now, smoothed=smoothed, published=published,
                       slots={a: v for a, v in learned.items() if v is not None},
-                      balance=balance, keep=keep),
+                      balance=balance, keep=keep, node_load=node_load),
         explain=explain,
-        node_utilization=node_load,
+        node_utilization={n: round(v, 4) for n, v in node_load.items()},
         node_keep=keep,
     )
 
@@ -340,11 +343,11 @@ def _keep(
     ready: list[Replica],
     occupancy: Mapping[str, float],
     slots: Mapping[str, float],
-    previous: Mapping[str, float],
+    memory: Memory,
     dt: float | None,
     s: PolicySettings,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Each node's kept share (see decide_persistent) and its load per slot."""
+    """Each node's kept share (see decide_persistent) and its smoothed load per slot."""
     room: dict[str, float] = {}
     busy: dict[str, float] = {}
     for r in ready:
@@ -353,10 +356,18 @@ def _keep(
         slots_here = r.capacity * slots[r.address]
         room[r.node] = room.get(r.node, 0.0) + slots_here
         busy[r.node] = busy.get(r.node, 0.0) + occupancy[r.address] * slots_here
-    total_room, total_busy = sum(room.values()), sum(busy.values())
+    # Load per slot smoothed over a few readings: the queue a share causes is a mean.
+    alpha = 1.0 if not dt else 1.0 - math.exp(-dt / s.load_smoothing_s)
+    load: dict[str, float] = {}
+    for node in room:
+        before = memory.node_load.get(node)
+        now = busy[node] / room[node]
+        load[node] = now if before is None else before + alpha * (now - before)
+    total_room = sum(room.values())
+    total_busy = sum(load[n] * room[n] for n in room)
     keep: dict[str, float] = {}
     for node in sorted({r.node for r in ready}):
-        k = previous.get(node, 1.0)
+        k = memory.keep.get(node, 1.0)
         rest_room = total_room - room.get(node, 0.0)
         if node not in room:  # no fresh reading: hold the share (all, at first)
             keep[node] = k
@@ -364,15 +375,17 @@ def _keep(
         if rest_room <= 0:  # nowhere else to go
             keep[node] = 1.0
             continue
-        rest = (total_busy - busy[node]) / rest_room
-        bound = max(1.0 - s.local_headroom, rest) + s.spill_margin
+        rest = (total_busy - load[node] * room[node]) / rest_room
+        excess = (mean_wait(load[node], room[node]) - mean_wait(rest, rest_room)
+                  - s.spill_margin)
         if dt:
-            k -= dt * s.spill_gain_per_s * (busy[node] / room[node] - bound)
+            k -= dt * s.spill_gain_per_s * math.tanh(excess / _WAIT_SCALE)
         keep[node] = min(1.0, max(0.0, k))
-    pool_load = total_busy / total_room if total_room else 0.0
-    # A node with no fresh reading reads as the pool (as a replica does in the weights).
-    return keep, {n: round(busy[n] / room[n], 4) if n in room else round(pool_load, 4)
-                  for n in keep}
+    return keep, load
+
+
+#: Differences of mean wait (service times) around which the kept share moves at full speed.
+_WAIT_SCALE = 0.05
 
 
 def _damp(
