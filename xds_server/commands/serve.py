@@ -145,18 +145,16 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
                    "persistent: weights carry only lasting differences between replicas and "
                    "Envoy's least-request the rest, local-first by queue; queue: weights follow "
                    "each reading's free room, local-first by --room-threshold"),
-    "balance-gain-per-s": (float, PolicySettings.balance_gain_per_s,
-                           "persistent: how fast a weight follows a replica's lasting excess "
-                           "load per slot over the pool's"),
-    "balance-memory-s": (float, PolicySettings.balance_memory_s,
-                         "persistent: time for a weight to return to capacity once the excess "
-                         "is gone"),
+    "balance-window-s": (float, PolicySettings.balance_window_s,
+                         "persistent: seconds over which a replica's load per slot is averaged "
+                         "before a weight follows it"),
     "spill-margin": (float, PolicySettings.spill_margin,
                      "persistent: a node keeps its requests while its own queue's mean wait "
                      "exceeds the rest of the pool's by less than this (service times: a "
                      "hop's worth)"),
-    "spill-gain-per-s": (float, PolicySettings.spill_gain_per_s,
-                         "persistent: largest move of a kept share per second"),
+    "spill-scale": (float, PolicySettings.spill_scale,
+                    "persistent: wait difference past the margin (service times) at which a "
+                    "node spills everything; it spills in proportion below"),
     "load-smoothing-s": (float, PolicySettings.load_smoothing_s,
                          "persistent: time over which a node's load per slot is averaged"),
     "stale-after-s": (float, PolicySettings.stale_after_s,
@@ -296,9 +294,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             stale_after_s=get("stale-after-s"), smoothing_s=get("smoothing-s"),
             max_step_per_s=get("max-step-per-s"), deadband=get("deadband"),
             min_share=get("min-share"), model=get("load-model"),
-            balance_gain_per_s=get("balance-gain-per-s"),
-            balance_memory_s=get("balance-memory-s"), spill_margin=get("spill-margin"),
-            spill_gain_per_s=get("spill-gain-per-s"), load_smoothing_s=get("load-smoothing-s"),
+            balance_window_s=get("balance-window-s"), spill_margin=get("spill-margin"),
+            spill_scale=get("spill-scale"), load_smoothing_s=get("load-smoothing-s"),
         ),
         hybrid=_checked(HybridSettings, "hybrid routing", room_threshold=get("room-threshold"),
                         keep_step=get("keep-step"), local_first=get("local-first")),

@@ -66,19 +66,16 @@ class PolicySettings:
     #: Envoy's least-request the rest; `queue`: weights follow each reading's free room (the
     #: formula above). See `decide_persistent`.
     model: str = "persistent"
-    #: persistent: how fast a replica's log-weight follows its load per slot's excess over
-    #: the pool's (per second, per unit of load per slot).
-    balance_gain_per_s: float = 0.3
-    #: persistent: time constant with which a weight returns to its capacity weight once
-    #: the difference that lowered it is gone.
-    balance_memory_s: float = 30.0
+    #: persistent: time constant over which each replica's load per slot is averaged
+    #: before it is compared with the pool's: what a weight may react to.
+    balance_window_s: float = 10.0
     #: persistent: a node keeps its Envoy's requests while the mean wait its own queue
     #: causes exceeds the rest of the pool's by less than this (in service times: the wait
     #: worth a cross-node hop saved).
     spill_margin: float = 0.02
-    #: persistent: the largest move of a kept share per second (at a wait difference well
-    #: past the margin).
-    spill_gain_per_s: float = 0.25
+    #: persistent: wait difference (service times) past the margin at which a node spills
+    #: everything; between, it spills in proportion.
+    spill_scale: float = 0.2
     #: persistent: time constant over which a node's load per slot is averaged for that.
     load_smoothing_s: float = 3.0
 
@@ -93,10 +90,10 @@ class PolicySettings:
             raise ValueError("max_step_per_s and deadband must be >= 0, quantum >= 1")
         if self.model not in ("persistent", "queue"):
             raise ValueError("model must be persistent or queue")
-        if (self.balance_gain_per_s < 0 or self.balance_memory_s <= 0 or self.spill_margin < 0
-                or self.spill_gain_per_s < 0 or self.load_smoothing_s <= 0):
-            raise ValueError("balance and spill gains and margin must be >= 0, "
-                             "balance_memory_s and load_smoothing_s > 0")
+        if (self.balance_window_s <= 0 or self.spill_margin < 0 or self.spill_scale <= 0
+                or self.load_smoothing_s <= 0):
+            raise ValueError("spill_margin must be >= 0; balance_window_s, spill_scale and "
+                             "load_smoothing_s > 0")
 
 
 UNDAMPED = PolicySettings(model="queue", smoothing_s=0.0, max_step_per_s=0.0, deadband=0.0)
@@ -120,11 +117,10 @@ class Memory:
     at: float | None = None
     smoothed: Mapping[str, float] = field(default_factory=dict)
     published: Mapping[str, int] = field(default_factory=dict)
-    #: persistent: each replica's learnt room per rank (load.py), its log-weight, and each
-    #: node's kept share (0..1).
+    #: persistent: each replica's learnt room per rank (load.py) and averaged requests per
+    #: rank, and each node's averaged load per slot.
     slots: Mapping[str, float] = field(default_factory=dict)
     balance: Mapping[str, float] = field(default_factory=dict)
-    keep: Mapping[str, float] = field(default_factory=dict)
     node_load: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -254,28 +250,29 @@ def decide_persistent(
 
     Envoy's least-request already balances each Envoy's own requests by their in-flight
     counts, at every request; weights that follow each 1 s reading fight it with noise and
-    herd (issue 15). So a replica's weight is its capacity weight times `exp(m)`, where the
-    log-weight `m` integrates how far the replica's load per slot (load.py) stays above the
-    pool's, and leaks back to 0 (capacity) with `balance_memory_s`:
+    herd (issue 15). So each replica's load per slot (load.py) is averaged over
+    `balance_window_s`, and its weight is its capacity weight scaled by how much fuller than
+    the pool it stays:
 
-        dm/dt = -balance_gain_per_s * freshness * (per_slot - pool_per_slot) - m / memory_s
+        weight = capacity_weight * clamp((pool_avg + 0.05) / (avg + 0.05), min_share, 1)
 
-    A replica that is persistently fuller than the rest (slow, KV-bound, or fed by other
-    Envoys) loses weight until its load per slot matches the pool's; one reading's noise
-    moves it by little. Stale loads move nothing.
+    A replica that is persistently fuller (slow, KV-bound, fed by other Envoys' traffic)
+    weighs less, in proportion; one reading's noise moves the average by little. The weight
+    is a function of the average, not an integral of it, so it cannot wind up where the
+    weights do not decide the load (a node's local traffic). Stale loads let the average
+    drift towards the pool's average, and so the weights towards capacity.
 
-    A node keeps a share k of its Envoy's requests that integrates how far the mean wait of
+    A node keeps a share of its Envoy's requests that falls with how far the mean wait of
     the node's own queue exceeds the rest of the pool's (load.mean_wait: Erlang C on the
     slots read from vLLM, at the load per slot averaged over load_smoothing_s):
 
         excess = mean_wait(node) - mean_wait(rest of pool) - spill_margin
-        dk/dt  = -spill_gain_per_s * tanh(excess / 0.05)
+        keep   = 1 - clamp(excess / spill_scale, 0, 1)
 
     A small node queues sooner than a big pool at the same load, which is what keeping
     requests local costs. So a node keeps everything while that cost is under a hop's worth
-    (low load), gives up just enough as load grows that its queue is no worse than the
-    pool's (high load, an uneven ingress, a slow replica), and takes it back as room
-    returns: local-first costs no queueing, at any load, with no utilization threshold.
+    (low load), and gives up more as its queue grows past the pool's (high load, an uneven
+    ingress, a slow replica): local-first costs no queueing, with no utilization threshold.
     """
     ready = [r for r in pool.replicas if r.state is ReplicaState.READY]
     dt = None if memory.at is None else max(0.0, now - memory.at)
@@ -288,30 +285,42 @@ def decide_persistent(
     }
     slots = pool_slots(learned, (r.address for r in ready), settings.max_num_seqs)
     occupancy: dict[str, float] = {}
+    per_rank: dict[str, float] = {}  # requests in the replica per rank: what is averaged
     for r in ready:
         load = loads.get(r.address)
         if load is None or fresh[r.address] <= 0:
             continue
         occupancy[r.address] = per_slot(load.running, load.waiting, r.capacity, slots[r.address])
+        per_rank[r.address] = occupancy[r.address] * slots[r.address]
     known = [r for r in ready if r.address in occupancy]
     weight_sum = sum(r.capacity * fresh[r.address] for r in known)
     pool_occupancy = (sum(occupancy[r.address] * r.capacity * fresh[r.address] for r in known)
                       / weight_sum if weight_sum else 0.0)
-    floor = math.log(settings.min_share)
-    balance: dict[str, float] = {}
+    alpha = 1.0 if not dt else 1.0 - math.exp(-dt / settings.balance_window_s)
+    remembered = [memory.balance[r.address] / slots[r.address]
+                  for r in ready if r.address in memory.balance]
+    pool_before = (sum(remembered) / len(remembered) if remembered else pool_occupancy)
+    # Averaged per rank, not per slot, so that learning the room re-scales the history
+    # instead of comparing readings taken against different rooms.
+    average: dict[str, float] = {}
+    for r in ready:
+        before = memory.balance.get(r.address)
+        # A doubted reading counts in proportion; an unknown load reads as the pool's, so
+        # with stale metrics the weights drift back to capacity, never to zero or to idle.
+        f = fresh[r.address]
+        reading = (f * per_rank.get(r.address, 0.0)
+                   + (1.0 - f) * pool_before * slots[r.address])
+        average[r.address] = reading if before is None else before + alpha * (reading - before)
+    per_slot_average = {a: v / slots[a] for a, v in average.items()}
+    pool_average = (sum(per_slot_average[r.address] * r.capacity for r in ready)
+                    / sum(r.capacity for r in ready)) if ready else 0.0
     smoothed: dict[str, float] = {}
     published: dict[str, int] = {}
     explain: dict[str, Explanation] = {}
     for r in ready:
-        m = memory.balance.get(r.address, 0.0)
-        if dt:
-            excess = occupancy.get(r.address, pool_occupancy) - pool_occupancy
-            m += dt * (-settings.balance_gain_per_s * fresh[r.address] * excess
-                       - m / settings.balance_memory_s)
-            m = min(0.0, max(floor, m))
-        balance[r.address] = m
         full = capacity_weight(r)
-        value = full * math.exp(m)
+        share = (pool_average + _IDLE) / (per_slot_average[r.address] + _IDLE)
+        value = full * min(1.0, max(settings.min_share, share))
         smoothed[r.address] = value
         before = memory.published.get(r.address)
         if before is None or abs(value - before) >= settings.deadband * full:
@@ -319,7 +328,7 @@ def decide_persistent(
         else:
             published[r.address] = before
         explain[r.address] = Explanation(
-            utilization=round(occupancy.get(r.address, pool_occupancy), 4),
+            utilization=round(per_slot_average[r.address], 4),
             freshness=round(fresh[r.address], 3), target=round(value, 2),
             smoothed=round(value, 2),
         )
@@ -332,7 +341,7 @@ def decide_persistent(
         weights=_assemble(pool, endpoint_weights),
         memory=Memory(at=now, smoothed=smoothed, published=published,
                       slots={a: v for a, v in learned.items() if v is not None},
-                      balance=balance, keep=keep, node_load=node_load),
+                      balance=average, node_load=node_load),
         explain=explain,
         node_utilization={n: round(v, 4) for n, v in node_load.items()},
         node_keep=keep,
@@ -367,25 +376,20 @@ def _keep(
     total_busy = sum(load[n] * room[n] for n in room)
     keep: dict[str, float] = {}
     for node in sorted({r.node for r in ready}):
-        k = memory.keep.get(node, 1.0)
         rest_room = total_room - room.get(node, 0.0)
-        if node not in room:  # no fresh reading: hold the share (all, at first)
-            keep[node] = k
-            continue
-        if rest_room <= 0:  # nowhere else to go
+        if node not in room or rest_room <= 0:  # no reading yet, or nowhere else to go
             keep[node] = 1.0
             continue
         rest = (total_busy - load[node] * room[node]) / rest_room
         excess = (mean_wait(load[node], room[node]) - mean_wait(rest, rest_room)
                   - s.spill_margin)
-        if dt:
-            k -= dt * s.spill_gain_per_s * math.tanh(excess / _WAIT_SCALE)
-        keep[node] = min(1.0, max(0.0, k))
+        keep[node] = 1.0 - min(1.0, max(0.0, excess / s.spill_scale))
     return keep, load
 
 
-#: Differences of mean wait (service times) around which the kept share moves at full speed.
-_WAIT_SCALE = 0.05
+#: Load per slot added to both sides of a replica's comparison with the pool, so that near
+#: idle (where nobody waits) a few requests more or less move no weight.
+_IDLE = 0.05
 
 
 def _damp(
