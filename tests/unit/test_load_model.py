@@ -91,7 +91,7 @@ def test_a_persistently_fuller_replica_loses_weight_but_one_reading_moves_it_lit
 
 def test_the_weight_returns_to_capacity_once_the_difference_is_gone() -> None:
     lowered = run({**EVEN, A1.address: load(8, waiting=8)}, 20)
-    recovered = run(EVEN, 120, lowered.memory, start=21)
+    recovered = run(EVEN, 300, lowered.memory, start=21)
     assert recovered.weights.endpoints[A1.address] >= 0.9 * 2 * SCALE
 
 
@@ -134,9 +134,9 @@ def test_a_node_keeps_its_requests_unless_it_queues_more_than_the_pool(
 
 
 def test_a_spilling_node_climbs_back_once_it_has_room() -> None:
-    queued = run({**EVEN, A1.address: load(8, waiting=8), A2.address: load(8, waiting=8)}, 5)
+    queued = run({**EVEN, A1.address: load(8, waiting=8), A2.address: load(8, waiting=8)}, 15)
     assert queued.node_keep["node-a"] < 0.5
-    back = run(EVEN, 30, queued.memory, start=6)
+    back = run(EVEN, 60, queued.memory, start=16)
     assert back.node_keep["node-a"] == 1.0
 
 
@@ -174,3 +174,13 @@ def test_a_node_spills_only_when_its_own_queue_would_cost_more_than_the_pools(
     node_a: float, others: float, keeps_all: bool
 ) -> None:
     assert (node_keep_at(node_a, others) == 1.0) is keeps_all
+
+
+def test_a_node_full_of_its_own_traffic_weighs_less_as_a_locality_not_per_replica() -> None:
+    busy_a = {A1.address: load(8, waiting=4), A2.address: load(8, waiting=4),
+              B1.address: load(2), B2.address: load(2)}
+    d = run(busy_a, 120)
+    # Its replicas are equally full: no reason to tilt between them.
+    assert d.weights.endpoints[A1.address] == d.weights.endpoints[A2.address] == 2 * SCALE
+    # As a locality (the central Envoy's and the spilled requests' choice) it weighs less.
+    assert d.weights.localities["node-a"] < 0.5 * d.weights.localities["node-b"]

@@ -148,13 +148,18 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
     "balance-window-s": (float, PolicySettings.balance_window_s,
                          "persistent: seconds over which a replica's load per slot is averaged "
                          "before a weight follows it"),
+    "balance-gain-per-s": (float, PolicySettings.balance_gain_per_s,
+                           "persistent: how fast a replica's weight follows its lasting excess "
+                           "load per slot over its node's"),
+    "balance-memory-s": (float, PolicySettings.balance_memory_s,
+                         "persistent: time for a weight to return to capacity once the excess "
+                         "is gone"),
     "spill-margin": (float, PolicySettings.spill_margin,
                      "persistent: a node keeps its requests while its own queue's mean wait "
                      "exceeds the rest of the pool's by less than this (service times: a "
                      "hop's worth)"),
-    "spill-scale": (float, PolicySettings.spill_scale,
-                    "persistent: wait difference past the margin (service times) at which a "
-                    "node spills everything; it spills in proportion below"),
+    "spill-rate-per-s": (float, PolicySettings.spill_rate_per_s,
+                         "persistent: largest move of a kept share per second"),
     "load-smoothing-s": (float, PolicySettings.load_smoothing_s,
                          "persistent: time over which a node's load per slot is averaged"),
     "stale-after-s": (float, PolicySettings.stale_after_s,
@@ -295,7 +300,9 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             max_step_per_s=get("max-step-per-s"), deadband=get("deadband"),
             min_share=get("min-share"), model=get("load-model"),
             balance_window_s=get("balance-window-s"), spill_margin=get("spill-margin"),
-            spill_scale=get("spill-scale"), load_smoothing_s=get("load-smoothing-s"),
+            balance_gain_per_s=get("balance-gain-per-s"),
+            balance_memory_s=get("balance-memory-s"),
+            spill_rate_per_s=get("spill-rate-per-s"), load_smoothing_s=get("load-smoothing-s"),
         ),
         hybrid=_checked(HybridSettings, "hybrid routing", room_threshold=get("room-threshold"),
                         keep_step=get("keep-step"), local_first=get("local-first")),

@@ -69,13 +69,19 @@ class PolicySettings:
     #: persistent: time constant over which each replica's load per slot is averaged
     #: before it is compared with the pool's: what a weight may react to.
     balance_window_s: float = 10.0
+    #: persistent: how fast a replica's log-weight follows its average load per slot's
+    #: excess over its node's (per second, per unit of load per slot).
+    balance_gain_per_s: float = 0.3
+    #: persistent: time constant with which that log-weight returns to 0 (capacity) once
+    #: the excess is gone.
+    balance_memory_s: float = 60.0
     #: persistent: a node keeps its Envoy's requests while the mean wait its own queue
     #: causes exceeds the rest of the pool's by less than this (in service times: the wait
     #: worth a cross-node hop saved).
     spill_margin: float = 0.02
-    #: persistent: wait difference (service times) past the margin at which a node spills
-    #: everything; between, it spills in proportion.
-    spill_scale: float = 0.2
+    #: persistent: the largest move of a kept share per second (at a wait difference well
+    #: past the margin): slow enough that the loop through Envoy cannot swing.
+    spill_rate_per_s: float = 0.05
     #: persistent: time constant over which a node's load per slot is averaged for that.
     load_smoothing_s: float = 3.0
 
@@ -90,10 +96,11 @@ class PolicySettings:
             raise ValueError("max_step_per_s and deadband must be >= 0, quantum >= 1")
         if self.model not in ("persistent", "queue"):
             raise ValueError("model must be persistent or queue")
-        if (self.balance_window_s <= 0 or self.spill_margin < 0 or self.spill_scale <= 0
-                or self.load_smoothing_s <= 0):
-            raise ValueError("spill_margin must be >= 0; balance_window_s, spill_scale and "
-                             "load_smoothing_s > 0")
+        if (self.balance_window_s <= 0 or self.spill_margin < 0 or self.spill_rate_per_s <= 0
+                or self.load_smoothing_s <= 0 or self.balance_gain_per_s < 0
+                or self.balance_memory_s <= 0):
+            raise ValueError("spill_margin and balance_gain_per_s must be >= 0; the windows, "
+                             "memories and spill_rate_per_s > 0")
 
 
 UNDAMPED = PolicySettings(model="queue", smoothing_s=0.0, max_step_per_s=0.0, deadband=0.0)
@@ -121,6 +128,10 @@ class Memory:
     #: rank, and each node's averaged load per slot.
     slots: Mapping[str, float] = field(default_factory=dict)
     balance: Mapping[str, float] = field(default_factory=dict)
+    #: persistent: each replica's log-weight against its node's other replicas, and each
+    #: node's kept share (0..1).
+    tilt: Mapping[str, float] = field(default_factory=dict)
+    keep: Mapping[str, float] = field(default_factory=dict)
     node_load: Mapping[str, float] = field(default_factory=dict)
 
 
@@ -250,29 +261,36 @@ def decide_persistent(
 
     Envoy's least-request already balances each Envoy's own requests by their in-flight
     counts, at every request; weights that follow each 1 s reading fight it with noise and
-    herd (issue 15). So each replica's load per slot (load.py) is averaged over
-    `balance_window_s`, and its weight is its capacity weight scaled by how much fuller than
-    the pool it stays:
+    herd (issue 15). So each replica's load per slot (load.py) is first averaged over
+    `balance_window_s`, and then:
 
-        weight = capacity_weight * clamp((pool_avg + 0.05) / (avg + 0.05), min_share, 1)
+    - a replica's endpoint weight is its capacity weight times exp(m), where m integrates
+      how far its average stays above its own node's (and leaks back to 0 over
+      balance_memory_s): dm/dt = -balance_gain_per_s * (avg - node_avg) - m / memory_s.
+      Within a node the weights do decide the split (a node's Envoy balances over its
+      replicas by them), so this converges: a slow or KV-bound replica ends up as full as
+      its neighbours, not as long a queue with a third of the speed;
+    - a node's locality weight is the sum of its replicas' times
+      clamp((pool_avg + 0.05) / (node_avg + 0.05), min_share, 1): proportional, not
+      integral, because much of a node's load is its own Envoy's traffic, which no weight
+      moves; it steers the central Envoy's and the spilled requests away from full nodes.
 
-    A replica that is persistently fuller (slow, KV-bound, fed by other Envoys' traffic)
-    weighs less, in proportion; one reading's noise moves the average by little. The weight
-    is a function of the average, not an integral of it, so it cannot wind up where the
-    weights do not decide the load (a node's local traffic). Stale loads let the average
-    drift towards the pool's average, and so the weights towards capacity.
+    A doubted or unknown reading counts as the pool's average, so with stale loads the
+    weights drift back to capacity, never to zero or to idle.
 
-    A node keeps a share of its Envoy's requests that falls with how far the mean wait of
+    A node keeps a share k of its Envoy's requests that integrates how far the mean wait of
     the node's own queue exceeds the rest of the pool's (load.mean_wait: Erlang C on the
     slots read from vLLM, at the load per slot averaged over load_smoothing_s):
 
         excess = mean_wait(node) - mean_wait(rest of pool) - spill_margin
-        keep   = 1 - clamp(excess / spill_scale, 0, 1)
+        dk/dt  = -spill_rate_per_s * tanh(excess / 0.05)
 
     A small node queues sooner than a big pool at the same load, which is what keeping
     requests local costs. So a node keeps everything while that cost is under a hop's worth
-    (low load), and gives up more as its queue grows past the pool's (high load, an uneven
-    ingress, a slow replica): local-first costs no queueing, with no utilization threshold.
+    (low load), gives up just enough as load grows that its queue is no worse than the
+    pool's (high load, an uneven ingress, a slow replica), and takes it back as room
+    returns; at a bounded rate, so that the loop through Envoy cannot swing. No utilization
+    threshold.
     """
     ready = [r for r in pool.replicas if r.state is ReplicaState.READY]
     dt = None if memory.at is None else max(0.0, now - memory.at)
@@ -312,15 +330,27 @@ def decide_persistent(
                    + (1.0 - f) * pool_before * slots[r.address])
         average[r.address] = reading if before is None else before + alpha * (reading - before)
     per_slot_average = {a: v / slots[a] for a, v in average.items()}
-    pool_average = (sum(per_slot_average[r.address] * r.capacity for r in ready)
-                    / sum(r.capacity for r in ready)) if ready else 0.0
+    node_room: dict[str, float] = {}
+    node_busy: dict[str, float] = {}
+    for r in ready:
+        node_room[r.node] = node_room.get(r.node, 0.0) + r.capacity
+        node_busy[r.node] = node_busy.get(r.node, 0.0) + per_slot_average[r.address] * r.capacity
+    node_average = {n: node_busy[n] / node_room[n] for n in node_room}
+    pool_average = sum(node_busy.values()) / sum(node_room.values()) if ready else 0.0
+    floor = math.log(settings.min_share)
+    tilt: dict[str, float] = {}
     smoothed: dict[str, float] = {}
     published: dict[str, int] = {}
     explain: dict[str, Explanation] = {}
     for r in ready:
+        m = memory.tilt.get(r.address, 0.0)
+        if dt:
+            excess = per_slot_average[r.address] - node_average[r.node]
+            m += dt * (-settings.balance_gain_per_s * excess - m / settings.balance_memory_s)
+            m = min(0.0, max(floor, m))
+        tilt[r.address] = m
         full = capacity_weight(r)
-        share = (pool_average + _IDLE) / (per_slot_average[r.address] + _IDLE)
-        value = full * min(1.0, max(settings.min_share, share))
+        value = full * math.exp(m)
         smoothed[r.address] = value
         before = memory.published.get(r.address)
         if before is None or abs(value - before) >= settings.deadband * full:
@@ -332,16 +362,20 @@ def decide_persistent(
             freshness=round(fresh[r.address], 3), target=round(value, 2),
             smoothed=round(value, 2),
         )
+    node_share = {
+        n: min(1.0, max(settings.min_share, (pool_average + _IDLE) / (v + _IDLE)))
+        for n, v in node_average.items()
+    }
     endpoint_weights = dict(published)
     for r in pool.replicas:
         if r.state is not ReplicaState.READY:
             endpoint_weights[r.address] = 0
     keep, node_load = _keep(ready, occupancy, slots, memory, dt, settings)
     return Decision(
-        weights=_assemble(pool, endpoint_weights),
+        weights=_assemble(pool, endpoint_weights, node_share),
         memory=Memory(at=now, smoothed=smoothed, published=published,
                       slots={a: v for a, v in learned.items() if v is not None},
-                      balance=average, node_load=node_load),
+                      balance=average, tilt=tilt, node_load=node_load, keep=keep),
         explain=explain,
         node_utilization={n: round(v, 4) for n, v in node_load.items()},
         node_keep=keep,
@@ -376,17 +410,25 @@ def _keep(
     total_busy = sum(load[n] * room[n] for n in room)
     keep: dict[str, float] = {}
     for node in sorted({r.node for r in ready}):
+        k = memory.keep.get(node, 1.0)
         rest_room = total_room - room.get(node, 0.0)
-        if node not in room or rest_room <= 0:  # no reading yet, or nowhere else to go
+        if node not in room:  # no fresh reading: hold the share (all, at first)
+            keep[node] = k
+            continue
+        if rest_room <= 0:  # nowhere else to go
             keep[node] = 1.0
             continue
         rest = (total_busy - load[node] * room[node]) / rest_room
         excess = (mean_wait(load[node], room[node]) - mean_wait(rest, rest_room)
                   - s.spill_margin)
-        keep[node] = 1.0 - min(1.0, max(0.0, excess / s.spill_scale))
+        if dt:
+            k -= dt * s.spill_rate_per_s * math.tanh(excess / _WAIT_SCALE)
+        keep[node] = min(1.0, max(0.0, k))
     return keep, load
 
 
+#: Wait difference (service times) past which a kept share moves at its full rate.
+_WAIT_SCALE = 0.05
 #: Load per slot added to both sides of a replica's comparison with the pool, so that near
 #: idle (where nobody waits) a few requests more or less move no weight.
 _IDLE = 0.05
@@ -410,12 +452,17 @@ def _quantize(value: float, quantum: int) -> int:
     return max(MIN_WEIGHT, round(value / quantum) * quantum)
 
 
-def _assemble(pool: Pool, endpoints: dict[str, int]) -> Weights:
+def _assemble(pool: Pool, endpoints: dict[str, int],
+              node_share: Mapping[str, float] | None = None) -> Weights:
+    """Locality weights: the sums of their ready replicas' weights (times the node's share,
+    where the policy weighs nodes apart from replicas)."""
     localities: dict[str, int] = dict.fromkeys(pool.nodes, 0)
     for r in pool.replicas:
         if r.state is ReplicaState.READY:
             localities[r.node] += endpoints.get(r.address, 0)
+    share = node_share or {}
     return Weights(
         endpoints=endpoints,
-        localities={node: max(MIN_WEIGHT, w) for node, w in localities.items()},
+        localities={node: max(MIN_WEIGHT, round(w * share.get(node, 1.0)))
+                    for node, w in localities.items()},
     )
