@@ -159,7 +159,9 @@ _FLAGS: dict[str, tuple[Any, Any, str]] = {
                      "exceeds the rest of the pool's by less than this (service times: a "
                      "hop's worth)"),
     "spill-rate-per-s": (float, PolicySettings.spill_rate_per_s,
-                         "persistent: largest move of a kept share per second"),
+                         "persistent: fastest fall of a kept share per second"),
+    "keep-recover-per-s": (float, PolicySettings.keep_recover_per_s,
+                           "persistent: fastest climb of a kept share per second"),
     "load-smoothing-s": (float, PolicySettings.load_smoothing_s,
                          "persistent: time over which a node's load per slot is averaged"),
     "stale-after-s": (float, PolicySettings.stale_after_s,
@@ -303,6 +305,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
             balance_gain_per_s=get("balance-gain-per-s"),
             balance_memory_s=get("balance-memory-s"),
             spill_rate_per_s=get("spill-rate-per-s"), load_smoothing_s=get("load-smoothing-s"),
+            keep_recover_per_s=get("keep-recover-per-s"),
         ),
         hybrid=_checked(HybridSettings, "hybrid routing", room_threshold=get("room-threshold"),
                         keep_step=get("keep-step"), local_first=get("local-first")),

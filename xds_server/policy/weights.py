@@ -79,11 +79,14 @@ class PolicySettings:
     #: causes exceeds the rest of the pool's by less than this (in service times: the wait
     #: worth a cross-node hop saved).
     spill_margin: float = 0.02
-    #: persistent: the largest move of a kept share per second (at a wait difference well
-    #: past the margin): slow enough that the loop through Envoy cannot swing.
-    spill_rate_per_s: float = 0.05
+    #: persistent: the fastest a kept share falls per second (at a wait difference well past
+    #: the margin): a queue hurts now, so spilling is quick...
+    spill_rate_per_s: float = 0.15
+    #: persistent: ... and the fastest it climbs back: slower, so that the loop through
+    #: Envoy settles instead of swinging.
+    keep_recover_per_s: float = 0.05
     #: persistent: time constant over which a node's load per slot is averaged for that.
-    load_smoothing_s: float = 3.0
+    load_smoothing_s: float = 1.5
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -98,7 +101,7 @@ class PolicySettings:
             raise ValueError("model must be persistent or queue")
         if (self.balance_window_s <= 0 or self.spill_margin < 0 or self.spill_rate_per_s <= 0
                 or self.load_smoothing_s <= 0 or self.balance_gain_per_s < 0
-                or self.balance_memory_s <= 0):
+                or self.balance_memory_s <= 0 or self.keep_recover_per_s <= 0):
             raise ValueError("spill_margin and balance_gain_per_s must be >= 0; the windows, "
                              "memories and spill_rate_per_s > 0")
 
@@ -283,14 +286,15 @@ def decide_persistent(
     slots read from vLLM, at the load per slot averaged over load_smoothing_s):
 
         excess = mean_wait(node) - mean_wait(rest of pool) - spill_margin
-        dk/dt  = -spill_rate_per_s * tanh(excess / 0.05)
+        dk/dt  = -rate * tanh(excess / 0.05)    (rate: spill_rate_per_s while the excess
+                                                 is positive, keep_recover_per_s below)
 
     A small node queues sooner than a big pool at the same load, which is what keeping
     requests local costs. So a node keeps everything while that cost is under a hop's worth
     (low load), gives up just enough as load grows that its queue is no worse than the
     pool's (high load, an uneven ingress, a slow replica), and takes it back as room
-    returns; at a bounded rate, so that the loop through Envoy cannot swing. No utilization
-    threshold.
+    returns; at bounded rates, quicker to spill than to take back, so that the loop through
+    Envoy settles. No utilization threshold.
     """
     ready = [r for r in pool.replicas if r.state is ReplicaState.READY]
     dt = None if memory.at is None else max(0.0, now - memory.at)
@@ -422,7 +426,8 @@ def _keep(
         excess = (mean_wait(load[node], room[node]) - mean_wait(rest, rest_room)
                   - s.spill_margin)
         if dt:
-            k -= dt * s.spill_rate_per_s * math.tanh(excess / _WAIT_SCALE)
+            rate = s.spill_rate_per_s if excess > 0 else s.keep_recover_per_s
+            k -= dt * rate * math.tanh(excess / _WAIT_SCALE)
         keep[node] = min(1.0, max(0.0, k))
     return keep, load
 
