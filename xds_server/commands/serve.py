@@ -312,7 +312,6 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         extproc=ExtprocSettings(
             port=get("extproc-port"),
             pick=PickSettings(max_num_seqs=get("max-num-seqs"),
-                              waiting_factor=get("waiting-factor"),
                               room_threshold=get("room-threshold")),
         ),
     ))

@@ -33,9 +33,8 @@ from xds_server.policy.load import expected_wait, slots_now
 class PickSettings:
     """Tunables of the picker; each is a flag of `hybridlb extproc` and `serve`."""
 
-    #: Requests one rank takes at once: the room per rank (as in the weight policy).
+    #: Room per rank until a replica with requests waiting shows the real one (load.py).
     max_num_seqs: int = 256
-    waiting_factor: float = 4.0
     #: Score bonus (in units of a replica's room) for the replica that last took the prefix.
     affinity_bonus: float = 0.15
     #: Above this wait a replica gets no affinity bonus: a warm cache is not worth a queue.
