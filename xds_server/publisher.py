@@ -279,7 +279,8 @@ class Publisher:
         for r in pool.replicas:
             if r.state is ReplicaState.READY:
                 capacity[r.node] = capacity.get(r.node, 0) + r.capacity
-        return keep_shares(pool.nodes, decision.node_utilization, capacity, self._hybrid)
+        return keep_shares(pool.nodes, decision.node_utilization, capacity, self._hybrid,
+                           decision.node_keep)
 
     def _export(self, inputs: Sequence[resources.PoolInput], now: float) -> None:
         counts: dict[tuple[str, ...], float] = {}

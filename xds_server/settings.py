@@ -114,7 +114,7 @@ class XdsSettings:
                              "--xds-max-resource-names must be at least 1")
 
 
-LbPolicy = Literal["least_request", "round_robin"]
+LbPolicy = Literal["least_request", "round_robin", "orca_wrr", "load_aware_locality"]
 
 
 @dataclass(frozen=True)
@@ -133,9 +133,12 @@ class EnvoySettings:
                                flag="model-header")
     #: Header that pins a request to one node's replicas (503 if it has none ready).
     node_header: str = "x-hybridlb-node"
+    #: orca_wrr and load_aware_locality are Envoy's own ORCA-driven balancers
+    #: (client_side_weighted_round_robin, load_aware_locality; xds/lb_policies.py).
     lb_policy: LbPolicy = option("least_request", "Envoy's balancer within a cluster: "
-                                 "least_request (weight / in-flight) or round_robin (weighted)",
-                                 flag="lb-policy")
+                                 "least_request (weight / in-flight), round_robin (weighted), "
+                                 "or Envoy's ORCA-driven orca_wrr or load_aware_locality (see "
+                                 "README)", flag="lb-policy")
     extproc_address: str = option("", "HOST:PORT where Envoys reach the endpoint picker; adds "
                                   "the ext_proc filter (default with --extproc-port: "
                                   "127.0.0.1:PORT)", flag="extproc-address")
@@ -240,8 +243,10 @@ class KubernetesSettings:
 class PickSettings:
     """Tunables of the endpoint picker (extproc/pick.py)."""
 
-    #: The weight policy's own: both deciders reckon with the same room and waiting weight.
+    #: The weight policy's own: the room per rank until a replica with requests waiting
+    #: shows the real one (policy/load.py), for both deciders.
     max_num_seqs: int = same_as(PolicySettings, "max_num_seqs")
+    #: Ranks behind one server are compared as vLLM's own balancer does (waiting weighs more).
     waiting_factor: float = same_as(PolicySettings, "waiting_factor")
     #: Above this wait a replica gets no affinity bonus: a warm cache is not worth a queue.
     room_threshold: float = same_as(HybridSettings, "room_threshold")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import itertools
+import json
 import math
 import random
 import time
@@ -34,6 +35,9 @@ import aiohttp
 #: Response headers the simulator (and nothing in a real vLLM) sets: who served a request.
 REPLICA_HEADER = "x-hybridlb-replica"
 RANK_HEADER = "x-hybridlb-rank"
+#: Request header naming the node a request entered on, so the simulator can charge a
+#: cross-node hop (xds_server.sim.server.ORIGIN_NODE_HEADER).
+ORIGIN_NODE_HEADER = "x-hybridlb-origin-node"
 
 
 @dataclass(frozen=True)
@@ -176,6 +180,8 @@ class Result:
     replica: str = ""
     rank: int | None = None
     error: str = ""
+    #: Request body plus response bytes: what crossed the network between proxy and replica.
+    bytes: int = 0
 
     @property
     def ok(self) -> bool:
@@ -195,6 +201,8 @@ class Replayer:
     urls: Mapping[str, str]
     model: str
     headers: Mapping[str, str] = field(default_factory=dict)
+    #: Entry -> the node it runs on, sent as ORIGIN_NODE_HEADER (entries not listed: none).
+    origin_nodes: Mapping[str, str] = field(default_factory=dict)
     on_result: Callable[[Result], None] | None = None
     #: Results in completion order; `in_flight` counts requests sent and not yet finished.
     results: list[Result] = field(default_factory=list)
@@ -254,7 +262,11 @@ class Replayer:
         A subclass may decide per request (the benchmark's oracle); the latency clock starts
         after this returns, so the decision is not charged to the request.
         """
-        return self.urls[arrival.entry], self.headers
+        return self.urls[arrival.entry], self.entry_headers(arrival)
+
+    def entry_headers(self, arrival: Arrival) -> Mapping[str, str]:
+        origin = self.origin_nodes.get(arrival.entry)
+        return self.headers if origin is None else {**self.headers, ORIGIN_NODE_HEADER: origin}
 
     async def _send(self, session: aiohttp.ClientSession, arrival: Arrival) -> None:
         deciding = time.monotonic()
@@ -275,8 +287,11 @@ class Replayer:
         try:
             url, headers = await self.route(session, arrival)
             sent_at = time.monotonic()
-            async with session.post(url + "/v1/completions", json=body,
-                                    headers=dict(headers)) as response:
+            payload = json.dumps(body).encode()
+            result.bytes = len(payload)
+            async with session.post(url + "/v1/completions", data=payload,
+                                    headers={**headers, "Content-Type": "application/json"}
+                                    ) as response:
                 result.status = response.status
                 result.replica = response.headers.get(REPLICA_HEADER, "")
                 rank = response.headers.get(RANK_HEADER)
@@ -307,10 +322,12 @@ class Replayer:
             if not line:
                 result.error = "stream ended before any event"
                 return
+            result.bytes += len(line)
             if line.startswith(b"data:"):
                 result.ttft_s = time.monotonic() - sent_at
                 break
         rest = await response.content.read()
+        result.bytes += len(rest)
         if not (line + rest).rstrip().endswith(b"data: [DONE]"):
             result.error = "stream ended without [DONE]"
 

@@ -35,7 +35,8 @@ class Fleet:
         self.cp = ControlPlane(
             workdir, self.pools, listener_port=free_ports(1)[0],
             extra=["--metrics", "scrape", "--scrape-interval-s", "0.2", "--max-num-seqs", "4",
-                   "--smoothing-s", "0.5", "--max-step-per-s", "2", "--room-threshold", "0.5"],
+                   "--smoothing-s", "0.5", "--max-step-per-s", "2", "--room-threshold", "0.5",
+                   "--load-model", "queue"],
         )
         self.envoys = {
             node: Envoy(workdir, xds_port=self.cp.xds_port, node=node, name=f"envoy-{node}")

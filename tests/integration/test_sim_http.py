@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -275,3 +276,68 @@ async def test_client_disconnect_aborts_the_request(start_sim: StartSim) -> None
         samples = await metrics(session, url)
     assert samples[("vllm:request_success_total", "0/abort")] == 1
     assert samples[("vllm:request_success_total", "0/length")] == 0
+
+
+def parse_orca(value: str) -> dict[str, float]:
+    """An `endpoint-load-metrics` value in vLLM's TEXT or JSON shape, as Envoy reads it."""
+    kind, _, payload = value.partition(" ")
+    if kind == "JSON":
+        doc = json.loads(payload)
+        assert set(doc) == {"named_metrics"}
+        return {k: float(v) for k, v in doc["named_metrics"].items()}
+    assert kind == "TEXT"
+    pairs = [item.split("=") for item in payload.split(", ")]
+    assert all(k.startswith("named_metrics.") for k, _ in pairs)
+    return {k.removeprefix("named_metrics."): float(v) for k, v in pairs}
+
+
+@pytest.mark.parametrize("requested", ["TEXT", "JSON", "text"])
+async def test_non_streamed_responses_carry_vllm_orca_reports(
+    start_sim: StartSim, requested: str
+) -> None:
+    host = await start_sim(engine={"max_num_seqs": 1, **SLOW_STEPS})
+    url = base_url(host)
+    asked = {"endpoint-load-metrics-format": requested}
+    async with aiohttp.ClientSession() as session:
+        results = await asyncio.gather(*(
+            complete(session, url, prompt=[1] * 16, max_tokens=30, headers=asked)
+            for _ in range(3)))
+        reports = [parse_orca(headers["endpoint-load-metrics"]) for _, _, headers in results]
+        assert all(set(r) == {"num_requests_waiting", "kv_cache_usage_perc"} for r in reports)
+        # one slot, three requests: the first to finish saw the others queued behind it
+        assert max(r["num_requests_waiting"] for r in reports) >= 1
+        assert all(0 < r["kv_cache_usage_perc"] <= 1 for r in reports[:2])
+
+
+async def test_orca_reports_only_when_asked_and_never_on_streams(start_sim: StartSim) -> None:
+    host = await start_sim()
+    url = base_url(host)
+    body = {"model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": True}
+    async with aiohttp.ClientSession() as session:
+        _, _, plain = await complete(session, url)
+        _, _, unknown = await complete(session, url, headers={
+            "endpoint-load-metrics-format": "PROTO"})
+        async with session.post(f"{url}/v1/completions", json=body, headers={
+                "endpoint-load-metrics-format": "TEXT"}) as response:
+            await response.read()
+            streamed = dict(response.headers)
+    for headers in (plain, unknown, streamed):
+        assert "endpoint-load-metrics" not in {k.lower() for k in headers}
+
+
+async def test_a_request_from_another_node_pays_the_hop(start_sim: StartSim) -> None:
+    # An hour's hop (simulated): a cross-node request cannot finish while the test runs.
+    host = await start_sim(node="node-a", hop_s=3600.0)
+    url = base_url(host)
+    async with aiohttp.ClientSession() as session:
+        remote = asyncio.create_task(complete(
+            session, url, headers={"x-hybridlb-origin-node": "node-b"}))
+        await wait_for_state(session, url, lambda s: s["cross_node_requests"] == 1)
+        status, _, _ = await complete(session, url,
+                                      headers={"x-hybridlb-origin-node": "node-a"})
+        assert status == 200
+        # the local request came and went while the remote one still crosses
+        assert not remote.done()
+        remote.cancel()
+        state = await wait_for_state(session, url, lambda s: s["in_flight"] == 0)
+    assert state["cross_node_requests"] == 1

@@ -21,7 +21,7 @@ class Stack:
         self.cp = ControlPlane(
             workdir, self.sim.pools, listener_port=free_ports(1)[0],
             extra=["--metrics", "scrape", "--scrape-interval-s", "0.2", "--max-num-seqs", "4",
-                   "--smoothing-s", "0.5", "--max-step-per-s", "2"],
+                   "--smoothing-s", "0.5", "--max-step-per-s", "2", "--load-model", "queue"],
         )
         self.envoy = Envoy(workdir, xds_port=self.cp.xds_port, node="node-a")
 

@@ -215,7 +215,8 @@ async def test_an_envoy_that_connects_later_gets_the_current_keep_share() -> Non
     (inside the deadband): an Envoy on node-c that connects then must get the new share."""
     state, cache, metrics = State(), SnapshotCache(), Metrics()
     publisher = Publisher(state=state, cache=cache, metrics=metrics, settings=EnvoySettings(),
-                          policy=PolicySettings(max_num_seqs=100, smoothing_s=0,
+                          # The queue model: its keep share follows one reading at once.
+                          policy=PolicySettings(model="queue", max_num_seqs=100, smoothing_s=0,
                                                 max_step_per_s=0, deadband=0.9))
     server = grpc.aio.server()
     server.add_generic_rpc_handlers((AdsServer(cache=cache, metrics=metrics).handler(),))

@@ -13,6 +13,7 @@ import pytest
 from xds_server.bench.oracle import RankQueue, choose, expected_wait, ranks_from_state
 from xds_server.bench.routing_report import summarize
 from xds_server.bench.routing_stats import (
+    cross_node,
     cv,
     is_noise,
     latency,
@@ -104,6 +105,17 @@ def test_on_node_share_counts_node_envoys_only() -> None:
                result("central", "r1"), result("node-b", "", status=503)]
     assert on_node_share(results, entry_nodes, replica_nodes) == pytest.approx(2 / 3)
     assert math.isnan(on_node_share([result("central", "r1")], entry_nodes, replica_nodes))
+
+
+def test_cross_node_counts_requests_and_bytes_served_off_their_entry_node() -> None:
+    origins = {"node-a": "node-a", "central": "central"}
+    replica_nodes = {"r1": "node-a", "r2": "node-b"}
+    results = [result("node-a", "r1"), result("node-a", "r2"), result("central", "r1"),
+               result("node-a", "", status=503)]
+    for r, size in zip(results, (100, 200, 400, 800), strict=True):
+        r.bytes = size
+    assert cross_node(results, origins, replica_nodes) == {
+        "cross_node_requests": 2, "cross_node_bytes": 600}
 
 
 def test_latency_counts_failures_and_throughput_over_the_window() -> None:

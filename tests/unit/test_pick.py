@@ -21,7 +21,7 @@ def test_least_expected_wait_wins() -> None:
 
 
 def test_capacity_divides_the_wait() -> None:
-    # 5 running + 4 * 1 waiting over two ranks is less wait than over one.
+    # 5 running + 1 waiting over two ranks is less load per slot than over one.
     assert pick([BUSY, BIG], prefix_owner=None, envoy_node="", settings=S) == BIG
 
 
@@ -34,7 +34,7 @@ def test_prefix_affinity_breaks_near_ties_but_not_a_queue() -> None:
     slightly_busy = Candidate("10.0.0.4:8000", "a", 1, 1, 0)
     assert pick([IDLE, slightly_busy], prefix_owner=slightly_busy.address, envoy_node="",
                 settings=S) == slightly_busy
-    full = Candidate("10.0.0.5:8000", "a", 1, 8, 0)  # past the room threshold
+    full = Candidate("10.0.0.5:8000", "a", 1, 10, 8)  # a queue past the room threshold
     assert pick([IDLE, full], prefix_owner=full.address, envoy_node="", settings=S) == IDLE
 
 
@@ -94,3 +94,18 @@ def test_pending_counts_only_picks_after_the_reading() -> None:
     assert pending.since("r", read_at=150.0, now=201.0) == 1
     assert pending.since("r", read_at=50.0, now=201.0) == 2
     assert pending.since("r", read_at=50.0, now=1000.0) == 0  # past the horizon
+
+
+def test_a_local_replica_with_room_wins_over_an_emptier_remote_one() -> None:
+    local = Candidate("10.0.0.6:8000", "a", 1, 8, 0)
+    assert pick([IDLE_B, local], prefix_owner=None, envoy_node="a", settings=S) == local
+
+
+def test_a_local_queue_loses_to_a_remote_free_slot_whatever_the_configured_room() -> None:
+    # The replicas run 4 per rank (read from the one with requests waiting), not 256.
+    queued = Candidate("10.0.0.6:8000", "a", 1, 4, 3)
+    roomy = PickSettings(max_num_seqs=256)
+    assert pick([IDLE_B, queued], prefix_owner=None, envoy_node="a", settings=roomy) == IDLE_B
+
+
+IDLE_B = Candidate("10.0.0.7:8000", "b", 1, 1, 0)

@@ -29,7 +29,8 @@ def test_a_reading_inside_the_deadband_builds_nothing_but_is_explained() -> None
     state, cache = State(), SnapshotCache()
     publisher = Publisher(state=state, cache=cache, metrics=Metrics(), settings=EnvoySettings(),
                           policy=PolicySettings(max_num_seqs=100, smoothing_s=0,
-                                                max_step_per_s=0, deadband=0.2))
+                                                max_step_per_s=0, deadband=0.2,
+                                                model="queue"))
     state.set_pools("test", [Pool("p", (A,))])
     state.set_loads({A.address: Load(running=10, waiting=0, read_at=time.time())})
     assert publisher.publish_now()
@@ -47,7 +48,8 @@ async def test_weights_go_to_capacity_and_the_age_grows_when_loads_stop_arriving
     state, cache, metrics = State(), SnapshotCache(), Metrics()
     publisher = Publisher(
         state=state, cache=cache, metrics=metrics, settings=EnvoySettings(),
-        policy=PolicySettings(max_num_seqs=10, stale_after_s=0.3, smoothing_s=0,
+        # The queue model: its weight follows a reading at once, and stale ones at once too.
+        policy=PolicySettings(model="queue", max_num_seqs=10, stale_after_s=0.3, smoothing_s=0,
                               max_step_per_s=0, deadband=0, decide_interval_s=0.05),
         debounce_s=0)
     busy = Replica("10.0.0.2", 8000, "node-b")

@@ -24,11 +24,10 @@ def test_defaults_are_the_dataclass_defaults_with_the_picker_bind_derived() -> N
                          extproc=ExtprocSettings(host="127.0.0.1"))
 
 
-def test_the_picker_reckons_with_the_policy_room_and_waiting_weight() -> None:
-    s = settings("--static", "p.yaml", "--max-num-seqs", "12", "--waiting-factor", "3",
-                 "--room-threshold", "0.5")
-    assert (s.extproc.pick.max_num_seqs, s.extproc.pick.waiting_factor,
-            s.extproc.pick.room_threshold) == (12, 3.0, 0.5)
+def test_the_picker_reckons_with_the_policy_room_and_room_threshold() -> None:
+    s = settings("--static", "p.yaml", "--max-num-seqs", "12", "--room-threshold", "0.5")
+    assert (s.extproc.pick.max_num_seqs, s.extproc.pick.room_threshold) == (12, 0.5)
+    assert (s.policy.max_num_seqs, s.hybrid.room_threshold) == (12, 0.5)
 
 
 def test_flags_win_over_the_config_file(tmp_path: Path) -> None:
@@ -47,7 +46,8 @@ def test_flags_win_over_the_config_file(tmp_path: Path) -> None:
     [
         ("xds_prot: 1\n", "unknown key 'xds_prot'"),
         ("xds_port: many\n", "xds_port: 'many' is not an int"),
-        ("lb-policy: random\n", "lb-policy: 'random' is not one of least_request, round_robin"),
+        ("lb-policy: random\n", "lb-policy: 'random' is not one of least_request, round_robin, "
+                                 "orca_wrr"),
         ("metrics: magic\n", "is not one of auto, prometheus, scrape, none"),
         ("room-threshold: 1.5\n", "room_threshold must be in"),
         ("metrics: prometheus\n", "needs --prometheus-url"),

@@ -11,7 +11,7 @@ import yaml
 from xds_server.sim import cli
 from xds_server.sim.balancer import DPBalancer
 from xds_server.sim.faults import Faults
-from xds_server.sim.host import node_name, pools_yaml
+from xds_server.sim.host import HostSettings, SimHost, node_name, pools_yaml
 from xds_server.sim.tokens import count_chat_tokens, count_prompt_tokens, token_text
 
 
@@ -119,9 +119,20 @@ def test_node_names(index: int, name: str) -> None:
     assert node_name(index) == name
 
 
-def test_pool_file_spreads_replicas_round_robin_over_nodes() -> None:
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [((), ["node-a", "node-b", "node-a"]), (("node-c", "node-d"), ["node-c", "node-d", "node-c"])],
+)
+def test_servers_go_round_robin_over_named_nodes(names: tuple[str, ...],
+                                                 expected: list[str]) -> None:
+    host = SimHost(HostSettings(replicas=3, nodes=2, node_names=names))
+    assert [s.settings.node for s in host.servers] == expected
+
+
+def test_pool_file_names_each_replicas_node() -> None:
     text = pools_yaml(pool_name="qwen3", addresses=["127.0.0.1:8001", "127.0.0.1:8002",
-                                                    "127.0.0.1:8003"], nodes=2, capacity=2)
+                                                    "127.0.0.1:8003"],
+                      nodes=["node-a", "node-b", "node-a"], capacity=2)
     assert text.startswith(
         "pools:\n  - name: qwen3\n    replicas:\n"
         "      - address: 127.0.0.1:8001\n        node: node-a\n        capacity: 2\n"

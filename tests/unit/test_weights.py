@@ -18,7 +18,7 @@ A = Replica("10.0.0.1", 8000, "node-a")
 B = Replica("10.0.0.2", 8000, "node-a")
 C = Replica("10.0.0.3", 8000, "node-b", capacity=2)
 POOL = Pool("p", (A, B, C))
-S = PolicySettings(max_num_seqs=10)
+S = PolicySettings(max_num_seqs=10, model="queue")
 NOW = 1000.0
 
 
@@ -83,7 +83,7 @@ def test_stale_load_moves_towards_the_pool_mean_not_to_zero_or_idle() -> None:
 
 
 def test_smoothing_and_step_bound_limit_a_sudden_drop() -> None:
-    s = PolicySettings(max_num_seqs=10, smoothing_s=2.0, max_step_per_s=0.25)
+    s = PolicySettings(max_num_seqs=10, smoothing_s=2.0, max_step_per_s=0.25, model="queue")
     idle = {A.address: load(0), B.address: load(0), C.address: load(0)}
     first = decide(POOL, idle, Memory(), NOW, s)
     busy = {**idle, A.address: Load(running=10, waiting=0, read_at=NOW + 1)}
@@ -101,7 +101,8 @@ def test_smoothing_and_step_bound_limit_a_sudden_drop() -> None:
 
 
 def test_changes_inside_the_deadband_are_not_published() -> None:
-    s = PolicySettings(max_num_seqs=100, smoothing_s=0, max_step_per_s=0, deadband=0.05)
+    s = PolicySettings(max_num_seqs=100, smoothing_s=0, max_step_per_s=0, deadband=0.05,
+                       model="queue")
     first = decide(POOL, {A.address: load(10)}, Memory(), NOW, s)
     nudge = decide(POOL, {A.address: Load(13, 0, read_at=NOW + 1)}, first.memory, NOW + 1, s)
     assert nudge.weights.endpoints == first.weights.endpoints
@@ -124,7 +125,8 @@ def test_bad_settings_are_rejected(bad: dict[str, float]) -> None:
 
 
 def test_a_lasting_change_inside_the_deadband_is_published_once_settled() -> None:
-    s = PolicySettings(max_num_seqs=100, smoothing_s=0, max_step_per_s=0, deadband=0.05)
+    s = PolicySettings(max_num_seqs=100, smoothing_s=0, max_step_per_s=0, deadband=0.05,
+                       model="queue")
     first = decide(POOL, {A.address: load(10)}, Memory(), NOW, s)
     memory = first.memory
     for t in (1, 2):

@@ -24,6 +24,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          "long shared-prefix prompts; extproc: weights vs weights + picker")
     routing.add_argument("--time-scale", type=float, default=20.0,
                          help="simulator wall seconds per simulated second (default 20)")
+    routing.add_argument("--hop-ms", type=float, default=0.5,
+                         help="simulated latency of a cross-node hop, once per request "
+                         "(default 0.5 ms)")
+    routing.add_argument("--hop-chunk-ms", type=float, default=0.05,
+                         help="simulated latency a cross-node hop adds to each streamed "
+                         "chunk (default 0.05 ms)")
     routing.add_argument("--max-num-seqs", type=int, default=4,
                          help="requests running per simulated rank (default 4)")
     routing.add_argument("--point-s", type=float, default=None, metavar="S",

@@ -98,7 +98,8 @@ class Fleet:
             sim = self._start(f"sim{i}", [
                 sys.executable, "-m", "xds_server", "sim", "--port", "0",
                 "--replicas", str(group.replicas), "--ranks", str(group.ranks),
-                "--nodes", str(len(group.nodes)), "--start-rank", str(start_rank),
+                "--nodes", str(len(group.nodes)), "--node-names", ",".join(group.nodes),
+                "--start-rank", str(start_rank),
                 "--pools-out", str(out), "--seed", str(i), *self.sim_args])
             start_rank += group.replicas * group.ranks
 
@@ -107,11 +108,7 @@ class Fleet:
                 return path.exists() and bool(yaml.safe_load(path.read_text()))
 
             wait_until(written, timeout_s=30, what=f"simulator {i}")
-            # The simulator names nodes node-a, node-b, ...; map them onto this group's.
-            rename = {f"node-{chr(ord('a') + k)}": n for k, n in enumerate(group.nodes)}
-            for replica in yaml.safe_load(out.read_text())["pools"][0]["replicas"]:
-                replica["node"] = rename[replica["node"]]
-                replicas.append(replica)
+            replicas.extend(yaml.safe_load(out.read_text())["pools"][0]["replicas"])
         self.replica_nodes = {r["address"]: r["node"] for r in replicas}
         self.replica_ranks = {r["address"]: int(r.get("capacity", 1)) for r in replicas}
         tmp = self.pools.with_suffix(".tmp")

@@ -119,4 +119,5 @@ class OracleReplayer(Replayer):
         key = (target.address, target.rank)
         self._pending[key] += 1
         asyncio.get_running_loop().call_later(self.visible_after_s, self._forget, key)
-        return f"http://{target.address}", {**self.headers, DP_RANK_HEADER: str(target.rank)}
+        return f"http://{target.address}", {**self.entry_headers(arrival),
+                                                DP_RANK_HEADER: str(target.rank)}

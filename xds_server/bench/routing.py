@@ -34,7 +34,13 @@ from xds_server.bench.oracle import OracleReplayer
 from xds_server.bench.procs import scratch
 from xds_server.bench.report import progress
 from xds_server.bench.routing_report import write_outputs
-from xds_server.bench.routing_stats import latency, mean_cv, on_node_share, per_rank_depths
+from xds_server.bench.routing_stats import (
+    cross_node,
+    latency,
+    mean_cv,
+    on_node_share,
+    per_rank_depths,
+)
 from xds_server.ports import free_ports
 from xds_server.sim.engine import EngineSettings
 from xds_server.sim.server import ServerSettings
@@ -71,7 +77,7 @@ class Point:
 
     name: str
     load: float
-    kind: str = "poisson"  # poisson | bursty | prefix | hetero
+    kind: str = "poisson"  # poisson | bursty | prefix | hetero | skewed
 
 
 @dataclass(frozen=True)
@@ -94,6 +100,9 @@ class Plan:
     prefix_lengths: LengthMix = field(default_factory=lambda: SHARED_PREFIX)
     burst_entry: str = "node-a"
     slow_replica_slowdown: float = 3.0
+    #: A cross-node hop in simulated seconds: once per request, and per streamed chunk.
+    hop_s: float = 0.0
+    hop_chunk_s: float = 0.0
 
 
 def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
@@ -111,8 +120,27 @@ def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
                "weights from a direct 1 s scrape, global"),
         Policy("weights-prometheus", (*prom, "--local-first", "false", *room),
                "weights from Prometheus (5 s scrape), global", needs_prometheus=True),
-        Policy("hybrid", ("--metrics", "scrape", "--local-first", "true", *room),
-               "weights (1 s scrape) + node-local first"),
+        Policy("hybrid", ("--metrics", "scrape", "--local-first", "true"),
+               "the default: least-request with weights that carry only lasting differences "
+               "(1 s scrape), node-local first while the node has no queue the pool lacks; "
+               "--max-num-seqs left at its default (256): the room is read from vLLM"),
+        Policy("hybrid-prometheus", (*prom, "--local-first", "true"),
+               "the default fed by Prometheus (5 s scrape)", needs_prometheus=True),
+        Policy("hybrid-queue", ("--metrics", "scrape", "--local-first", "true", *room,
+                                "--load-model", "queue"),
+               "the previous default: weights from each reading's free room (1 s scrape), "
+               "node-local first up to --room-threshold 0.7, --max-num-seqs set to the "
+               "replicas' own"),
+        Policy("envoy-orca-wrr", ("--metrics", "none", "--local-first", "false",
+                                  "--lb-policy", "orca_wrr"),
+               "Envoy's client_side_weighted_round_robin on vLLM's ORCA reports: vLLM sends "
+               "no request rate (and no report on a stream), so every weight stays equal: "
+               "round robin"),
+        Policy("envoy-load-aware-locality", ("--metrics", "none", "--local-first", "false",
+                                             "--lb-policy", "load_aware_locality"),
+               "Envoy's load_aware_locality (node = locality, least-request inside): vLLM "
+               "reports no utilization it reads, so a node's Envoy stays local (less a 3% "
+               "probe) and the central one spreads by host count"),
         Policy("oracle", None, "client-side join-shortest-expected-wait on true queues"),
         Policy(EXTPROC_SLOT, ("--metrics", "scrape", "--local-first", "false", *room,
                               "--extproc-port", "EXTPROC_PORT"),
@@ -135,8 +163,8 @@ def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
 
 #: Policies each case compares, in the order they take turns.
 CASE_POLICIES = {
-    "main": ("round-robin", "least-request", "weights-scrape", "weights-prometheus", "hybrid",
-             EXTPROC_SLOT, "oracle"),
+    "main": ("round-robin", "least-request", "envoy-orca-wrr", "envoy-load-aware-locality",
+             "hybrid-queue", "hybrid", "hybrid-prometheus", "oracle"),
     "herding": ("fresh-damped", "fresh-undamped", "stale-damped", "stale-undamped", "oracle"),
     "hybrid": ("round-robin", "weights-scrape", "hybrid", "oracle"),
 }
@@ -144,7 +172,8 @@ CASE_POLICIES["prefix"] = CASE_POLICIES["main"]
 CASE_POLICIES["extproc"] = ("weights-scrape", EXTPROC_SLOT, "oracle")
 SWEEP = (Point("50%", 0.5), Point("70%", 0.7), Point("85%", 0.85), Point("95%", 0.95))
 CASE_POINTS = {
-    "main": (*SWEEP, Point("bursty", 0.7, "bursty"), Point("slow-replica", 0.85, "hetero")),
+    "main": (*SWEEP, Point("bursty", 0.7, "bursty"), Point("slow-replica", 0.85, "hetero"),
+             Point("skewed-entry", 0.85, "skewed")),
     # Not in `main` to keep the default run near 20 minutes on 2 cores; the simulator has
     # no prefix cache, so this only exercises routing of long prompts with one prefix.
     "prefix": (Point("shared-prefix", 0.7, "prefix"),),
@@ -176,6 +205,7 @@ def make_plan(args: argparse.Namespace) -> Plan:
         case=case, quick=args.quick, repeats=repeats,
         duration_s=duration_s, points=points, policies=(),
         time_scale=args.time_scale, max_num_seqs=args.max_num_seqs,
+        hop_s=args.hop_ms / 1000, hop_chunk_s=args.hop_chunk_ms / 1000,
         probe_s=12.0 if args.quick else 20.0,
     )
 
@@ -189,7 +219,13 @@ def timing_model(plan: Plan) -> dict[str, Any]:
 
 
 def sim_args(plan: Plan) -> list[str]:
-    return ["--time-scale", str(plan.time_scale), "--max-num-seqs", str(plan.max_num_seqs)]
+    return ["--time-scale", str(plan.time_scale), "--max-num-seqs", str(plan.max_num_seqs),
+            "--hop-s", str(plan.hop_s), "--hop-chunk-s", str(plan.hop_chunk_s)]
+
+
+#: The node each entry sends from; the central Envoy is on no GPU node, so every request
+#: through it crosses a hop.
+ORIGINS = {name: node or "central" for name, node in ENVOYS.items()}
 
 
 @dataclass
@@ -213,6 +249,30 @@ class Sampler:
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - tick)))
 
 
+@dataclass
+class ControlSampler:
+    """The control plane's published weights and keep shares every `interval_s` (what the
+    policy did, beside the queues it did it to): /debug/state's pools."""
+
+    admin: str
+    interval_s: float = 1.0
+    samples: list[dict[str, Any]] = field(default_factory=list)
+
+    async def run(self, session: aiohttp.ClientSession, started: float) -> None:
+        while True:
+            tick = time.monotonic()
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, ValueError):
+                async with session.get(f"{self.admin}/debug/state") as response:
+                    doc = await response.json()
+                pool = doc["pools"][0]
+                self.samples.append({
+                    "t": round(tick - started, 2), "xds_version": doc["xds_version"],
+                    "keep": {n: v["keep_per_mille"] for n, v in pool["nodes"].items()},
+                    "weights": {r["address"]: r["weight"] for r in pool["replicas"]},
+                })
+            await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - tick)))
+
+
 class Bench:
     """One run of a case: owns the fleet, the measurements and the progress display."""
 
@@ -221,13 +281,20 @@ class Bench:
         self.fleet = fleet
         self.runs: list[dict[str, Any]] = []
         self.series: dict[str, list[tuple[float, dict[str, float]]]] = {}
+        self.control: dict[str, list[dict[str, Any]]] = {}
         self.capacity_rps = math.nan
         self.started = time.monotonic()
         self.done_points = 0
         self.total_points = plan.repeats * len(plan.policies) * len(plan.points)
         self.point_s: list[float] = []
 
-    def entries(self) -> list[Entry]:
+    def entries(self, point: Point | None = None) -> list[Entry]:
+        if point is not None and point.kind == "skewed":
+            # An uneven ingress: one node's Envoy takes half of all requests while its node
+            # holds under a third of the ranks; the others share the other half.
+            hot = self.plan.burst_entry
+            rest = 0.5 / (len(ENVOYS) - 1)
+            return [Entry(name, 0.5 if name == hot else rest) for name in ENVOYS]
         return [Entry(name) for name in ENVOYS]
 
     def arrivals(self, point: Point, repeat: int, rate: float) -> list[Any]:
@@ -238,7 +305,7 @@ class Bench:
             bursts = (Burst(start_s=plan.duration_s / 3, duration_s=plan.duration_s / 3,
                             rate_rps=rate * 0.6, entry=plan.burst_entry),)
         return schedule(seed=plan.seed + repeat, rate_rps=rate, duration_s=plan.duration_s,
-                        entries=self.entries(),
+                        entries=self.entries(point),
                         lengths=plan.prefix_lengths if point.kind == "prefix" else plan.lengths,
                         bursts=bursts)
 
@@ -264,10 +331,11 @@ class Bench:
         if policy.flags is None:
             visible = ServerSettings().frontend_overhead_s * self.plan.time_scale + 0.05
             return OracleReplayer(urls={n: "" for n in ENVOYS}, model=MODEL,
-                                  headers=MODEL_HEADERS,
+                                  headers=MODEL_HEADERS, origin_nodes=ORIGINS,
                                   addresses=list(self.fleet.replica_nodes),
                                   visible_after_s=visible, seed=repeat)
-        return Replayer(urls=self.fleet.envoy_urls, model=MODEL, headers=MODEL_HEADERS)
+        return Replayer(urls=self.fleet.envoy_urls, model=MODEL, headers=MODEL_HEADERS,
+                        origin_nodes=ORIGINS)
 
     async def replay(self, session: aiohttp.ClientSession, replayer: Replayer,
                      arrivals: Sequence[Any]) -> bool:
@@ -342,16 +410,20 @@ class Bench:
         arrivals = self.arrivals(point, repeat, rate)
         replayer = self.replayer(policy, repeat)
         sampler = Sampler(list(self.fleet.replica_nodes), plan.sample_interval_s)
+        control = ControlSampler(self.fleet.admin)
         cpu = time.process_time()
         others = self.fleet.cpu_by_role()
         t0 = time.monotonic()
-        sampling = asyncio.create_task(sampler.run(session, t0))
+        sampling = [asyncio.create_task(sampler.run(session, t0))]
+        if policy.flags is not None and repeat == 0:
+            sampling.append(asyncio.create_task(control.run(session, t0)))
         try:
             drained = await self.replay(session, replayer, arrivals)
         finally:
-            sampling.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sampling
+            for task in sampling:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             if slow:
                 self.fleet.fault(slow, {"clear": True})
         cpu = time.process_time() - cpu
@@ -365,6 +437,7 @@ class Bench:
             "imbalance_cv": mean_cv(window),
             "on_node_share": on_node_share(replayer.results, ENVOYS, self.fleet.replica_nodes),
             "served_by_node": _served_by_node(replayer, self.fleet.replica_nodes),
+            **cross_node(replayer.results, ORIGINS, self.fleet.replica_nodes),
             "client_cpu_s": cpu,
             # Where the machine's time went: a policy that costs CPU slows everything here.
             "cpu_s_by_role": others,
@@ -377,8 +450,10 @@ class Bench:
             run["oracle_decision_p50_s"] = report.percentile(replayer.decision_s, 50)
             run["oracle_decision_p99_s"] = report.percentile(replayer.decision_s, 99)
         self.runs.append(run)
-        if repeat == 0 and point.name in ("85%", "slow-replica"):
+        if repeat == 0 and point.name in ("85%", "slow-replica", "skewed-entry"):
             self.series[f"{point.name}/{policy.name}"] = sampler.samples
+        if control.samples:
+            self.control[f"{point.name}/{policy.name}"] = control.samples
         await self.wait_idle(session)
         self.fleet.check_alive()
         self.done_points += 1
@@ -491,6 +566,7 @@ def main(args: argparse.Namespace) -> int:
                 doc.update(asyncio.run(bench.run(instant_url)))
             doc["runs"] = bench.runs
             doc["series"] = {k: [[t, s] for t, s in v] for k, v in bench.series.items()}
+            doc["control_series"] = bench.control
             progress("stopping")
     except (RuntimeError, TimeoutError) as exc:
         progress(f"failed: {exc}")

@@ -17,7 +17,7 @@ from xds_server.bench.routing_stats import is_noise, ratios
 
 METRICS = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_p50_s", "e2e_p90_s", "e2e_p99_s",
            "throughput_rps", "output_tokens_per_s", "failed", "imbalance_cv", "on_node_share",
-           "client_cpu_s", "cp_cpu_s")
+           "client_cpu_s", "cp_cpu_s", "cross_node_requests", "cross_node_bytes")
 RATIOS = ("ttft_p50_s", "ttft_p99_s", "e2e_p99_s")
 BASELINE = "oracle"
 
@@ -66,9 +66,17 @@ def _loads(runs: Sequence[Mapping[str, Any]]) -> str:
                                              for r in runs]), lambda v: f"{v:.1f}")
 
 
+def _cross(e: Mapping[str, Any]) -> str:
+    count, size = e["cross_node_requests"], e["cross_node_bytes"]
+    if math.isnan(count["median"]):
+        return "n/a"
+    return f"{count['median']:.0f} ({size['median'] / 1e6:.2f})"
+
+
 def table(summary: Mapping[str, Any], point: str, order: Sequence[str]) -> str:
     header = ["policy", "TTFT p50", "TTFT p99", "e2e p99", "req/s", "failed", "queue CV",
-              "on-node", "CP CPU s", "TTFT p50 / oracle", "TTFT p99 / oracle", "e2e p99 / oracle"]
+              "on-node", "cross-node req (MB)", "CP CPU s",
+              "TTFT p50 / oracle", "TTFT p99 / oracle", "e2e p99 / oracle"]
     rows = []
     for policy in order:
         e = summary.get(point, {}).get(policy)
@@ -79,7 +87,8 @@ def table(summary: Mapping[str, Any], point: str, order: Sequence[str]) -> str:
             report.with_spread(e["e2e_p99_s"]),
             report.with_spread(e["throughput_rps"], lambda v: f"{v:.1f}"),
             report.with_spread(e["failed"], lambda v: f"{v:.0f}"),
-            _share(e["imbalance_cv"]), _share(e["on_node_share"]), _share(e["cp_cpu_s"]),
+            _share(e["imbalance_cv"]), _share(e["on_node_share"]), _cross(e),
+            _share(e["cp_cpu_s"]),
             _ratio(e, "ttft_p50_s"), _ratio(e, "ttft_p99_s"), _ratio(e, "e2e_p99_s"),
         ])
     return report.markdown_table(header, rows)
@@ -108,6 +117,10 @@ def markdown(doc: Mapping[str, Any], summary: Mapping[str, Any]) -> str:
                               for a, n in doc["fleet"]["replicas"].items())
         + "; Envoys: " + ", ".join(f"{k} (node {v or 'none'})"
                                    for k, v in doc["fleet"]["envoys"].items()) + ".",
+        "",
+        f"Cross-node hop (simulated, paid by a request served off its entry's node; the "
+        f"central Envoy is on no node): {params.get('hop_s', 0) * 1000:.2f} ms per request, "
+        f"{params.get('hop_chunk_s', 0) * 1000:.3f} ms per streamed chunk.",
         "",
         f"Capacity (direct overload probe, every replica offered load in proportion to its "
         f"ranks): {cap.get('measured_rps', math.nan):.1f} req/s (timing-model estimate "

@@ -66,6 +66,18 @@ def on_node_share(results: Iterable[Result], entry_nodes: Mapping[str, str],
     return local / total if total else math.nan
 
 
+def cross_node(results: Iterable[Result], origins: Mapping[str, str],
+               replica_nodes: Mapping[str, str]) -> dict[str, int]:
+    """Served requests that crossed nodes (entry's node != replica's) and their bytes."""
+    requests = size = 0
+    for result in results:
+        served_on = replica_nodes.get(result.replica, "")
+        if served_on and origins.get(result.arrival.entry, "") != served_on:
+            requests += 1
+            size += result.bytes
+    return {"cross_node_requests": requests, "cross_node_bytes": size}
+
+
 def latency(results: Sequence[Result], window_s: float) -> dict[str, float]:
     """TTFT and end-to-end p50/p90/p99 of the successful requests, throughput, failures.
 

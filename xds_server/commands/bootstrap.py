@@ -93,6 +93,9 @@ def build_bootstrap(
             "id": node_id or f"hybridlb-{node or 'gateway'}",
             "cluster": "hybridlb",
             "metadata": {"hybridlb": metadata},
+            # Envoy's own locality-aware balancers (load_aware_locality) call the EDS
+            # locality equal to this one local; EDS names a node's locality sub_zone=node.
+            **({"locality": {"sub_zone": node}} if node else {}),
         },
         "admin": {"address": {"socket_address": {"address": admin_host,
                                                  "port_value": admin_port}}},

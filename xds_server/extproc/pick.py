@@ -1,14 +1,19 @@
 """The endpoint picker's decision: pure functions, no I/O, no protobuf.
 
 What a request tells the picker (`read_request`) and which replica it goes to (`pick`).
-The score of a replica is its expected wait, in units of its own room:
+The score of a replica is its expected wait in service times, from the load model the
+weight policy uses too (policy/load.py: 0 while a slot is free, plus a hundredth of the load
+per slot), with the room per rank read from the replicas that have requests waiting
+(`max_num_seqs` only while none has):
 
-    wait     = (running + waiting_factor * waiting + pending) / (capacity * max_num_seqs)
+    wait     = expected_wait(running, waiting, capacity, slots, pending)
     score    = wait
                - affinity_bonus   if the request's leading block was last sent there and
                                   that replica's wait is below room_threshold (its KV cache
                                   likely still holds the prefix)
-               - locality_bonus   if the replica is on the node of the Envoy that asks
+               - locality_bonus   if the replica is on the node of the Envoy that asks (a
+                                  hop's worth of wait: local wins while it has room, as
+                                  the keep shares decide)
 
 `pending` counts this picker's own picks that the latest load reading cannot yet include
 (vLLM's internal balancer counts its own picks the same way). Lowest score wins; ties go to
@@ -21,6 +26,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
+from xds_server.policy.load import expected_wait, slots_now
 from xds_server.settings import PickSettings
 
 
@@ -110,9 +116,8 @@ def _prompt_text(doc: dict[str, object]) -> str:
     return ""
 
 
-def wait(c: Candidate, settings: PickSettings) -> float:
-    used = c.running + settings.waiting_factor * c.waiting + c.pending
-    return used / (max(1, c.capacity) * settings.max_num_seqs)
+def wait(c: Candidate, slots: float) -> float:
+    return expected_wait(c.running, c.waiting, c.capacity, slots, c.pending)
 
 
 def pick(
@@ -125,8 +130,10 @@ def pick(
     """The candidate with the lowest score (see the module docstring); None if none."""
     best: tuple[float, str] | None = None
     chosen: Candidate | None = None
+    slots = slots_now(((c.running, c.waiting, c.capacity) for c in candidates),
+                      settings.max_num_seqs)
     for c in candidates:
-        w = wait(c, settings)
+        w = wait(c, slots)
         score = w
         if prefix_owner == c.address and w < settings.room_threshold:
             score -= settings.affinity_bonus

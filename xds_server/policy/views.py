@@ -51,12 +51,22 @@ def keep_shares(
     node_utilization: Mapping[str, float],
     capacity: Mapping[str, int],
     settings: HybridSettings,
+    node_keep: Mapping[str, float] | None = None,
 ) -> dict[str, int]:
     """Per mille of a pool's requests an Envoy on each node keeps there (0: none ready).
 
-    The pool's totals are summed once and each node's own part taken out, so a fleet of
-    N nodes costs O(N), not O(N²).
+    `node_keep`, where the weight policy decided the shares itself (its persistent model),
+    is only quantized to `keep_step`; else the rule above decides from utilization. The
+    pool's totals are summed once and each node's own part taken out, so a fleet of N nodes
+    costs O(N), not O(N²).
     """
+    if node_keep:
+        step = settings.keep_step
+        return {
+            node: round(node_keep[node] * PER_MILLE / step) * step
+            if settings.local_first and node in node_keep else 0
+            for node in nodes
+        }
     ready = {n: c for n, c in capacity.items() if n in node_utilization}
     total_capacity = sum(ready.values())
     total_used = sum(node_utilization[n] * c for n, c in ready.items())

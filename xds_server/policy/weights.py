@@ -31,9 +31,11 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Literal
 
 from xds_server.model import Load, Pool, Replica, ReplicaState, Weights
 from xds_server.options import option
+from xds_server.policy.load import learn_slots, mean_wait, per_slot, pool_slots
 
 #: Weight of one idle rank. Envoy needs integers >= 1 and a locality sum below 2**32.
 SCALE = 100
@@ -69,6 +71,37 @@ class PolicySettings:
     decide_interval_s: float = option(1.0, "weights are decided again at least this often "
                                       "without a new reading, so that loads that stop "
                                       "arriving go stale on time", flag="decide-interval-s")
+    #: `persistent` (the default): weights carry only lasting differences between replicas,
+    #: Envoy's least-request the rest; `queue`: weights follow each reading's free room (the
+    #: formula above). See `decide_persistent`.
+    model: Literal["persistent", "queue"] = option(
+        "persistent", "persistent: weights carry only lasting differences between replicas "
+        "and Envoy's least-request the rest, local-first by queue; queue: weights follow each "
+        "reading's free room, local-first by --room-threshold", flag="load-model")
+    #: Persistent: what a weight may react to.
+    balance_window_s: float = option(10.0, "persistent: seconds over which a replica's load "
+                                     "per slot is averaged before a weight follows it",
+                                     flag="balance-window-s")
+    #: Persistent: per second, per unit of load per slot, on the log-weight.
+    balance_gain_per_s: float = option(0.3, "persistent: how fast a replica's weight follows "
+                                       "its lasting excess load per slot over its node's",
+                                       flag="balance-gain-per-s")
+    balance_memory_s: float = option(60.0, "persistent: time for a weight to return to "
+                                     "capacity once the excess is gone",
+                                     flag="balance-memory-s")
+    #: Persistent, in service times: the wait worth a cross-node hop saved.
+    spill_margin: float = option(0.02, "persistent: a node keeps its requests while its own "
+                                 "queue's mean wait exceeds the rest of the pool's by less "
+                                 "than this (service times: a hop's worth)",
+                                 flag="spill-margin")
+    #: Persistent: a queue hurts now, so spilling is quick ...
+    spill_rate_per_s: float = option(0.15, "persistent: fastest fall of a kept share per "
+                                     "second", flag="spill-rate-per-s")
+    #: ... and climbing back slower, so that the loop through Envoy settles, not swings.
+    keep_recover_per_s: float = option(0.05, "persistent: fastest climb of a kept share per "
+                                       "second", flag="keep-recover-per-s")
+    load_smoothing_s: float = option(1.5, "persistent: time over which a node's load per slot "
+                                     "is averaged", flag="load-smoothing-s")
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -81,10 +114,15 @@ class PolicySettings:
             raise ValueError("max_step_per_s and deadband must be >= 0, quantum >= 1")
         if self.decide_interval_s <= 0:
             raise ValueError("decide_interval_s must be > 0")
+        if (self.balance_window_s <= 0 or self.spill_margin < 0 or self.spill_rate_per_s <= 0
+                or self.load_smoothing_s <= 0 or self.balance_gain_per_s < 0
+                or self.balance_memory_s <= 0 or self.keep_recover_per_s <= 0):
+            raise ValueError("spill_margin and balance_gain_per_s must be >= 0; the windows, "
+                             "memories and spill_rate_per_s > 0")
 
 
-UNDAMPED = PolicySettings(smoothing_s=0.0, max_step_per_s=0.0, deadband=0.0)
-"""The same formula with no smoothing, step bound or deadband (the benchmark's baseline)."""
+UNDAMPED = PolicySettings(model="queue", smoothing_s=0.0, max_step_per_s=0.0, deadband=0.0)
+"""The queue formula with no smoothing, step bound or deadband (a benchmark baseline)."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +142,15 @@ class Memory:
     at: float | None = None
     smoothed: Mapping[str, float] = field(default_factory=dict)
     published: Mapping[str, int] = field(default_factory=dict)
+    #: persistent: each replica's learnt room per rank (load.py) and averaged requests per
+    #: rank, and each node's averaged load per slot.
+    slots: Mapping[str, float] = field(default_factory=dict)
+    balance: Mapping[str, float] = field(default_factory=dict)
+    #: persistent: each replica's log-weight against its node's other replicas, and each
+    #: node's kept share (0..1).
+    tilt: Mapping[str, float] = field(default_factory=dict)
+    keep: Mapping[str, float] = field(default_factory=dict)
+    node_load: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -114,6 +161,9 @@ class Decision:
     #: node -> capacity-weighted utilization of its ready replicas, from the smoothed values
     #: (what the hybrid views decide local-first on); nodes with no ready replica are absent.
     node_utilization: Mapping[str, float] = field(default_factory=dict)
+    #: persistent: node -> share (0..1) of its Envoy's requests to keep there; absent under
+    #: the queue model (views.keep_shares decides from node_utilization then).
+    node_keep: Mapping[str, float] = field(default_factory=dict)
 
 
 def capacity_weight(replica: Replica) -> int:
@@ -156,6 +206,8 @@ def decide(
     settings: PolicySettings,
 ) -> Decision:
     """Endpoint and node weights for one pool; `memory` comes from the previous decision."""
+    if settings.model == "persistent":
+        return decide_persistent(pool, loads, memory, now, settings)
     ready = [r for r in pool.replicas if r.state is ReplicaState.READY]
     fresh: dict[str, float] = {}
     util: dict[str, float] = {}
@@ -216,6 +268,192 @@ def decide(
     )
 
 
+def decide_persistent(
+    pool: Pool,
+    loads: Mapping[str, Load],
+    memory: Memory,
+    now: float,
+    settings: PolicySettings,
+) -> Decision:
+    """Weights that carry only lasting differences; Envoy's least-request does the rest.
+
+    Envoy's least-request already balances each Envoy's own requests by their in-flight
+    counts, at every request; weights that follow each 1 s reading fight it with noise and
+    herd (issue 15). So each replica's load per slot (load.py) is first averaged over
+    `balance_window_s`, and then:
+
+    - a replica's endpoint weight is its capacity weight times exp(m), where m integrates
+      how far its average stays above its own node's (and leaks back to 0 over
+      balance_memory_s): dm/dt = -balance_gain_per_s * (avg - node_avg) - m / memory_s.
+      Within a node the weights do decide the split (a node's Envoy balances over its
+      replicas by them), so this converges: a slow or KV-bound replica ends up as full as
+      its neighbours, not as long a queue with a third of the speed;
+    - a node's locality weight is the sum of its replicas' times
+      clamp((pool_avg + 0.05) / (node_avg + 0.05), min_share, 1): proportional, not
+      integral, because much of a node's load is its own Envoy's traffic, which no weight
+      moves; it steers the central Envoy's and the spilled requests away from full nodes.
+
+    A doubted or unknown reading counts as the pool's average, so with stale loads the
+    weights drift back to capacity, never to zero or to idle.
+
+    A node keeps a share k of its Envoy's requests that integrates how far the mean wait of
+    the node's own queue exceeds the rest of the pool's (load.mean_wait: Erlang C on the
+    slots read from vLLM, at the load per slot averaged over load_smoothing_s):
+
+        excess = mean_wait(node) - mean_wait(rest of pool) - spill_margin
+        dk/dt  = -rate * tanh(excess / 0.05)    (rate: spill_rate_per_s while the excess
+                                                 is positive, keep_recover_per_s below)
+
+    A small node queues sooner than a big pool at the same load, which is what keeping
+    requests local costs. So a node keeps everything while that cost is under a hop's worth
+    (low load), gives up just enough as load grows that its queue is no worse than the
+    pool's (high load, an uneven ingress, a slow replica), and takes it back as room
+    returns; at bounded rates, quicker to spill than to take back, so that the loop through
+    Envoy settles. No utilization threshold.
+    """
+    ready = [r for r in pool.replicas if r.state is ReplicaState.READY]
+    dt = None if memory.at is None else max(0.0, now - memory.at)
+    fresh = {r.address: freshness(loads.get(r.address), now, settings) for r in ready}
+    learned = {
+        r.address: learn_slots(memory.slots.get(r.address),
+                               loads.get(r.address) if fresh[r.address] > 0 else None,
+                               r.capacity)
+        for r in ready
+    }
+    slots = pool_slots(learned, (r.address for r in ready), settings.max_num_seqs)
+    occupancy: dict[str, float] = {}
+    per_rank: dict[str, float] = {}  # requests in the replica per rank: what is averaged
+    for r in ready:
+        load = loads.get(r.address)
+        if load is None or fresh[r.address] <= 0:
+            continue
+        occupancy[r.address] = per_slot(load.running, load.waiting, r.capacity, slots[r.address])
+        per_rank[r.address] = occupancy[r.address] * slots[r.address]
+    known = [r for r in ready if r.address in occupancy]
+    weight_sum = sum(r.capacity * fresh[r.address] for r in known)
+    pool_occupancy = (sum(occupancy[r.address] * r.capacity * fresh[r.address] for r in known)
+                      / weight_sum if weight_sum else 0.0)
+    alpha = 1.0 if not dt else 1.0 - math.exp(-dt / settings.balance_window_s)
+    remembered = [memory.balance[r.address] / slots[r.address]
+                  for r in ready if r.address in memory.balance]
+    pool_before = (sum(remembered) / len(remembered) if remembered else pool_occupancy)
+    # Averaged per rank, not per slot, so that learning the room re-scales the history
+    # instead of comparing readings taken against different rooms.
+    average: dict[str, float] = {}
+    for r in ready:
+        before = memory.balance.get(r.address)
+        # A doubted reading counts in proportion; an unknown load reads as the pool's, so
+        # with stale metrics the weights drift back to capacity, never to zero or to idle.
+        f = fresh[r.address]
+        reading = (f * per_rank.get(r.address, 0.0)
+                   + (1.0 - f) * pool_before * slots[r.address])
+        average[r.address] = reading if before is None else before + alpha * (reading - before)
+    per_slot_average = {a: v / slots[a] for a, v in average.items()}
+    node_room: dict[str, float] = {}
+    node_busy: dict[str, float] = {}
+    for r in ready:
+        node_room[r.node] = node_room.get(r.node, 0.0) + r.capacity
+        node_busy[r.node] = node_busy.get(r.node, 0.0) + per_slot_average[r.address] * r.capacity
+    node_average = {n: node_busy[n] / node_room[n] for n in node_room}
+    pool_average = sum(node_busy.values()) / sum(node_room.values()) if ready else 0.0
+    floor = math.log(settings.min_share)
+    tilt: dict[str, float] = {}
+    smoothed: dict[str, float] = {}
+    published: dict[str, int] = {}
+    explain: dict[str, Explanation] = {}
+    for r in ready:
+        m = memory.tilt.get(r.address, 0.0)
+        if dt:
+            excess = per_slot_average[r.address] - node_average[r.node]
+            m += dt * (-settings.balance_gain_per_s * excess - m / settings.balance_memory_s)
+            m = min(0.0, max(floor, m))
+        tilt[r.address] = m
+        full = capacity_weight(r)
+        value = full * math.exp(m)
+        smoothed[r.address] = value
+        before = memory.published.get(r.address)
+        if before is None or abs(value - before) >= settings.deadband * full:
+            published[r.address] = _quantize(value, settings.quantum)
+        else:
+            published[r.address] = before
+        explain[r.address] = Explanation(
+            utilization=round(per_slot_average[r.address], 4),
+            freshness=round(fresh[r.address], 3), target=round(value, 2),
+            smoothed=round(value, 2),
+        )
+    node_share = {
+        n: min(1.0, max(settings.min_share, (pool_average + _IDLE) / (v + _IDLE)))
+        for n, v in node_average.items()
+    }
+    endpoint_weights = dict(published)
+    for r in pool.replicas:
+        if r.state is not ReplicaState.READY:
+            endpoint_weights[r.address] = 0
+    keep, node_load = _keep(ready, occupancy, slots, memory, dt, settings)
+    return Decision(
+        weights=_assemble(pool, endpoint_weights, node_share),
+        memory=Memory(at=now, smoothed=smoothed, published=published,
+                      slots={a: v for a, v in learned.items() if v is not None},
+                      balance=average, tilt=tilt, node_load=node_load, keep=keep),
+        explain=explain,
+        node_utilization={n: round(v, 4) for n, v in node_load.items()},
+        node_keep=keep,
+    )
+
+
+def _keep(
+    ready: list[Replica],
+    occupancy: Mapping[str, float],
+    slots: Mapping[str, float],
+    memory: Memory,
+    dt: float | None,
+    s: PolicySettings,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Each node's kept share (see decide_persistent) and its smoothed load per slot."""
+    room: dict[str, float] = {}
+    busy: dict[str, float] = {}
+    for r in ready:
+        if r.address not in occupancy:
+            continue
+        slots_here = r.capacity * slots[r.address]
+        room[r.node] = room.get(r.node, 0.0) + slots_here
+        busy[r.node] = busy.get(r.node, 0.0) + occupancy[r.address] * slots_here
+    # Load per slot smoothed over a few readings: the queue a share causes is a mean.
+    alpha = 1.0 if not dt else 1.0 - math.exp(-dt / s.load_smoothing_s)
+    load: dict[str, float] = {}
+    for node in room:
+        before = memory.node_load.get(node)
+        now = busy[node] / room[node]
+        load[node] = now if before is None else before + alpha * (now - before)
+    total_room = sum(room.values())
+    total_busy = sum(load[n] * room[n] for n in room)
+    keep: dict[str, float] = {}
+    for node in sorted({r.node for r in ready}):
+        k = memory.keep.get(node, 1.0)
+        rest_room = total_room - room.get(node, 0.0)
+        if node not in room:  # no fresh reading: hold the share (all, at first)
+            keep[node] = k
+            continue
+        if rest_room <= 0:  # nowhere else to go
+            keep[node] = 1.0
+            continue
+        rest = (total_busy - load[node] * room[node]) / rest_room
+        excess = (mean_wait(load[node], room[node]) - mean_wait(rest, rest_room)
+                  - s.spill_margin)
+        if dt:
+            rate = s.spill_rate_per_s if excess > 0 else s.keep_recover_per_s
+            k -= dt * rate * math.tanh(excess / _WAIT_SCALE)
+        keep[node] = min(1.0, max(0.0, k))
+    return keep, load
+
+
+#: Wait difference (service times) past which a kept share moves at its full rate.
+_WAIT_SCALE = 0.05
+#: Load per slot added to both sides of a replica's comparison with the pool, so that near
+#: idle (where nobody waits) a few requests more or less move no weight.
+_IDLE = 0.05
+
+
 def _damp(
     previous: float | None, target: float, dt: float | None, full: int, s: PolicySettings
 ) -> float:
@@ -234,12 +472,17 @@ def _quantize(value: float, quantum: int) -> int:
     return max(MIN_WEIGHT, round(value / quantum) * quantum)
 
 
-def _assemble(pool: Pool, endpoints: dict[str, int]) -> Weights:
+def _assemble(pool: Pool, endpoints: dict[str, int],
+              node_share: Mapping[str, float] | None = None) -> Weights:
+    """Locality weights: the sums of their ready replicas' weights (times the node's share,
+    where the policy weighs nodes apart from replicas)."""
     localities: dict[str, int] = dict.fromkeys(pool.nodes, 0)
     for r in pool.replicas:
         if r.state is ReplicaState.READY:
             localities[r.node] += endpoints.get(r.address, 0)
+    share = node_share or {}
     return Weights(
         endpoints=endpoints,
-        localities={node: max(MIN_WEIGHT, w) for node, w in localities.items()},
+        localities={node: max(MIN_WEIGHT, round(w * share.get(node, 1.0)))
+                    for node, w in localities.items()},
     )

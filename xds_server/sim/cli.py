@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="global rank of the first server's first engine")
     layout.add_argument("--nodes", type=int, default=_HOST.nodes,
                         help="nodes the replicas are spread over (round robin) in --pools-out")
+    layout.add_argument("--node-names", default="",
+                        help="comma-separated names of those nodes (default node-a, node-b, ...)")
     layout.add_argument("--model", default=_SERVER.model_name, help="served model name")
     layout.add_argument("--pool-name", default=_HOST.pool_name, help="pool name in --pools-out")
     layout.add_argument("--pools-out", type=Path, default=None,
@@ -69,6 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         default=_SERVER.lb_stats_interval_s,
                         help="age of the counts the internal DP balancer sees (0: live)")
 
+    timing.add_argument("--hop-s", type=float, default=_SERVER.hop_s,
+                        help="latency a request pays once when it comes from another node "
+                        "(its x-hybridlb-origin-node header names a node other than the "
+                        "server's)")
+    timing.add_argument("--hop-chunk-s", type=float, default=_SERVER.hop_chunk_s,
+                        help="latency each streamed chunk of such a request pays")
+
     faults = parser.add_argument_group("faults (also settable with POST /sim/fault)")
     faults.add_argument("--slowdown", type=float, default=1.0,
                         help="multiply every step time by this factor")
@@ -96,6 +105,8 @@ def settings_from_args(args: argparse.Namespace) -> HostSettings:
             natural_output_tokens=args.output_tokens,
             lb_stats_interval_s=args.lb_stats_interval_s,
             seed=args.seed,
+            hop_s=args.hop_s,
+            hop_chunk_s=args.hop_chunk_s,
         ),
         engine=EngineSettings(
             max_num_seqs=args.max_num_seqs,
@@ -111,6 +122,7 @@ def settings_from_args(args: argparse.Namespace) -> HostSettings:
                       refuse=args.refuse),
         replicas=args.replicas,
         nodes=args.nodes,
+        node_names=tuple(n.strip() for n in args.node_names.split(",") if n.strip()),
         pool_name=args.pool_name,
         pools_out=args.pools_out,
         time_scale=args.time_scale,

@@ -38,6 +38,8 @@ class HostSettings:
     faults: Faults = field(default_factory=Faults)
     replicas: int = 1
     nodes: int = 1
+    node_names: tuple[str, ...] = ()
+    """Names of the nodes, in order; default node-a, node-b, ... (`node_name`)."""
     pool_name: str = "qwen3"
     pools_out: Path | None = None
     time_scale: float = 1.0
@@ -56,15 +58,15 @@ def node_name(index: int) -> str:
     return f"node-{name}"
 
 
-def pools_yaml(*, pool_name: str, addresses: list[str], nodes: int, capacity: int,
+def pools_yaml(*, pool_name: str, addresses: list[str], nodes: list[str], capacity: int,
                dp_ranks: list[int] | None = None) -> str:
-    """The static pool file for `hybridlb serve`: replicas round-robin over the nodes, each
-    with the first global rank it fronts (`dp_rank`) when it fronts several."""
+    """The static pool file for `hybridlb serve`: each replica with its node and, when it
+    fronts several ranks, the first global rank it fronts (`dp_rank`)."""
     lines = ["pools:", f"  - name: {pool_name}", "    replicas:"]
-    for index, address in enumerate(addresses):
+    for index, (address, node) in enumerate(zip(addresses, nodes, strict=True)):
         lines += [
             f"      - address: {address}",
-            f"        node: {node_name(index % max(1, nodes))}",
+            f"        node: {node}",
             f"        capacity: {capacity}",
         ]
         if dp_ranks is not None and capacity > 1:
@@ -86,6 +88,7 @@ class SimHost:
                     port=base.port + index if base.port else 0,
                     start_rank=base.start_rank + index * base.num_ranks,
                     seed=None if base.seed is None else base.seed + index,
+                    node=self.node_of(index),
                 ),
                 settings.engine,
                 clock=self.clock,
@@ -93,6 +96,12 @@ class SimHost:
             )
             for index in range(settings.replicas)
         ]
+
+    def node_of(self, index: int) -> str:
+        """The node of the index-th server: replicas go round robin over the nodes."""
+        position = index % max(1, self.settings.nodes)
+        names = self.settings.node_names
+        return names[position] if position < len(names) else node_name(position)
 
     async def start(self) -> None:
         for server in self.servers:
@@ -109,7 +118,7 @@ class SimHost:
                 pools_yaml(
                     pool_name=self.settings.pool_name,
                     addresses=[server.address for server in self.servers],
-                    nodes=self.settings.nodes,
+                    nodes=[server.settings.node for server in self.servers],
                     capacity=self.settings.server.num_ranks,
                     dp_ranks=[server.runners[0].global_rank for server in self.servers],
                 )

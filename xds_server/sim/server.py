@@ -29,6 +29,7 @@ from xds_server.sim.balancer import DPBalancer
 from xds_server.sim.engine import Engine, EngineSettings, FinishReason, SimRequest
 from xds_server.sim.faults import Faults, FaultState
 from xds_server.sim.metrics import ServerMetrics
+from xds_server.sim.orca import FORMAT_HEADER, orca_header
 from xds_server.sim.protocol import (
     SSE_DONE,
     GenerationRequest,
@@ -50,6 +51,9 @@ log = logging.getLogger(__name__)
 RANK_HEADER = "X-data-parallel-rank"
 REPLICA_RESPONSE_HEADER = "x-hybridlb-replica"
 RANK_RESPONSE_HEADER = "x-hybridlb-rank"
+#: The node of the proxy (or client) a request entered through, set by the load generator:
+#: the simulator's stand-in for where the bytes come from, to model a cross-node hop.
+ORIGIN_NODE_HEADER = "x-hybridlb-origin-node"
 
 
 @dataclass(frozen=True)
@@ -75,10 +79,19 @@ class ServerSettings:
     every 100 ms); 0 means live counts."""
     seed: int | None = None
     """Seed of the error-rate fault's random draws."""
+    node: str = ""
+    """The node this server runs on: a request whose `x-hybridlb-origin-node` names another
+    node crossed a network hop to get here."""
+    hop_s: float = 0.0
+    """Latency a cross-node request pays once, before the server sees it (0: no hop)."""
+    hop_chunk_s: float = 0.0
+    """Latency each streamed chunk of a cross-node request pays on its way back."""
 
     def __post_init__(self) -> None:
         if self.num_ranks < 1 or self.start_rank < 0:
             raise ValueError("num_ranks must be >= 1 and start_rank >= 0")
+        if self.hop_s < 0 or self.hop_chunk_s < 0:
+            raise ValueError("hop_s and hop_chunk_s must not be negative")
 
 
 class SimServer:
@@ -118,6 +131,7 @@ class SimServer:
         )
         self.draining = False
         self.in_flight = 0
+        self.cross_node_requests = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self.peers: Mapping[str, SimServer] = {}
@@ -247,6 +261,10 @@ class SimServer:
                 generation, local_rank = await self._validate(request, chat=chat)
             except RequestError as exc:
                 return web.json_response(exc.body(), status=exc.status)
+            hop = self._crossed(request)
+            if hop:
+                self.cross_node_requests += 1
+                await self.clock.sleep(self.settings.hop_s)
             received_s = self.clock.now()
             await self.clock.sleep(self.settings.frontend_overhead_s)
             if local_rank is None:
@@ -256,9 +274,14 @@ class SimServer:
             if self.faults.should_fail():
                 return _error(500, "Simulated engine failure.", "InternalServerError",
                               headers=headers)
-            return await self._serve(request, generation, runner, received_s, headers)
+            return await self._serve(request, generation, runner, received_s, headers,
+                                     chunk_delay_s=self.settings.hop_chunk_s if hop else 0.0)
         finally:
             self._leave()
+
+    def _crossed(self, request: web.Request) -> bool:
+        origin = request.headers.get(ORIGIN_NODE_HEADER, "")
+        return bool(origin) and origin != self.settings.node
 
     async def _validate(
         self, request: web.Request, *, chat: bool
@@ -306,6 +329,8 @@ class SimServer:
         runner: RankRunner,
         received_s: float,
         headers: dict[str, str],
+        *,
+        chunk_delay_s: float = 0.0,
     ) -> web.StreamResponse:
         request_id = new_request_id(generation.chat)
         target, reason_at_target = self._output_target(generation)
@@ -335,8 +360,9 @@ class SimServer:
                     completion_tokens=sim.output_tokens,
                     finish_reason=_reason(sim.finish_reason),
                 )
-                return web.json_response(body, headers=headers)
-            return await self._stream(request, generation, sim, progressed, created, headers)
+                return web.json_response(body, headers={**headers, **self._orca(request)})
+            return await self._stream(request, generation, sim, progressed, created, headers,
+                                      chunk_delay_s)
         finally:
             # The client left (write failed or the handler was cancelled): free the rank.
             if not sim.finished:
@@ -350,6 +376,7 @@ class SimServer:
         progressed: asyncio.Event,
         created: int,
         headers: dict[str, str],
+        chunk_delay_s: float = 0.0,
     ) -> web.StreamResponse:
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream; charset=utf-8", **headers}
@@ -370,6 +397,8 @@ class SimServer:
                     text = "".join(token_text(i) for i in range(sent, produced))
                     sent = produced
                     finish = _reason(sim.finish_reason) if sim.finished else None
+                    if chunk_delay_s:
+                        await self.clock.sleep(chunk_delay_s)
                     await response.write(stream_chunk(
                         request=generation, request_id=request_id, created=created,
                         text=text, finish_reason=finish))
@@ -382,6 +411,13 @@ class SimServer:
             await response.write(SSE_DONE)
             await response.write_eof()
         return response
+
+    def _orca(self, request: web.Request) -> dict[str, str]:
+        # vLLM reads each gauge's first sample: the first engine's, not the server's sum.
+        first = self.runners[0].engine
+        return orca_header(request.headers.get(FORMAT_HEADER, ""),
+                           num_requests_waiting=first.num_waiting,
+                           kv_cache_usage_perc=first.kv_cache_usage)
 
     def _enter(self) -> None:
         self.in_flight += 1
@@ -444,6 +480,8 @@ class SimServer:
             "model": self.settings.model_name,
             "draining": self.draining,
             "in_flight": self.in_flight,
+            "node": self.settings.node,
+            "cross_node_requests": self.cross_node_requests,
             "faults": self.faults.current.as_dict(),
             "ranks": [
                 {

@@ -62,6 +62,7 @@ from xds_server.model import Pool, Replica, ReplicaState, View, Weights
 from xds_server.policy.views import PER_MILLE
 from xds_server.settings import EnvoySettings
 from xds_server.xds import upstream_tls
+from xds_server.xds.lb_policies import EXTENSION_POLICIES, ORCA_FORMAT_HEADER, extension_policy
 
 LISTENER_NAME = "hybridlb_http"
 ROUTE_CONFIG_NAME = "hybridlb_routes"
@@ -235,7 +236,7 @@ def _eds_cluster(
     )
     if locality_weighted:
         common.locality_weighted_lb_config.SetInParent()
-    return cluster_pb2.Cluster(
+    cluster = cluster_pb2.Cluster(
         name=name,
         alt_stat_name=stat_name(name),
         type=cluster_pb2.Cluster.EDS,
@@ -253,6 +254,18 @@ def _eds_cluster(
         common_lb_config=common,
         outlier_detection=_outlier_detection(settings),
     )
+    return cluster
+
+
+def _balanced(cluster: cluster_pb2.Cluster, settings: EnvoySettings) -> cluster_pb2.Cluster:
+    """Envoy's own load-aware balancer (lb_policies.py) on a cluster that requests are
+    balanced over (not the pinned subsets or the session hash); it weighs localities
+    itself, and Envoy refuses locality weighting beside it."""
+    if settings.lb_policy in EXTENSION_POLICIES:
+        cluster.ClearField("lb_policy")
+        cluster.common_lb_config.ClearField("locality_weighted_lb_config")
+        cluster.load_balancing_policy.CopyFrom(extension_policy(settings.lb_policy))
+    return cluster
 
 
 def _outlier_detection(settings: EnvoySettings) -> outlier_detection_pb2.OutlierDetection | None:
@@ -423,7 +436,8 @@ def build_clusters(
 
 @functools.lru_cache(maxsize=1024)
 def _pool_clusters(pool: str, settings: EnvoySettings) -> tuple[cluster_pb2.Cluster, ...]:
-    everywhere = _eds_cluster(cluster_name(pool), settings, locality_weighted=True)
+    everywhere = _balanced(_eds_cluster(cluster_name(pool), settings, locality_weighted=True),
+                           settings)
     if settings.extproc_address:
         _honour_picks(everywhere)
     return everywhere, _pinned_cluster(pool, settings), _affinity_cluster(pool, settings)
@@ -433,7 +447,7 @@ def _pool_clusters(pool: str, settings: EnvoySettings) -> tuple[cluster_pb2.Clus
 def _node_clusters(
     pool: str, node: str, settings: EnvoySettings
 ) -> tuple[cluster_pb2.Cluster, ...]:
-    return (_eds_cluster(local_cluster_name(pool, node), settings),
+    return (_balanced(_eds_cluster(local_cluster_name(pool, node), settings), settings),
             _prefer_cluster(pool, node))
 
 
@@ -553,7 +567,8 @@ def build_route_config(
         name=ROUTE_CONFIG_NAME,
         virtual_hosts=[
             route_components_pb2.VirtualHost(name="vllm", domains=["*"], routes=entries,
-                                             retry_policy=_retry_policy(settings))
+                                             retry_policy=_retry_policy(settings),
+                                             request_headers_to_add=_orca_request(settings))
         ],
     )
 
@@ -567,6 +582,17 @@ def _strip_filter() -> hcm_pb2.HttpFilter:
                            for name in (DESTINATION_HEADER, SERVED_KEY, SUBSET_KEY)]))
     return hcm_pb2.HttpFilter(name="envoy.filters.http.header_mutation",
                               typed_config=_any(config))
+
+
+def _orca_request(settings: EnvoySettings) -> list[base_pb2.HeaderValueOption]:
+    """Ask vLLM for its ORCA report where Envoy's balancer reads one (vLLM sends none
+    unless asked, and Envoy does not ask by itself)."""
+    if settings.lb_policy != "orca_wrr":
+        return []
+    name, value = ORCA_FORMAT_HEADER
+    return [base_pb2.HeaderValueOption(
+        header=base_pb2.HeaderValue(key=name, value=value),
+        append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD)]
 
 
 def _pin_filter(settings: EnvoySettings) -> hcm_pb2.HttpFilter:

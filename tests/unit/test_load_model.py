@@ -1,0 +1,186 @@
+"""The persistent load model: room read from vLLM, weights from lasting differences only,
+keep shares that spill only a queue the rest of the pool does not have."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from xds_server.model import Load, Pool, RankLoad, Replica
+from xds_server.policy.load import learn_slots, observed_slots, per_slot, pool_slots
+from xds_server.policy.weights import SCALE, Decision, Memory, PolicySettings, decide
+
+A1 = Replica("10.0.0.1", 8000, "node-a", capacity=2)
+A2 = Replica("10.0.0.2", 8000, "node-a", capacity=2)
+B1 = Replica("10.0.0.3", 8000, "node-b", capacity=2)
+B2 = Replica("10.0.0.4", 8000, "node-b", capacity=2)
+POOL = Pool("p", (A1, A2, B1, B2))
+#: The configured room is far from the replicas' own (4): nothing may depend on it.
+S = PolicySettings(deadband=0.0)
+
+
+def load(running: float, waiting: float = 0.0, at: float = 0.0) -> Load:
+    return Load(running=running, waiting=waiting, read_at=at)
+
+
+def run(readings: dict[str, Load], seconds: int, memory: Memory | None = None,
+        settings: PolicySettings = S, start: float = 0.0) -> Decision:
+    """The same readings, fresh, once a second for `seconds` seconds."""
+    memory = memory or Memory()
+    decision = None
+    for t in range(seconds + 1):
+        now = start + t
+        fresh = {a: Load(running=x.running, waiting=x.waiting, ranks=x.ranks, read_at=now)
+                 for a, x in readings.items()}
+        decision = decide(POOL, fresh, memory, now, settings)
+        memory = decision.memory
+    assert decision is not None
+    return decision
+
+
+EVEN = {r.address: load(4) for r in POOL.replicas}
+
+
+@pytest.mark.parametrize(
+    ("reading", "expected"),
+    [
+        (load(3, waiting=0), None),                     # room left: the room is unknown
+        (load(8, waiting=2), 4.0),                      # full: 8 running over 2 ranks
+        (Load(running=0, waiting=0, ranks=(RankLoad("0", 6, 1), RankLoad("1", 2, 0))), 6.0),
+    ],
+)
+def test_room_is_what_a_rank_runs_when_requests_wait(reading: Load,
+                                                     expected: float | None) -> None:
+    assert observed_slots(reading, capacity=2) == expected
+
+
+def test_room_moves_towards_new_full_readings_and_stays_without_one() -> None:
+    assert learn_slots(None, load(8, waiting=1), 2) == 4.0
+    assert learn_slots(4.0, load(12, waiting=1), 2) == 5.0
+    assert learn_slots(5.0, load(1), 2) == 5.0
+
+
+def test_replicas_never_seen_full_take_the_pools_room_else_the_configured_hint() -> None:
+    assert pool_slots({"a": 4.0, "b": None}, ["a", "b"], 256) == {"a": 4.0, "b": 4.0}
+    assert pool_slots({}, ["a"], 256) == {"a": 256.0}
+
+
+@pytest.mark.parametrize(
+    ("running", "waiting", "expected"),
+    [(0, 0, 0.0), (4, 0, 0.5), (8, 0, 1.0), (8, 8, 2.0)],
+)
+def test_load_per_slot_passes_one_when_requests_queue(running: float, waiting: float,
+                                                      expected: float) -> None:
+    assert per_slot(running, waiting, capacity=2, slots=4) == expected
+
+
+def test_evenly_loaded_replicas_keep_their_capacity_weights() -> None:
+    d = run(EVEN, 20)
+    assert set(d.weights.endpoints.values()) == {2 * SCALE}
+
+
+def test_a_persistently_fuller_replica_loses_weight_but_one_reading_moves_it_little() -> None:
+    settled = run(EVEN, 20)
+    once = run({**EVEN, A1.address: load(8, waiting=2)}, 0, settled.memory, start=21)
+    lasting = run({**EVEN, A1.address: load(8, waiting=8)}, 20, settled.memory, start=21)
+    assert once.weights.endpoints[A1.address] >= 0.8 * 2 * SCALE
+    assert lasting.weights.endpoints[A1.address] < 0.5 * 2 * SCALE
+    assert lasting.weights.endpoints[B1.address] == 2 * SCALE
+
+
+def test_the_weight_returns_to_capacity_once_the_difference_is_gone() -> None:
+    lowered = run({**EVEN, A1.address: load(8, waiting=8)}, 20)
+    recovered = run(EVEN, 300, lowered.memory, start=21)
+    assert recovered.weights.endpoints[A1.address] >= 0.9 * 2 * SCALE
+
+
+def test_stale_readings_lower_no_weight_and_let_it_drift_back_to_capacity() -> None:
+    lowered = run({**EVEN, A1.address: load(8, waiting=8)}, 20)
+    # Read at t=0, used at t=21 and later: past twice stale_after_s, so doubted entirely.
+    stale = {**{a: load(4, at=0.0) for a in EVEN}, B1.address: load(8, waiting=80, at=0.0)}
+    next_second = decide(POOL, stale, lowered.memory, 21.0, S)
+    assert next_second.weights.endpoints[B1.address] == 2 * SCALE
+    assert (next_second.weights.endpoints[A1.address]
+            >= lowered.weights.endpoints[A1.address])
+    much_later = decide(POOL, stale, next_second.memory, 300.0, S)
+    assert much_later.weights.endpoints[A1.address] == 2 * SCALE
+
+
+def test_saturation_is_read_from_vllm_not_the_configured_room() -> None:
+    # Configured 256 per rank, the replicas run 4: node-a's queue still shows.
+    d = run({A1.address: load(8, waiting=8), A2.address: load(8, waiting=8),
+             B1.address: load(2), B2.address: load(2)}, 1)
+    assert d.node_utilization["node-a"] == pytest.approx(2.0)
+    assert d.node_utilization["node-b"] == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize(
+    ("node_a", "node_b", "keeps_all"),
+    [
+        (load(4), load(4), True),                        # room everywhere
+        (load(8, waiting=4), load(8, waiting=4), True),  # all queued alike: no better elsewhere
+        (load(8, waiting=8), load(2), False),            # node-a queues, node-b has room
+    ],
+)
+def test_a_node_keeps_its_requests_unless_it_queues_more_than_the_pool(
+    node_a: Load, node_b: Load, keeps_all: bool
+) -> None:
+    readings = {A1.address: node_a, A2.address: node_a, B1.address: node_b,
+                B2.address: node_b}
+    keep = run(readings, 10).node_keep
+    assert (keep["node-a"] == 1.0) is keeps_all
+    assert keep["node-b"] == 1.0
+
+
+def test_a_spilling_node_climbs_back_once_it_has_room() -> None:
+    queued = run({**EVEN, A1.address: load(8, waiting=8), A2.address: load(8, waiting=8)}, 15)
+    assert queued.node_keep["node-a"] < 0.5
+    back = run(EVEN, 60, queued.memory, start=16)
+    assert back.node_keep["node-a"] == 1.0
+
+
+def test_weights_are_bounded_by_the_minimum_share() -> None:
+    d = run({**EVEN, A1.address: load(8, waiting=80)}, 300)
+    assert d.weights.endpoints[A1.address] >= math.floor(S.min_share * 2 * SCALE)
+
+
+BIG = Pool("p", (A1, A2, B1, B2, *(Replica(f"10.0.1.{i}", 8000, "node-c", capacity=2)
+                                     for i in range(8))))
+
+
+def node_keep_at(node_a: float, others: float, seconds: int = 30) -> float:
+    """node-a's kept share with its replicas at `node_a` running per rank, the rest at
+    `others`, in a pool whose room (4 per rank) was read from one full reading."""
+    memory = decide(BIG, {A1.address: load(8, waiting=1, at=0.0)}, Memory(), 0.0, S).memory
+    for t in range(1, seconds + 1):
+        readings = {r.address: load((node_a if r.node == "node-a" else others) * 2,
+                                    at=float(t)) for r in BIG.replicas}
+        decision = decide(BIG, readings, memory, float(t), S)
+        memory = decision.memory
+    return decision.node_keep["node-a"]
+
+
+@pytest.mark.parametrize(
+    ("node_a", "others", "keeps_all"),
+    [
+        (2.0, 1.6, True),    # half full, a bit above the pool: its queue costs no hop's worth
+        (2.4, 2.4, True),    # 60% everywhere: still nothing worth a hop
+        (3.6, 3.0, False),   # 90% against 75%: a small node's queue costs more than a hop
+        (3.8, 3.8, False),   # 95% everywhere: a node's queue is longer than the pool's
+    ],
+)
+def test_a_node_spills_only_when_its_own_queue_would_cost_more_than_the_pools(
+    node_a: float, others: float, keeps_all: bool
+) -> None:
+    assert (node_keep_at(node_a, others) == 1.0) is keeps_all
+
+
+def test_a_node_full_of_its_own_traffic_weighs_less_as_a_locality_not_per_replica() -> None:
+    busy_a = {A1.address: load(8, waiting=4), A2.address: load(8, waiting=4),
+              B1.address: load(2), B2.address: load(2)}
+    d = run(busy_a, 120)
+    # Its replicas are equally full: no reason to tilt between them.
+    assert d.weights.endpoints[A1.address] == d.weights.endpoints[A2.address] == 2 * SCALE
+    # As a locality (the central Envoy's and the spilled requests' choice) it weighs less.
+    assert d.weights.localities["node-a"] < 0.7 * d.weights.localities["node-b"]

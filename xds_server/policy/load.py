@@ -1,0 +1,92 @@
+"""The one model of a replica's load that the weights, the keep shares and the picker share.
+
+A replica of `capacity` ranks runs `slots` sequences per rank at once (vLLM's
+`--max-num-seqs`, or fewer when the KV cache is the limit). Its load per slot,
+
+    per_slot = (running + waiting + pending) / (capacity * slots)
+
+is below 1 while a new request would start at once, and past 1 it is how long that request
+waits, in units of one request's service time (`per_slot - 1` requests per slot are queued
+ahead of it). `pending` counts requests sent there that no reading includes yet.
+
+`slots` is read from what vLLM reports rather than configured: a rank with requests waiting
+has a full scheduler, so what it runs then is its room (`observed_slots`). A configured
+`--max-num-seqs` only stands in until a pool has been seen full once.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Mapping
+
+from xds_server.model import Load
+
+#: Weight of a new observation of a replica's room against what was learnt before.
+_LEARN = 0.5
+
+
+def per_slot(running: float, waiting: float, capacity: int, slots: float,
+             pending: float = 0.0) -> float:
+    """Load per slot: < 1 while a slot is free; past 1, the queue per slot (see above)."""
+    busy = max(0.0, running) + max(0.0, waiting) + max(0.0, pending)
+    return busy / (max(1, capacity) * max(1.0, slots))
+
+
+def expected_wait(running: float, waiting: float, capacity: int, slots: float,
+                  pending: float = 0.0) -> float:
+    """What a request sent now waits, in service times (0 while a slot is free), plus a
+    hundredth of the load per slot so that among replicas with room the emptier wins."""
+    load = per_slot(running, waiting, capacity, slots, pending)
+    return max(0.0, load - 1.0) + 0.01 * load
+
+
+def observed_slots(load: Load, capacity: int) -> float | None:
+    """Requests a rank runs when its scheduler is full (some waiting), or None if no rank
+    was full in this reading."""
+    if load.ranks:
+        full = [r.running for r in load.ranks if r.waiting > 0 and r.running > 0]
+        return sum(full) / len(full) if full else None
+    if load.waiting > 0 and load.running > 0:
+        return load.running / max(1, capacity)
+    return None
+
+
+def mean_wait(load: float, slots: float) -> float:
+    """Mean wait of a request, in service times, at a steady load per slot `load` over
+    `slots` slots serving one queue (Erlang C, M/M/n): what a node's own queue costs against
+    the pool's. A small node waits longer than a big pool at the same load per slot, which
+    is what keeping requests local costs; past a full load, 1 plus the queue per slot."""
+    n = max(1, round(slots))
+    if load >= 1.0:
+        return 1.0 + (load - 1.0)
+    offered = max(0.0, load) * n
+    blocking = 1.0  # Erlang B by its recursion, stable for thousands of slots
+    for k in range(1, n + 1):
+        blocking = offered * blocking / (k + offered * blocking)
+    waits = blocking / (1.0 - load * (1.0 - blocking))
+    return min(1.0, waits / (n * (1.0 - load)))
+
+
+def slots_now(readings: Iterable[tuple[float, float, int]], hint: int) -> float:
+    """Room per rank from one moment's (running, waiting, capacity) readings, for a decider
+    that keeps no history (the picker): the median over the full replicas, else `hint`."""
+    full = [running / max(1, capacity) for running, waiting, capacity in readings
+            if waiting > 0 and running > 0]
+    return statistics.median(full) if full else float(hint)
+
+
+def learn_slots(previous: float | None, load: Load | None, capacity: int) -> float | None:
+    """A replica's room per rank, moved towards each full reading; None until one is seen."""
+    seen = observed_slots(load, capacity) if load is not None else None
+    if seen is None:
+        return previous
+    return seen if previous is None else previous + _LEARN * (seen - previous)
+
+
+def pool_slots(learned: Mapping[str, float | None], addresses: Iterable[str],
+               hint: int) -> dict[str, float]:
+    """Each replica's room per rank: its own learnt one, else the pool's median (replicas of
+    a pool run one configuration), else the configured hint."""
+    known = [v for v in learned.values() if v is not None]
+    fallback = statistics.median(known) if known else float(hint)
+    return {a: (v if (v := learned.get(a)) is not None else fallback) for a in addresses}
