@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import time
 from collections.abc import AsyncIterator
@@ -154,7 +155,8 @@ def test_serves_picker_gets_serves_certificate_and_pick_settings() -> None:
 
     tls = TlsSettings(cert=Path("c.pem"), key=Path("k.pem"), client_ca=Path("ca.pem"))
     settings = Settings(xds=XdsSettings(tls=tls), extproc=ExtprocSettings(
-        host="10.1.2.3", port=9002, pick=PickSettings(max_num_seqs=64, fallbacks=1)))
+        host="10.1.2.3", port=9002,
+        pick=PickSettings(max_num_seqs=64, fallbacks=1, pin_rank=False)))
     args = picker_args(settings, "http://127.0.0.1:4242")
     flags = dict(zip(args[::2], args[1::2], strict=True))
     assert flags["--control-plane"] == "http://127.0.0.1:4242"
@@ -162,3 +164,13 @@ def test_serves_picker_gets_serves_certificate_and_pick_settings() -> None:
     assert (flags["--tls-cert"], flags["--tls-key"], flags["--tls-client-ca"]) == (
         "c.pem", "k.pem", "ca.pem")
     assert (flags["--max-num-seqs"], flags["--fallbacks"]) == ("64", "1")
+    # `hybridlb extproc` reads them back as the same pick settings.
+    from xds_server import options
+    from xds_server.commands import extproc
+    from xds_server.settings import PickerSettings
+
+    parser = argparse.ArgumentParser()
+    extproc.add_arguments(parser)
+    parsed = options.build(PickerSettings, options.from_args(parser.parse_args(args),
+                                                             extproc.OPTIONS), extproc.OPTIONS)
+    assert parsed.pick == settings.extproc.pick

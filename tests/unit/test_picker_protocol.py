@@ -193,6 +193,18 @@ def test_rank_header_names_the_least_loaded_local_rank() -> None:
     assert state.picks == [("10.0.0.1:8000", 1)]
 
 
+def test_with_the_rank_choice_off_no_rank_header_is_set() -> None:
+    ranked = Candidate("10.0.0.1:8000", "n", 2, 5, 0, ranks=(Rank(0, 4, 0), Rank(1, 1, 0)))
+    state = FakeState([ranked, Candidate("10.0.0.2:8000", "n", 1, 9, 0)])
+    out = run(picker(state, pin_rank=False), [headers(), body()])
+    set_headers = {h.header.key: h.header.raw_value.decode()
+                   for h in out[1].request_body.response.header_mutation.set_headers}
+    assert "x-data-parallel-rank" not in set_headers
+    # No rank index to honour: a fallback with fewer ranks stays in the list.
+    assert set_headers["x-gateway-destination-endpoint"] == "10.0.0.1:8000,10.0.0.2:8000"
+    assert state.picks == [("10.0.0.1:8000", None)]
+
+
 def test_global_engine_labels_become_local_rank_indexes() -> None:
     engines = [RankLoad("5", 3, 0), RankLoad("4", 1, 2)]
     assert _local_ranks(2, 4, engines) == (Rank(0, 1, 2), Rank(1, 3, 0))

@@ -176,8 +176,8 @@ def all_queued(candidates: list[Candidate], settings: PickSettings) -> bool:
 
 def least_loaded_rank(c: Candidate, settings: PickSettings) -> int | None:
     """The local index of the replica's least-loaded rank (ties: the lowest index); None
-    when its ranks are not known one by one."""
-    if not c.ranks:
+    when its ranks are not known one by one or the rank choice is off."""
+    if not c.ranks or not settings.pin_rank:
         return None
     best = min(c.ranks, key=lambda r: (
         r.running + settings.waiting_factor * r.waiting + r.pending, r.index))
