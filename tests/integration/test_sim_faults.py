@@ -92,6 +92,37 @@ async def test_slowdown_multiplies_step_times(start_sim: StartSim) -> None:
             normal_s + slow_s, rel=1e-6)
 
 
+async def inference_time_by_engine(session: aiohttp.ClientSession, url: str
+                                   ) -> dict[str, float]:
+    async with session.get(f"{url}/metrics") as response:
+        text = await response.text()
+    sums = {}
+    for line in text.splitlines():
+        if line.startswith("vllm:request_inference_time_seconds_sum"):
+            engine = line.split('engine="', 1)[1].split('"', 1)[0]
+            sums[engine] = float(line.rsplit(" ", 1)[1])
+    return sums
+
+
+async def test_slow_rank_slows_that_rank_only(start_sim: StartSim) -> None:
+    host = await start_sim(num_ranks=2)
+    url = url_of(host)
+    async with aiohttp.ClientSession() as session:
+        await set_fault(session, url, slowdown=3.0, slow_rank=1)
+        for rank in ("0", "1"):
+            async with session.post(f"{url}/v1/completions", headers={
+                    "X-data-parallel-rank": rank}, json={
+                    "model": MODEL, "prompt": [1] * 512, "max_tokens": 1}) as response:
+                assert response.status == 200, await response.text()
+        sums = await inference_time_by_engine(session, url)
+        assert sums["0"] == pytest.approx(0.002 + 512 * 19e-6, rel=1e-6)
+        assert sums["1"] == pytest.approx(3 * sums["0"], rel=1e-6)
+        async with session.get(f"{url}/sim/state") as response:
+            assert [r["slowdown"] for r in (await response.json())["ranks"]] == [1.0, 3.0]
+        async with session.post(f"{url}/sim/fault", json={"slow_rank": 2}) as response:
+            assert response.status == 400
+
+
 async def test_error_rate_fails_that_share_with_500(start_sim: StartSim) -> None:
     host = await start_sim(num_ranks=2)
     url = url_of(host)

@@ -70,6 +70,15 @@ def test_ranks_from_state_reads_local_ranks_and_the_slowdown() -> None:
         (0, 2, 1, 3.0), (1, 0, 0, 3.0)]
 
 
+def test_ranks_from_state_reads_a_single_slow_ranks_own_slowdown() -> None:
+    state = {"faults": {"slowdown": 3.0, "slow_rank": 1}, "ranks": [
+        {"rank": 0, "engine": 4, "running": 0, "waiting": 0, "max_num_seqs": 4,
+         "slowdown": 1.0},
+        {"rank": 1, "engine": 5, "running": 0, "waiting": 0, "max_num_seqs": 4,
+         "slowdown": 3.0}]}
+    assert [q.slowdown for q in ranks_from_state("10.0.0.1:8000", state)] == [1.0, 3.0]
+
+
 def test_cv_of_equal_queues_is_zero_and_of_an_idle_fleet_is_unknown() -> None:
     assert cv([2.0, 2.0, 2.0]) == 0.0
     assert cv([0.0, 0.0]) is None

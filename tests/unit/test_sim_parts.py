@@ -99,6 +99,7 @@ def test_generated_text_counts_back_to_the_tokens_generated() -> None:
         ({"slowdown": 3}, Faults(slowdown=3.0)),
         ({"error_rate": 0.2, "hang": True}, Faults(error_rate=0.2, hang=True)),
         ({"refuse": False}, Faults()),
+        ({"slowdown": 3, "slow_rank": 1}, Faults(slowdown=3.0, slow_rank=1)),
     ],
 )
 def test_faults_update_named_fields(changes: dict[str, object], expected: Faults) -> None:
@@ -107,11 +108,18 @@ def test_faults_update_named_fields(changes: dict[str, object], expected: Faults
 
 @pytest.mark.parametrize(
     "changes",
-    [{"slowdown": 0}, {"error_rate": 1.5}, {"hang": "yes"}, {"slowdown": True}, {"melt": 1}],
+    [{"slowdown": 0}, {"error_rate": 1.5}, {"hang": "yes"}, {"slowdown": True}, {"melt": 1},
+     {"slow_rank": -2}, {"slow_rank": 1.5}, {"slow_rank": True}],
 )
 def test_invalid_faults_are_rejected(changes: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         Faults().updated(changes)
+
+
+def test_a_slow_rank_slows_that_rank_only() -> None:
+    one = Faults(slowdown=3.0, slow_rank=1)
+    assert [one.slowdown_of(r) for r in range(3)] == [1.0, 3.0, 1.0]
+    assert [Faults(slowdown=3.0).slowdown_of(r) for r in range(2)] == [3.0, 3.0]
 
 
 @pytest.mark.parametrize(("index", "name"), [(0, "node-a"), (25, "node-z"), (26, "node-aa")])
@@ -148,10 +156,12 @@ def test_cli_turns_flags_into_settings() -> None:
     cli.add_arguments(parser)
     args = parser.parse_args(["--port", "9000", "--replicas", "3", "--ranks", "4",
                               "--start-rank", "8", "--time-scale", "0.1", "--slowdown", "2",
-                              "--max-num-seqs", "7", "--kv-cache-tokens", "1000"])
+                              "--slow-rank", "3", "--max-num-seqs", "7",
+                              "--kv-cache-tokens", "1000"])
     settings = cli.settings_from_args(args)
     assert (settings.replicas, settings.server.num_ranks, settings.server.start_rank) == (3, 4, 8)
     assert settings.time_scale == 0.1 and settings.faults.slowdown == 2.0
+    assert settings.faults.slow_rank == 3
     assert settings.engine.max_num_seqs == 7 and settings.engine.kv_cache_tokens == 1000
 
 

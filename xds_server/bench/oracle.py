@@ -34,7 +34,7 @@ DP_RANK_HEADER = "X-data-parallel-rank"
 
 @dataclass(frozen=True)
 class RankQueue:
-    """One rank's true queue as `/sim/state` reports it, with its replica's slowdown."""
+    """One rank's true queue as `/sim/state` reports it, with its slowdown."""
 
     address: str
     rank: int
@@ -47,11 +47,12 @@ class RankQueue:
 def ranks_from_state(address: str, state: Mapping[str, Any]) -> list[RankQueue]:
     """The ranks of one replica from its `/sim/state` document."""
     faults = state.get("faults") or {}
-    slowdown = float(faults.get("slowdown", 1.0) or 1.0)
+    # A rank's own slowdown where the simulator gives one (a fault can slow a single rank).
+    replica = float(faults.get("slowdown", 1.0) or 1.0)
     return [
         RankQueue(address=address, rank=int(r["rank"]), running=int(r["running"]),
                   waiting=int(r["waiting"]), max_num_seqs=int(r["max_num_seqs"]),
-                  slowdown=slowdown)
+                  slowdown=float(r.get("slowdown", replica) or replica))
         for r in state.get("ranks", ())
     ]
 

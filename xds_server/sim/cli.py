@@ -81,6 +81,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     faults = parser.add_argument_group("faults (also settable with POST /sim/fault)")
     faults.add_argument("--slowdown", type=float, default=1.0,
                         help="multiply every step time by this factor")
+    faults.add_argument("--slow-rank", type=int, default=-1,
+                        help="apply --slowdown to this local rank only (-1: every rank)")
     faults.add_argument("--error-rate", type=float, default=0.0,
                         help="share of inference requests answered with HTTP 500")
     faults.add_argument("--hang", action="store_true",
@@ -118,8 +120,8 @@ def settings_from_args(args: argparse.Namespace) -> HostSettings:
             decode_token_s=args.decode_token_s,
             max_model_len=args.max_model_len,
         ),
-        faults=Faults(slowdown=args.slowdown, error_rate=args.error_rate, hang=args.hang,
-                      refuse=args.refuse),
+        faults=Faults(slowdown=args.slowdown, slow_rank=args.slow_rank,
+                      error_rate=args.error_rate, hang=args.hang, refuse=args.refuse),
         replicas=args.replicas,
         nodes=args.nodes,
         node_names=tuple(n.strip() for n in args.node_names.split(",") if n.strip()),

@@ -1,6 +1,7 @@
 """Faults a simulated server can be told to show, so tests can see the balancer react.
 
 - `slowdown`: every engine step takes this many times longer (a throttled or sick GPU);
+  with `slow_rank`, only that local rank's steps (one sick GPU behind a hybrid-mode server);
 - `error_rate`: this share of inference requests fails with HTTP 500 (an engine error);
 - `hang`: requests (and `/health`, `/metrics`) are accepted but not answered until the
   fault is cleared (a wedged process: the case only timeouts catch);
@@ -21,6 +22,8 @@ from typing import Any
 @dataclass(frozen=True)
 class Faults:
     slowdown: float = 1.0
+    #: The local rank `slowdown` applies to; -1: every rank of the server.
+    slow_rank: int = -1
     error_rate: float = 0.0
     hang: bool = False
     refuse: bool = False
@@ -28,6 +31,8 @@ class Faults:
     def __post_init__(self) -> None:
         if self.slowdown <= 0:
             raise ValueError("slowdown must be positive")
+        if self.slow_rank < -1:
+            raise ValueError("slow_rank must be a local rank index, or -1 for every rank")
         if not 0.0 <= self.error_rate <= 1.0:
             raise ValueError("error_rate must be within [0, 1]")
 
@@ -45,8 +50,14 @@ class Faults:
                     raise ValueError(f"{name} must be true or false")
             elif not isinstance(value, int | float) or isinstance(value, bool):
                 raise ValueError(f"{name} must be a number")
+            elif isinstance(default, int) and value != int(value):
+                raise ValueError(f"{name} must be a whole number")
             values[name] = type(default)(value)
         return Faults(**values)
+
+    def slowdown_of(self, rank: int) -> float:
+        """The step-time factor of local rank `rank`."""
+        return self.slowdown if self.slow_rank in (-1, rank) else 1.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

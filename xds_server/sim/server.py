@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
@@ -109,12 +110,13 @@ class SimServer:
         self.engine_settings = engine_settings
         self.clock = clock
         self.faults = FaultState(faults or Faults(), seed=settings.seed)
+        _check_slow_rank(self.faults.current, settings.num_ranks)
         self.runners = [
             RankRunner(
                 engine=Engine(engine_settings),
                 clock=clock,
                 global_rank=settings.start_rank + local,
-                slowdown=lambda: self.faults.current.slowdown,
+                slowdown=functools.partial(self._slowdown_of, local),
             )
             for local in range(settings.num_ranks)
         ]
@@ -419,6 +421,9 @@ class SimServer:
                            num_requests_waiting=first.num_waiting,
                            kv_cache_usage_perc=first.kv_cache_usage)
 
+    def _slowdown_of(self, local: int) -> float:
+        return self.faults.current.slowdown_of(local)
+
     def _enter(self) -> None:
         self.in_flight += 1
         self._idle.clear()
@@ -442,6 +447,7 @@ class SimServer:
             target = self._resolve_target(target_name)
             base = Faults() if clear else target.faults.current
             faults = base.updated(body)
+            _check_slow_rank(faults, target.settings.num_ranks)
             if duration_s is not None and (
                 not isinstance(duration_s, int | float) or duration_s <= 0
             ):
@@ -491,6 +497,7 @@ class SimServer:
                     "waiting": runner.engine.num_waiting,
                     "kv_cache_usage": runner.engine.kv_cache_usage,
                     "max_num_seqs": self.engine_settings.max_num_seqs,
+                    "slowdown": self.faults.current.slowdown_of(local),
                 }
                 for local, runner in enumerate(self.runners)
             ],
@@ -513,6 +520,11 @@ class SimServer:
 
 def _reason(reason: FinishReason | None) -> str:
     return (reason or FinishReason.ABORT).value
+
+
+def _check_slow_rank(faults: Faults, num_ranks: int) -> None:
+    if faults.slow_rank >= num_ranks:
+        raise ValueError(f"slow_rank {faults.slow_rank} is not one of the {num_ranks} ranks")
 
 
 def _error(status: int, message: str, kind: str, *,
