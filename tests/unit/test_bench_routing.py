@@ -5,12 +5,22 @@ No benchmark figure is asserted here (BENCH.md): only the arithmetic the figures
 
 from __future__ import annotations
 
+import argparse
 import math
 import random
 
 import pytest
 
+from xds_server.bench import cli
 from xds_server.bench.oracle import RankQueue, choose, expected_wait, ranks_from_state
+from xds_server.bench.routing import (
+    CASE_POINTS,
+    CASE_POLICIES,
+    Point,
+    make_plan,
+    point_fault,
+    policies,
+)
 from xds_server.bench.routing_report import summarize
 from xds_server.bench.routing_stats import (
     cross_node,
@@ -22,6 +32,8 @@ from xds_server.bench.routing_stats import (
     per_rank_depths,
     ratios,
 )
+from xds_server.commands import serve
+from xds_server.sim.faults import Faults
 from xds_server.workload import Arrival, Result
 
 
@@ -168,3 +180,48 @@ def test_summary_gives_ratios_to_the_oracle_per_repeat() -> None:
     ratio = summarize(runs)["85%"]["round-robin"]["ratio_to_oracle"]["ttft_p99_s"]
     assert ratio["median"] == pytest.approx(3.0)
     assert ratio["noise"] is False
+
+
+def routing_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return parser.parse_args(["routing", *argv])
+
+
+def test_ranks_case_runs_85_percent_and_a_slow_rank() -> None:
+    plan = make_plan(routing_args("--case", "ranks", "--point-s", "10", "--repeats", "3"))
+    assert plan.points == (Point("85%", 0.85), Point("slow-rank", 0.85, "slow-rank"))
+    assert (plan.duration_s, plan.repeats) == (10.0, 3)
+    only = make_plan(routing_args("--case", "ranks", "--points", "slow-rank"))
+    assert [p.name for p in only.points] == ["slow-rank"]
+    with pytest.raises(SystemExit, match="no point slow-replica"):
+        make_plan(routing_args("--case", "ranks", "--points", "slow-replica"))
+
+
+def test_a_slow_rank_point_slows_one_rank_of_the_slow_replica_only() -> None:
+    plan = make_plan(routing_args("--case", "ranks"))
+    slow_rank, at_85 = CASE_POINTS["ranks"][1], CASE_POINTS["ranks"][0]
+    faults = Faults().updated(point_fault(plan, slow_rank))
+    assert [faults.slowdown_of(r) for r in range(2)] == [1.0, plan.slow_replica_slowdown]
+    assert point_fault(plan, at_85) == {}
+    # The slow-replica point still slows every rank.
+    hetero = Faults().updated(point_fault(plan, Point("slow-replica", 0.85, "hetero")))
+    assert [hetero.slowdown_of(r) for r in range(2)] == [plan.slow_replica_slowdown] * 2
+
+
+@pytest.mark.parametrize(("policy", "pinned"), [("picker-rank", True),
+                                                ("picker-no-rank", False)])
+def test_ranks_case_runs_the_picker_with_and_without_the_rank_choice(
+        policy: str, pinned: bool) -> None:
+    known = policies(True, 4)
+    assert set(CASE_POLICIES["ranks"]) <= set(known)
+    assert {"picker-rank", "picker-no-rank", "oracle"} <= set(CASE_POLICIES["ranks"])
+    flags = known[policy].flags
+    assert flags is not None
+    parser = argparse.ArgumentParser()
+    serve.add_arguments(parser)
+    argv = ["--static", "pools.yaml",
+            *("9002" if f == "EXTPROC_PORT" else f for f in flags)]
+    settings = serve.settings_from_args(parser.parse_args(argv))
+    assert settings.extproc.port == 9002
+    assert settings.extproc.pick.pin_rank is pinned

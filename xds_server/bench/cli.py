@@ -18,10 +18,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     routing.add_argument("--out", default="bench/results", help="output folder")
     routing.add_argument("--quick", action="store_true", help="a smoke run of a few minutes")
     routing.add_argument("--case", default="main",
-                         choices=("main", "herding", "hybrid", "prefix", "extproc"),
+                         choices=("main", "herding", "hybrid", "prefix", "extproc", "ranks"),
                          help="main: every policy; herding: stale vs fresh loads, damped vs "
                          "undamped (issue 5); hybrid: on-node share (issue 6); prefix: "
-                         "long shared-prefix prompts; extproc: weights vs weights + picker")
+                         "long shared-prefix prompts; extproc: weights vs weights + picker; "
+                         "ranks: the picker choosing the DP rank or not, at 85%% and with "
+                         "one slow rank")
     routing.add_argument("--time-scale", type=float, default=20.0,
                          help="simulator wall seconds per simulated second (default 20)")
     routing.add_argument("--hop-ms", type=float, default=0.5,

@@ -7,8 +7,10 @@ its `serve` flags and then every load point of the case, so policies are interle
 Figures that matter are ratios to the oracle in the same repeat.
 
 Cases: `main` (every policy, the load sweep, a burst, long shared-prefix prompts, a slow
-replica), `herding` (issue 5: 1 s vs 5 s stale loads, damped vs undamped) and `hybrid`
-(issue 6: on-node share and p99 TTFT of hybrid vs global weights vs round robin).
+replica), `herding` (issue 5: 1 s vs 5 s stale loads, damped vs undamped), `hybrid`
+(issue 6: on-node share and p99 TTFT of hybrid vs global weights vs round robin) and `ranks`
+(issue 16: the picker choosing the DP rank vs leaving it to the replica, at 85% and with one
+slow rank).
 """
 
 from __future__ import annotations
@@ -77,7 +79,7 @@ class Point:
 
     name: str
     load: float
-    kind: str = "poisson"  # poisson | bursty | prefix | hetero | skewed
+    kind: str = "poisson"  # poisson | bursty | prefix | hetero | skewed | slow-rank
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,9 @@ class Plan:
     prefix_lengths: LengthMix = field(default_factory=lambda: SHARED_PREFIX)
     burst_entry: str = "node-a"
     slow_replica_slowdown: float = 3.0
+    #: The local rank a `slow-rank` point slows (by `slow_replica_slowdown`) in the slow
+    #: replica; its other rank runs at full speed.
+    slow_rank: int = 1
     #: A cross-node hop in simulated seconds: once per request, and per streamed chunk.
     hop_s: float = 0.0
     hop_chunk_s: float = 0.0
@@ -146,6 +151,15 @@ def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
                               "--extproc-port", "EXTPROC_PORT"),
                "weights (1 s scrape) + the ext_proc endpoint picker hosted in the control "
                "plane (fails open to the weights)"),
+        Policy("picker-rank", ("--metrics", "scrape", "--local-first", "false", *room,
+                               "--extproc-port", "EXTPROC_PORT", "--extproc-pin-rank", "true"),
+               "weights (1 s scrape) + the ext_proc picker, which also names the picked "
+               "replica's least-loaded DP rank (X-data-parallel-rank)"),
+        Policy("picker-no-rank", ("--metrics", "scrape", "--local-first", "false", *room,
+                                  "--extproc-port", "EXTPROC_PORT",
+                                  "--extproc-pin-rank", "false"),
+               "the same picker naming only the replica: the replica's own DP balancer "
+               "(vLLM's, on counts up to 100 ms old) chooses the rank"),
         Policy("fresh-damped", ("--metrics", "scrape", "--local-first", "false", *room),
                "1 s old loads (direct scrape), damped"),
         Policy("weights-steady", ("--metrics", "scrape", "--local-first", "false", *room,
@@ -170,6 +184,7 @@ CASE_POLICIES = {
 }
 CASE_POLICIES["prefix"] = CASE_POLICIES["main"]
 CASE_POLICIES["extproc"] = ("weights-scrape", EXTPROC_SLOT, "oracle")
+CASE_POLICIES["ranks"] = ("round-robin", "picker-rank", "picker-no-rank", "oracle")
 SWEEP = (Point("50%", 0.5), Point("70%", 0.7), Point("85%", 0.85), Point("95%", 0.95))
 CASE_POINTS = {
     "main": (*SWEEP, Point("bursty", 0.7, "bursty"), Point("slow-replica", 0.85, "hetero"),
@@ -179,6 +194,7 @@ CASE_POINTS = {
     "prefix": (Point("shared-prefix", 0.7, "prefix"),),
     "extproc": (Point("85%", 0.85), Point("95%", 0.95)),
     "herding": (Point("85%", 0.85), Point("95%", 0.95)),
+    "ranks": (Point("85%", 0.85), Point("slow-rank", 0.85, "slow-rank")),
     "hybrid": SWEEP,
 }
 
@@ -208,6 +224,15 @@ def make_plan(args: argparse.Namespace) -> Plan:
         hop_s=args.hop_ms / 1000, hop_chunk_s=args.hop_chunk_ms / 1000,
         probe_s=12.0 if args.quick else 20.0,
     )
+
+
+def point_fault(plan: Plan, point: Point) -> dict[str, Any]:
+    """The simulator fault a point sets on the slow replica while it runs ({}: none)."""
+    if point.kind == "hetero":
+        return {"slowdown": plan.slow_replica_slowdown}
+    if point.kind == "slow-rank":
+        return {"slowdown": plan.slow_replica_slowdown, "slow_rank": plan.slow_rank}
+    return {}
 
 
 def timing_model(plan: Plan) -> dict[str, Any]:
@@ -404,9 +429,10 @@ class Bench:
         began = time.monotonic()
         rate = point.load * self.capacity_rps
         self.show(policy, point, repeat, rate)
-        slow = self.slow_replica() if point.kind == "hetero" else ""
+        fault = point_fault(plan, point)
+        slow = self.slow_replica() if fault else ""
         if slow:
-            self.fleet.fault(slow, {"slowdown": plan.slow_replica_slowdown})
+            self.fleet.fault(slow, fault)
         arrivals = self.arrivals(point, repeat, rate)
         replayer = self.replayer(policy, repeat)
         sampler = Sampler(list(self.fleet.replica_nodes), plan.sample_interval_s)
@@ -450,7 +476,7 @@ class Bench:
             run["oracle_decision_p50_s"] = report.percentile(replayer.decision_s, 50)
             run["oracle_decision_p99_s"] = report.percentile(replayer.decision_s, 99)
         self.runs.append(run)
-        if repeat == 0 and point.name in ("85%", "slow-replica", "skewed-entry"):
+        if repeat == 0 and point.name in ("85%", "slow-replica", "slow-rank", "skewed-entry"):
             self.series[f"{point.name}/{policy.name}"] = sampler.samples
         if control.samples:
             self.control[f"{point.name}/{policy.name}"] = control.samples
@@ -534,7 +560,7 @@ def main(args: argparse.Namespace) -> int:
     chosen = []
     for name in names:
         policy = available[name]
-        if name == EXTPROC_SLOT and not extproc_usable():
+        if "EXTPROC_PORT" in (policy.flags or ()) and not extproc_usable():
             skipped[name] = "`hybridlb serve` cannot host the ext_proc picker in this tree"
             continue
         if policy.needs_prometheus and not with_prometheus:
