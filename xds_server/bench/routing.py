@@ -560,9 +560,6 @@ def main(args: argparse.Namespace) -> int:
     chosen = []
     for name in names:
         policy = available[name]
-        if "EXTPROC_PORT" in (policy.flags or ()) and not extproc_usable():
-            skipped[name] = "`hybridlb serve` cannot host the ext_proc picker in this tree"
-            continue
         if policy.needs_prometheus and not with_prometheus:
             skipped[name] = "Debian's prometheus is not installed"
             continue
@@ -603,9 +600,3 @@ def main(args: argparse.Namespace) -> int:
         progress(f"wrote {path}")
     return 0
 
-
-def extproc_usable() -> bool:
-    """Whether `serve` hosts the picker (`--extproc-port`), which another engineer is building."""
-    from xds_server.commands import serve
-
-    return any(o.flag == "extproc-port" for o in serve.OPTIONS)
