@@ -40,6 +40,18 @@ BODY = json.dumps({"model": TARGET, "max_tokens": 1,
 PICK_TIMEOUT_S = 0.2
 
 
+#: Summary figure -> (part of a run, statistic), each spread over the repeats of a mode.
+SUMMARY = {
+    "picks_failed_open_publishing": ("picks_publishing", "failed"),
+    "picks_publishing_p99_s": ("picks_publishing", "p99"),
+    "picks_publishing_max_s": ("picks_publishing", "max"),
+    "picks_quiet_p50_s": ("picks_quiet", "p50"),
+    "ads_publishing_p99_s": ("ads_publishing", "p99"),
+    "ads_publishing_max_s": ("ads_publishing", "max"),
+    "ads_quiet_p50_s": ("ads_quiet", "p50"),
+}
+
+
 @dataclass(frozen=True)
 class Params:
     repeats: int = 3
@@ -279,20 +291,8 @@ def main(args: argparse.Namespace) -> int:
                                 f"{result['picks_publishing']['n']} picks late while "
                                 f"publishing, {result['snapshots_published']:.0f} snapshots")
     summary = {mode: {
-        "picks_failed_open_publishing": report.spread(
-            r["picks_publishing"]["failed"] for r in runs if r["mode"] == mode),
-        "picks_publishing_p99_s": report.spread(
-            r["picks_publishing"]["p99"] for r in runs if r["mode"] == mode),
-        "picks_publishing_max_s": report.spread(
-            r["picks_publishing"]["max"] for r in runs if r["mode"] == mode),
-        "picks_quiet_p50_s": report.spread(
-            r["picks_quiet"]["p50"] for r in runs if r["mode"] == mode),
-        "ads_publishing_p99_s": report.spread(
-            r["ads_publishing"]["p99"] for r in runs if r["mode"] == mode),
-        "ads_publishing_max_s": report.spread(
-            r["ads_publishing"]["max"] for r in runs if r["mode"] == mode),
-        "ads_quiet_p50_s": report.spread(
-            r["ads_quiet"]["p50"] for r in runs if r["mode"] == mode),
+        key: report.spread(r[part][stat] for r in runs if r["mode"] == mode)
+        for key, (part, stat) in SUMMARY.items()
     } for mode in MODES}
     doc = {"benchmark": "publish", "params": {**params.__dict__, "pools": POOLS,
                                               "replicas_per_pool": PER_POOL,
