@@ -83,10 +83,10 @@ class PolicySettings:
                                      "per slot is averaged before a weight follows it",
                                      flag="balance-window-s")
     #: Persistent: per second, per unit of load per slot, on the log-weight.
-    balance_gain_per_s: float = option(0.3, "persistent: how fast a replica's weight follows "
+    balance_gain_per_s: float = option(0.1, "persistent: how fast a replica's weight follows "
                                        "its lasting excess load per slot over its node's",
                                        flag="balance-gain-per-s")
-    balance_memory_s: float = option(60.0, "persistent: time for a weight to return to "
+    balance_memory_s: float = option(20.0, "persistent: time for a weight to return to "
                                      "capacity once the excess is gone",
                                      flag="balance-memory-s")
     #: Persistent, in service times: the wait worth a cross-node hop saved.
@@ -97,11 +97,11 @@ class PolicySettings:
     #: Persistent: a queue hurts now, so spilling is quick ...
     spill_rate_per_s: float = option(0.15, "persistent: fastest fall of a kept share per "
                                      "second", flag="spill-rate-per-s")
-    #: ... and climbing back slower, so that the loop through Envoy settles, not swings.
-    keep_recover_per_s: float = option(0.05, "persistent: fastest climb of a kept share per "
+    #: ... and climbing back a little slower.
+    keep_recover_per_s: float = option(0.1, "persistent: fastest climb of a kept share per "
                                        "second", flag="keep-recover-per-s")
-    load_smoothing_s: float = option(1.5, "persistent: time over which a node's load per slot "
-                                     "is averaged", flag="load-smoothing-s")
+    load_smoothing_s: float = option(3.0, "persistent: time over which a replica's load per "
+                                     "slot is averaged before the keep shares follow it", flag="load-smoothing-s")
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -150,7 +150,7 @@ class Memory:
     #: node's kept share (0..1).
     tilt: Mapping[str, float] = field(default_factory=dict)
     keep: Mapping[str, float] = field(default_factory=dict)
-    node_load: Mapping[str, float] = field(default_factory=dict)
+    replica_load: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -296,20 +296,23 @@ def decide_persistent(
     A doubted or unknown reading counts as the pool's average, so with stale loads the
     weights drift back to capacity, never to zero or to idle.
 
-    A node keeps a share k of its Envoy's requests that integrates how far the mean wait of
-    the node's own queue exceeds the rest of the pool's (load.mean_wait: Erlang C on the
-    slots read from vLLM, at the load per slot averaged over load_smoothing_s):
+    A node keeps a share k of its Envoy's requests that integrates how far the mean wait at
+    its replicas exceeds the mean wait at the rest of the pool's (load.mean_wait: Erlang C per
+    replica, on the slots read from vLLM, at each replica's load per slot averaged over
+    load_smoothing_s; node and rest weigh their replicas by capacity):
 
-        excess = mean_wait(node) - mean_wait(rest of pool) - spill_margin
-        dk/dt  = -rate * tanh(excess / 0.05)    (rate: spill_rate_per_s while the excess
-                                                 is positive, keep_recover_per_s below)
+        excess = (wait(node) - wait(rest) - spill_margin)
+                 / (wait(node) + wait(rest) + spill_margin)          (in -1..1)
+        dk/dt  = -rate * excess    (rate: spill_rate_per_s while the excess is positive,
+                                    keep_recover_per_s below)
 
-    A small node queues sooner than a big pool at the same load, which is what keeping
-    requests local costs. So a node keeps everything while that cost is under a hop's worth
-    (low load), gives up just enough as load grows that its queue is no worse than the
-    pool's (high load, an uneven ingress, a slow replica), and takes it back as room
-    returns; at bounded rates, quicker to spill than to take back, so that the loop through
-    Envoy settles. No utilization threshold.
+    Each replica is a queue of its own (Envoy picks the replica), so keeping requests on a
+    node costs nothing while its replicas are no fuller than the others: a node keeps
+    everything then (at any load, when the ingress matches the capacity), gives up just
+    enough that its replicas wait no longer than the pool's (an uneven ingress, a slow
+    replica), and takes it back as room returns: at once where nobody waits, slowly near the
+    balance point, so that the loop through Envoy settles rather than swings. No
+    utilization threshold.
     """
     ready = [r for r in pool.replicas if r.state is ReplicaState.READY]
     dt = None if memory.at is None else max(0.0, now - memory.at)
@@ -364,7 +367,8 @@ def decide_persistent(
     for r in ready:
         m = memory.tilt.get(r.address, 0.0)
         if dt:
-            excess = per_slot_average[r.address] - node_average[r.node]
+            # Only as much as the reading is believed: a doubted one lets the weight leak back.
+            excess = fresh[r.address] * (per_slot_average[r.address] - node_average[r.node])
             m += dt * (-settings.balance_gain_per_s * excess - m / settings.balance_memory_s)
             m = min(0.0, max(floor, m))
         tilt[r.address] = m
@@ -389,14 +393,20 @@ def decide_persistent(
     for r in pool.replicas:
         if r.state is not ReplicaState.READY:
             endpoint_weights[r.address] = 0
-    keep, node_load = _keep(ready, occupancy, slots, memory, dt, settings)
+    keep, replica_load = _keep(ready, occupancy, slots, memory, dt, settings)
+    busy: dict[str, float] = {}
+    room: dict[str, float] = {}
+    for r in ready:
+        if r.address in replica_load:
+            busy[r.node] = busy.get(r.node, 0.0) + replica_load[r.address] * r.capacity
+            room[r.node] = room.get(r.node, 0.0) + r.capacity
     return Decision(
         weights=_assemble(pool, endpoint_weights, node_share),
         memory=Memory(at=now, smoothed=smoothed, published=published,
                       slots={a: v for a, v in learned.items() if v is not None},
-                      balance=average, tilt=tilt, node_load=node_load, keep=keep),
+                      balance=average, tilt=tilt, replica_load=replica_load, keep=keep),
         explain=explain,
-        node_utilization={n: round(v, 4) for n, v in node_load.items()},
+        node_utilization={n: round(busy[n] / room[n], 4) for n in room},
         node_keep=keep,
     )
 
@@ -409,24 +419,28 @@ def _keep(
     dt: float | None,
     s: PolicySettings,
 ) -> tuple[dict[str, float], dict[str, float]]:
-    """Each node's kept share (see decide_persistent) and its smoothed load per slot."""
-    room: dict[str, float] = {}
-    busy: dict[str, float] = {}
-    for r in ready:
-        if r.address not in occupancy:
-            continue
-        slots_here = r.capacity * slots[r.address]
-        room[r.node] = room.get(r.node, 0.0) + slots_here
-        busy[r.node] = busy.get(r.node, 0.0) + occupancy[r.address] * slots_here
+    """Each node's kept share (see decide_persistent) and each replica's smoothed load per
+    slot."""
     # Load per slot smoothed over a few readings: the queue a share causes is a mean.
     alpha = 1.0 if not dt else 1.0 - math.exp(-dt / s.load_smoothing_s)
     load: dict[str, float] = {}
-    for node in room:
-        before = memory.node_load.get(node)
-        now = busy[node] / room[node]
-        load[node] = now if before is None else before + alpha * (now - before)
-    total_room = sum(room.values())
-    total_busy = sum(load[n] * room[n] for n in room)
+    for r in ready:
+        if r.address not in occupancy:
+            continue
+        before = memory.replica_load.get(r.address)
+        now = occupancy[r.address]
+        load[r.address] = now if before is None else before + alpha * (now - before)
+    # Envoy picks a replica and vLLM a slot inside it: each replica is a queue of its own,
+    # so a node's wait is the mean of its replicas' (by capacity), not a pooled queue's, and
+    # two nodes as full as each other wait alike however many replicas each has.
+    waits: dict[str, float] = {}
+    room: dict[str, float] = {}
+    for r in ready:
+        if r.address in load:
+            wait = mean_wait(load[r.address], r.capacity * slots[r.address])
+            waits[r.node] = waits.get(r.node, 0.0) + r.capacity * wait
+            room[r.node] = room.get(r.node, 0.0) + r.capacity
+    total_wait, total_room = sum(waits.values()), sum(room.values())
     keep: dict[str, float] = {}
     for node in sorted({r.node for r in ready}):
         k = memory.keep.get(node, 1.0)
@@ -437,18 +451,18 @@ def _keep(
         if rest_room <= 0:  # nowhere else to go
             keep[node] = 1.0
             continue
-        rest = (total_busy - load[node] * room[node]) / rest_room
-        excess = (mean_wait(load[node], room[node]) - mean_wait(rest, rest_room)
-                  - s.spill_margin)
+        here, rest = waits[node] / room[node], (total_wait - waits[node]) / rest_room
         if dt:
+            # Relative to the waits at stake: all-or-nothing moves on any excess swung the
+            # share around the balance point, and a fixed scale made a node that nobody
+            # waits at (low load) climb back as slowly as one at the balance point.
+            excess = (here - rest - s.spill_margin) / max(1e-9, here + rest + s.spill_margin)
             rate = s.spill_rate_per_s if excess > 0 else s.keep_recover_per_s
-            k -= dt * rate * math.tanh(excess / _WAIT_SCALE)
+            k -= dt * rate * excess
         keep[node] = min(1.0, max(0.0, k))
     return keep, load
 
 
-#: Wait difference (service times) past which a kept share moves at its full rate.
-_WAIT_SCALE = 0.05
 #: Load per slot added to both sides of a replica's comparison with the pool, so that near
 #: idle (where nobody waits) a few requests more or less move no weight.
 _IDLE = 0.05
