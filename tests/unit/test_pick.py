@@ -112,6 +112,17 @@ def test_a_queue_loses_to_a_free_slot_whatever_the_configured_room() -> None:
 IDLE_B = Candidate("10.0.0.7:8000", "b", 1, 1, 0)
 
 
+def test_a_full_replica_is_a_wait_for_the_new_request() -> None:
+    """Every slot busy: the new request queues behind them, which a warm prefix cache is not
+    worth while another replica has a slot free, nor is a longer list over more slots."""
+    four = PickSettings(max_num_seqs=4)
+    full = Candidate("10.0.0.1:8000", "a", 1, 4, 0)  # 4 of 4 slots busy
+    free = Candidate("10.0.0.2:8000", "b", 1, 3, 0)  # one slot free
+    assert pick([full, free], prefix_owner=full.address, settings=four) == free
+    big = Candidate("10.0.0.3:8000", "b", 8, 32, 1)  # 2 ahead of it over 32 slots
+    assert pick([full, big], prefix_owner=None, settings=four) == big
+
+
 def test_a_held_request_is_picked_on_its_node_and_its_fallbacks_from_the_pool() -> None:
     local = Candidate("10.0.0.6:8000", "c", 1, 8, 0)  # the fullest, alone on node c
     order = ranked([IDLE, IDLE_B, local], prefix_owner=None, settings=S, held_on="c")
