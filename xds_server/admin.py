@@ -14,7 +14,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -125,12 +125,16 @@ PICKER_STATE_FIELDS = ("address", "node", "capacity", "dp_rank", "state", "runni
                        "read_at", "ranks")
 
 
-def picker_state(state: State) -> dict[str, Any]:
+def picker_state(state: State,
+                 keep: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:
     """The JSON document of /picker/state: what an endpoint picker reads, nothing more.
     A replica without a load reading has null running, waiting and read_at; `ranks` are
     [engine, running, waiting] per engine. Load times are this host's wall clock; the reply's
-    `X-Hybridlb-Time` lets a reader on another host correct for clock skew."""
+    `X-Hybridlb-Time` lets a reader on another host correct for clock skew. A pool's `keep`
+    holds the keep shares per mille by node, the nodes with none left out (an absent `keep`,
+    as older control planes send, holds nothing on any node)."""
     loads = state.loads
+    keep = keep or {}
     pools = []
     for pool in state.pools:
         rows: list[list[Any]] = []
@@ -143,7 +147,8 @@ def picker_state(state: State) -> dict[str, Any]:
                 rows.append([r.address, r.node, r.capacity, r.dp_rank, r.state.value,
                              load.running, load.waiting, load.read_at,
                              [[k.engine, k.running, k.waiting] for k in load.ranks]])
-        pools.append({"name": pool.name, "replicas": rows})
+        shares = {node: share for node, share in keep.get(pool.name, {}).items() if share}
+        pools.append({"name": pool.name, "keep": shares, "replicas": rows})
     return {"version": state.version, "fields": PICKER_STATE_FIELDS, "pools": pools}
 
 
@@ -155,15 +160,26 @@ PICKER_STATE_MAX_LOOP_SHARE = 0.2
 PICKER_STATE_MAX_WAIT_S = 30.0
 
 
-class PickerFeed:
-    """/picker/state, versioned: the ETag names the hub's version, so a reader that has it
-    gets an empty 304 (optionally after waiting up to `wait_s` for a change) instead of the
-    whole fleet again. The ETag carries this process's instance id: a restarted control
-    plane counts versions from 0 again."""
+class KeepSource(Protocol):
+    """The publisher as the feed reads it: the keep shares it published, and their changes."""
 
-    def __init__(self, state: State, *, min_interval_s: float = PICKER_STATE_MIN_INTERVAL_S,
+    published: Published
+    keep_version: int
+
+    async def wait_keep_change(self, seen_version: int) -> int: ...
+
+
+class PickerFeed:
+    """/picker/state, versioned: the ETag names the hub's version and that of the published
+    keep shares, so a reader that has it gets an empty 304 (optionally after waiting up to
+    `wait_s` for a change) instead of the whole fleet again. The ETag carries this process's
+    instance id: a restarted control plane counts versions from 0 again."""
+
+    def __init__(self, state: State, *, keep: KeepSource | None = None,
+                 min_interval_s: float = PICKER_STATE_MIN_INTERVAL_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._state = state
+        self._keep = keep
         self._min_interval_s = min_interval_s
         self._clock = clock
         self._instance = uuid.uuid4().hex[:12]
@@ -176,19 +192,38 @@ class PickerFeed:
         self.waiting = 0
 
     def current(self) -> tuple[str, bytes]:
-        """(ETag, body) of the latest render, rendering again if the hub changed since and
-        the last render is at least `min_interval_s` old."""
-        etag = f'"{self._instance}-{self._state.version}"'
+        """(ETag, body) of the latest render, rendering again if the hub or the keep shares
+        changed since and the last render is at least `min_interval_s` old."""
+        etag = self._current_etag()
         now = self._clock()
         if etag != self._etag and now - self._at >= self._interval_s():
-            self._body = json.dumps(picker_state(self._state)).encode()
+            keep = self._keep.published.keep if self._keep is not None else None
+            self._body = json.dumps(picker_state(self._state, keep)).encode()
             self._etag, self._at = etag, now
             self._cost_s = self._clock() - now
             self.renders += 1
         return self._etag, self._body
 
+    def _current_etag(self) -> str:
+        keep = self._keep.keep_version if self._keep is not None else 0
+        return f'"{self._instance}-{self._state.version}-{keep}"'
+
     def _interval_s(self) -> float:
         return max(self._min_interval_s, self._cost_s / PICKER_STATE_MAX_LOOP_SHARE)
+
+    async def _changed(self, wait_s: float) -> bool:
+        """Whether the hub or the keep shares changed within `wait_s`."""
+        waits = [asyncio.ensure_future(self._state.wait_change(self._state.version))]
+        if self._keep is not None:
+            waits.append(asyncio.ensure_future(
+                self._keep.wait_keep_change(self._keep.keep_version)))
+        try:
+            done, _ = await asyncio.wait(waits, timeout=wait_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            return bool(done)
+        finally:
+            for wait in waits:
+                wait.cancel()
 
     async def wait_other_than(self, etag: str, wait_s: float) -> None:
         """Return once a render with another ETag is due, or after `wait_s`."""
@@ -197,11 +232,9 @@ class PickerFeed:
             left = deadline - self._clock()
             if left <= 0:
                 return
-            if self._etag == f'"{self._instance}-{self._state.version}"':
-                # Unchanged since the render the reader has: wait for the hub to change.
-                try:
-                    await asyncio.wait_for(self._state.wait_change(self._state.version), left)
-                except TimeoutError:
+            if self._etag == self._current_etag():
+                # Unchanged since the render the reader has: wait for a change.
+                if not await self._changed(left):
                     return
             else:  # changed, but rendered too recently: the next render is due soon
                 await asyncio.sleep(min(left, max(0.0, self._at + self._interval_s()

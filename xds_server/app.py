@@ -69,7 +69,7 @@ class App:
         self._extproc: grpc.aio.Server | None = None
         self._admin: web.AppRunner | None = None
         self._feed: web.AppRunner | None = None
-        self.feed = admin.PickerFeed(self.state)
+        self.feed = admin.PickerFeed(self.state, keep=self.publisher)
         #: The endpoint picker's own process (`--extproc-port` without `--extproc-in-process`).
         self.picker: PickerChild | None = None
 
@@ -147,7 +147,8 @@ class App:
     async def _start_extproc(self) -> None:
         """The endpoint picker on its own port, reading this process's state."""
         s = self.settings.extproc
-        picker = Picker(state=LocalState(self.state), metrics=self.metrics, settings=s.pick,
+        picker = Picker(state=LocalState(self.state, keep=lambda: self.publisher.published.keep),
+                        metrics=self.metrics, settings=s.pick,
                         model_header=self.settings.envoy.model_header)
         server = new_server()
         add_to_server(server, picker)

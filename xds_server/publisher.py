@@ -128,6 +128,9 @@ class Publisher:
         self._memory: dict[str, Memory] = {}
         self._plan: Plan | None = None
         self.published = Published()
+        #: Bumped whenever the published keep shares change (the picker feed follows them).
+        self.keep_version = 0
+        self._keep_changed = asyncio.Event()
         cache.set_source(self)
 
     async def run(self) -> None:
@@ -152,6 +155,12 @@ class Publisher:
         views = self._cache.views_in_use(_nodes(pools))
         decided, built = await asyncio.to_thread(self._decide_and_build, pools, loads, views)
         return self._finish(decided, built, started, version)
+
+    async def wait_keep_change(self, seen_version: int) -> int:
+        """Return `keep_version` once it differs from `seen_version`."""
+        while self.keep_version == seen_version:
+            await self._keep_changed.wait()
+        return self.keep_version
 
     def publish_now(self) -> bool:
         """`publish` on the calling thread: at startup, before anything is served."""
@@ -242,6 +251,7 @@ class Publisher:
         self._plan = plan
         changed = self._cache.set_snapshots(plan.nodes, views)
         membership_changed = decided.pools != self.published.pools
+        keep_changed = decided.keep != self.published.keep
         elapsed = time.perf_counter() - started
         self.published = Published(
             state_version=state_version,
@@ -256,6 +266,10 @@ class Publisher:
             at=decided.at,
         )
         self._export(decided.inputs, time.time())
+        if keep_changed:
+            self.keep_version += 1
+            self._keep_changed.set()
+            self._keep_changed = asyncio.Event()
         if changed:
             self._metrics.snapshots.inc()
             self._metrics.snapshot_version.set(self._cache.version)

@@ -253,8 +253,6 @@ class PickSettings:
     affinity_bonus: float = option(0.15, "score bonus (in units of a replica's room) for the "
                                    "replica that last took a prompt's leading block",
                                    flag="affinity-bonus")
-    locality_bonus: float = option(0.05, "score bonus for a replica on the asking Envoy's "
-                                   "node", flag="locality-bonus")
     #: Characters of the prompt that make up its leading block (about 64 tokens).
     prefix_chars: int = 256
     #: Below Envoy's per-connection buffer limit (1 MiB), which the picker asks Envoy to

@@ -1,7 +1,8 @@
 """`serve --extproc-port`: the picker runs in a child process of its own, with real Envoy.
 
 It answers picks from that child, survives the child's death (restarted; requests fail open
-meanwhile) and goes away with `serve`.
+meanwhile) and goes away with `serve`; the child holds a node Envoy's requests on its node only
+as the control plane's keep shares say (none with `--local-first false`).
 """
 
 from __future__ import annotations
@@ -29,29 +30,38 @@ class Stack:
         self.cp = ControlPlane(workdir, pools, listener_port=free_ports(1)[0], extra=[
             "--metrics", "none", "--extproc-port", str(free_ports(1)[0]),
             # Generous: a late pick fails open (correct, but not what is tested here).
-            "--extproc-timeout-s", "2"])
+            "--extproc-timeout-s", "2", "--local-first", "false"])
         self.envoy = Envoy(workdir, xds_port=self.cp.xds_port)
+        #: An Envoy on node-b, the node of the second replica.
+        self.node_envoy = Envoy(workdir, xds_port=self.cp.xds_port, node="node-b",
+                                name="envoy-node-b")
         self.failures: list[str] = []
+        self.served: list[str] = []
 
     def picker(self) -> dict[str, int]:
         doc: dict[str, int] = self.cp.state()["picker"]
         return doc
 
-    def picked(self, client: httpx.Client) -> bool:
+    def picked(self, client: httpx.Client, envoy: Envoy | None = None) -> bool:
         """One request; True if a replica answered it where the picker said. Requests that
         fail are kept in `failures` (wait_for would swallow an assertion)."""
-        r = client.post(self.envoy.url + "/v1/completions",
+        return bool(self.pick(client, envoy) == self.served[-1])
+
+    def pick(self, client: httpx.Client, envoy: Envoy | None = None) -> str:
+        """One request; the replica the picker named first ("" if none), the one that
+        answered appended to `served`."""
+        r = client.post((envoy or self.envoy).url + "/v1/completions",
                         json={"model": "qwen3", "prompt": "hello"})
         if r.status_code != 200:
             self.failures.append(f"{r.status_code} {r.text[:200]}")
-        return bool(r.headers.get("x-hybridlb-picked", "").split(",")[0]
-                    == r.headers["x-hybridlb-replica"])
+        self.served.append(r.headers.get("x-hybridlb-replica", ""))
+        return r.headers.get("x-hybridlb-picked", "").split(",")[0]
 
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(tmp_path_factory.mktemp("picker_process"))
-    with running(s.upstreams, s.cp, s.envoy):
+    with running(s.upstreams, s.cp, s.envoy, s.node_envoy):
         yield s
 
 
@@ -70,6 +80,18 @@ def test_picks_come_from_a_child_process(stack: Stack) -> None:
     assert pid != stack.cp.proc.pid
     assert _parent(pid) == stack.cp.proc.pid
     assert f"endpoint picker process {pid} started" in stack.cp.output()
+
+
+def test_without_local_first_a_node_envoys_picks_are_not_held_on_its_node(stack: Stack) -> None:
+    """Every keep share is 0: the picker chooses over the whole pool (here, idle replicas:
+    by its own pending picks), never for being on the asking Envoy's node."""
+    local, remote = stack.addresses[1], stack.addresses[0]
+    with httpx.Client(timeout=10) as client:
+        wait_for(lambda: stack.picked(client, stack.node_envoy), 30, "a node Envoy's pick")
+        picks = [stack.pick(client, stack.node_envoy) for _ in range(10)]
+    assert stack.failures == []
+    assert picks == stack.served[-10:]  # every pick obeyed
+    assert picks.count(remote) >= 4 and picks.count(local) >= 4
 
 
 def test_a_killed_picker_is_restarted_and_requests_flow_meanwhile(stack: Stack) -> None:

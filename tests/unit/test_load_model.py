@@ -8,7 +8,13 @@ import math
 import pytest
 
 from xds_server.model import Load, Pool, RankLoad, Replica
-from xds_server.policy.load import learn_slots, observed_slots, per_slot, pool_slots
+from xds_server.policy.load import (
+    expected_wait,
+    learn_slots,
+    observed_slots,
+    per_slot,
+    pool_slots,
+)
 from xds_server.policy.weights import SCALE, Decision, Memory, PolicySettings, decide
 
 A1 = Replica("10.0.0.1", 8000, "node-a", capacity=2)
@@ -73,6 +79,16 @@ def test_replicas_never_seen_full_take_the_pools_room_else_the_configured_hint()
 def test_load_per_slot_passes_one_when_requests_queue(running: float, waiting: float,
                                                       expected: float) -> None:
     assert per_slot(running, waiting, capacity=2, slots=4) == expected
+
+
+@pytest.mark.parametrize(("running", "waiting", "ahead"),
+                         [(0, 0, 0), (7, 0, 0), (8, 0, 1), (6, 3, 2), (8, 8, 9)])
+def test_a_new_request_waits_behind_the_requests_without_a_slot(
+        running: float, waiting: float, ahead: int) -> None:
+    """Counting itself: with every slot busy it waits a slot's turn, not nothing."""
+    tie_break = 0.01 * per_slot(running, waiting, capacity=2, slots=4)
+    assert expected_wait(running, waiting, capacity=2, slots=4) - tie_break == pytest.approx(
+        ahead / 8)
 
 
 def test_evenly_loaded_replicas_keep_their_capacity_weights() -> None:

@@ -6,7 +6,14 @@ import json
 
 import pytest
 
-from xds_server.extproc.pick import Candidate, Unreadable, pick, read_request
+from xds_server.extproc.pick import (
+    Candidate,
+    KeepCredits,
+    Unreadable,
+    pick,
+    ranked,
+    read_request,
+)
 from xds_server.extproc.state import PendingPicks, PrefixOwners
 from xds_server.settings import PickSettings
 
@@ -17,35 +24,34 @@ BIG = Candidate("10.0.0.3:8000", "b", 2, 5, 1)
 
 
 def test_least_expected_wait_wins() -> None:
-    assert pick([BUSY, IDLE], prefix_owner=None, envoy_node="", settings=S) == IDLE
+    assert pick([BUSY, IDLE], prefix_owner=None, settings=S) == IDLE
 
 
 def test_capacity_divides_the_wait() -> None:
     # 5 running + 1 waiting over two ranks is less load per slot than over one.
-    assert pick([BUSY, BIG], prefix_owner=None, envoy_node="", settings=S) == BIG
+    assert pick([BUSY, BIG], prefix_owner=None, settings=S) == BIG
 
 
 def test_pending_picks_count_against_a_replica() -> None:
     crowded = Candidate("10.0.0.1:8000", "a", 1, 0, 0, pending=10)
-    assert pick([crowded, BUSY], prefix_owner=None, envoy_node="", settings=S) == BUSY
+    assert pick([crowded, BUSY], prefix_owner=None, settings=S) == BUSY
 
 
 def test_prefix_affinity_breaks_near_ties_but_not_a_queue() -> None:
     slightly_busy = Candidate("10.0.0.4:8000", "a", 1, 1, 0)
-    assert pick([IDLE, slightly_busy], prefix_owner=slightly_busy.address, envoy_node="",
+    assert pick([IDLE, slightly_busy], prefix_owner=slightly_busy.address,
                 settings=S) == slightly_busy
     full = Candidate("10.0.0.5:8000", "a", 1, 10, 8)  # a queue past the room threshold
-    assert pick([IDLE, full], prefix_owner=full.address, envoy_node="", settings=S) == IDLE
+    assert pick([IDLE, full], prefix_owner=full.address, settings=S) == IDLE
 
 
-def test_locality_breaks_ties() -> None:
+def test_ties_go_to_the_lexically_first_address() -> None:
     twin = Candidate("10.0.0.9:8000", "b", 1, 0, 0)
-    assert pick([IDLE, twin], prefix_owner=None, envoy_node="b", settings=S) == twin
-    assert pick([IDLE, twin], prefix_owner=None, envoy_node="", settings=S) == IDLE
+    assert pick([twin, IDLE], prefix_owner=None, settings=S) == IDLE
 
 
 def test_no_candidates_no_pick() -> None:
-    assert pick([], prefix_owner=None, envoy_node="", settings=S) is None
+    assert pick([], prefix_owner=None, settings=S) is None
 
 
 def body(**doc: object) -> bytes:
@@ -96,16 +102,54 @@ def test_pending_counts_only_picks_after_the_reading() -> None:
     assert pending.since("r", read_at=50.0, now=1000.0) == 0  # past the horizon
 
 
-def test_a_local_replica_with_room_wins_over_an_emptier_remote_one() -> None:
-    local = Candidate("10.0.0.6:8000", "a", 1, 8, 0)
-    assert pick([IDLE_B, local], prefix_owner=None, envoy_node="a", settings=S) == local
-
-
-def test_a_local_queue_loses_to_a_remote_free_slot_whatever_the_configured_room() -> None:
+def test_a_queue_loses_to_a_free_slot_whatever_the_configured_room() -> None:
     # The replicas run 4 per rank (read from the one with requests waiting), not 256.
     queued = Candidate("10.0.0.6:8000", "a", 1, 4, 3)
     roomy = PickSettings(max_num_seqs=256)
-    assert pick([IDLE_B, queued], prefix_owner=None, envoy_node="a", settings=roomy) == IDLE_B
+    assert pick([IDLE_B, queued], prefix_owner=None, settings=roomy) == IDLE_B
 
 
 IDLE_B = Candidate("10.0.0.7:8000", "b", 1, 1, 0)
+
+
+def test_a_full_replica_is_a_wait_for_the_new_request() -> None:
+    """Every slot busy: the new request queues behind them, which a warm prefix cache is not
+    worth while another replica has a slot free, nor is a longer list over more slots."""
+    four = PickSettings(max_num_seqs=4)
+    full = Candidate("10.0.0.1:8000", "a", 1, 4, 0)  # 4 of 4 slots busy
+    free = Candidate("10.0.0.2:8000", "b", 1, 3, 0)  # one slot free
+    assert pick([full, free], prefix_owner=full.address, settings=four) == free
+    big = Candidate("10.0.0.3:8000", "b", 8, 32, 1)  # 2 ahead of it over 32 slots
+    assert pick([full, big], prefix_owner=None, settings=four) == big
+
+
+def test_a_held_request_is_picked_on_its_node_and_its_fallbacks_from_the_pool() -> None:
+    local = Candidate("10.0.0.6:8000", "c", 1, 8, 0)  # the fullest, alone on node c
+    order = ranked([IDLE, IDLE_B, local], prefix_owner=None, settings=S, held_on="c")
+    assert order == [local, IDLE, IDLE_B]
+    assert ranked([IDLE, IDLE_B, local], prefix_owner=None, settings=S)[0] == IDLE
+
+
+def test_a_held_request_goes_to_the_pool_when_its_node_has_no_candidate() -> None:
+    order = ranked([IDLE_B, IDLE], prefix_owner=None, settings=S, held_on="d")
+    assert order == [IDLE, IDLE_B]
+
+
+def credits_held(keep: int, requests: int) -> list[bool]:
+    credits = KeepCredits()
+    return [credits.hold("m", "a", keep) for _ in range(requests)]
+
+
+def test_keep_credits_hold_exactly_the_keep_share_evenly() -> None:
+    assert credits_held(1000, 8) == [True] * 8
+    assert credits_held(0, 8) == [False] * 8
+    assert credits_held(250, 8) == [False, False, False, True] * 2
+    assert sum(credits_held(700, 1000)) == 700
+
+
+def test_keep_credits_count_each_pool_and_node_apart() -> None:
+    credits = KeepCredits()
+    held = [(credits.hold("m", "a", 500), credits.hold("m", "b", 500),
+             credits.hold("n", "a", 500)) for _ in range(2)]
+    assert held == [(False, False, False), (True, True, True)]
+    assert not any(credits.hold("m", "", 1000) for _ in range(3))  # no node: nothing held

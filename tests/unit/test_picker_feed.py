@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from xds_server import admin
 from xds_server.extproc.state import RemoteState
 from xds_server.metrics import Metrics
 from xds_server.model import Load, Pool, RankLoad, Replica, ReplicaState
+from xds_server.policy.weights import PolicySettings
+from xds_server.publisher import Publisher
 from xds_server.settings import (
+    EnvoySettings,
     ExtprocSettings,
     PickSettings,
     Settings,
@@ -23,6 +29,7 @@ from xds_server.settings import (
     XdsSettings,
 )
 from xds_server.state import State
+from xds_server.xds.cache import SnapshotCache
 
 A, B = Replica("10.0.0.1", 8000, "n1", capacity=2, dp_rank=4), Replica("10.0.0.2", 8000, "n2")
 
@@ -148,6 +155,98 @@ async def test_remote_state_follows_the_feed(
         await asyncio.wait_for(drained(), 10)
     finally:
         follow.cancel()
+
+
+KEEP = tuple[State, Publisher, admin.PickerFeed, TestClient]
+
+
+@pytest.fixture
+async def with_keep() -> AsyncIterator[KEEP]:
+    """A feed of a hub whose publisher decides keep shares from each reading at once."""
+    state = State()
+    state.set_pools("file", [Pool("m", (Replica("10.0.0.1", 8000, "n1"),
+                                        Replica("10.0.0.2", 8000, "n2")))])
+    idle = Load(0, 0, read_at=time.time())
+    state.set_loads({"10.0.0.1:8000": idle, "10.0.0.2:8000": idle})
+    publisher = Publisher(state=state, cache=SnapshotCache(), metrics=Metrics(),
+                          settings=EnvoySettings(), policy=PolicySettings(
+                              model="queue", max_num_seqs=10, smoothing_s=0, max_step_per_s=0,
+                              deadband=0))
+    publisher.publish_now()
+    feed = admin.PickerFeed(state, keep=publisher, min_interval_s=0)
+    app = admin.build_app(metrics=Metrics(), ready=lambda: True, state=dict,
+                          picker_feed=feed)
+    async with TestClient(TestServer(app)) as client:
+        yield state, publisher, feed, client
+
+
+def keep_of(doc: dict[str, Any]) -> dict[str, int]:
+    [pool] = doc["pools"]
+    shares: dict[str, int] = pool["keep"]
+    return shares
+
+
+async def test_the_feed_carries_the_published_keep_shares_and_wakes_on_their_change(
+    with_keep: KEEP
+) -> None:
+    state, publisher, feed, client = with_keep
+    first = await client.get("/picker/state")
+    assert keep_of(await first.json()) == {"n1": 1000, "n2": 1000}
+    # n1 fills up: the hub changes at once, the keep shares when the publisher has decided.
+    state.set_loads({"10.0.0.1:8000": Load(10, 5, read_at=time.time())})
+    second = await client.get("/picker/state", headers={"If-None-Match": first.headers["ETag"]})
+    assert second.status == 200 and keep_of(await second.json()) == {"n1": 1000, "n2": 1000}
+    poll = asyncio.create_task(client.get("/picker/state", params={"wait_s": "30"}, headers={
+        "If-None-Match": second.headers["ETag"]}))
+
+    async def waiting() -> None:
+        while feed.waiting != 1:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(waiting(), 10)
+    publisher.publish_now()  # no change to the hub: the keep shares alone wake the reader
+    third = await asyncio.wait_for(poll, 10)
+    assert third.status == 200
+    assert keep_of(await third.json()) == {"n1": 50, "n2": 1000}
+
+
+async def test_a_node_that_keeps_nothing_is_left_out_of_the_feed() -> None:
+    state = _hub()
+    feed = admin.PickerFeed(state, min_interval_s=0)
+    assert keep_of(json.loads(feed.current()[1])) == {}
+    doc = admin.picker_state(state, {"m": {"n1": 0, "n2": 350}})
+    assert keep_of(doc) == {"n2": 350}
+
+
+async def test_remote_state_reads_keep_shares_and_none_from_an_older_control_plane(
+    with_keep: KEEP
+) -> None:
+    _, _, _, client = with_keep
+    remote = RemoteState(str(client.make_url("/")), interval_s=0)
+    follow = asyncio.create_task(remote.run())
+    try:
+        await asyncio.wait_for(remote.ready.wait(), 10)
+        assert (remote.keep("m", "n1"), remote.keep("m", "n2")) == (1000, 1000)
+        assert (remote.keep("m", "n3"), remote.keep("other", "n1")) == (0, 0)
+    finally:
+        follow.cancel()
+    old = {"version": 1, "fields": admin.PICKER_STATE_FIELDS, "pools": [
+        {"name": "m", "replicas": [["10.0.0.1:8000", "n1", 1, 0, "ready", 0, 0, None, []]]}]}
+
+    async def older_feed(request: web.Request) -> web.Response:
+        return web.json_response(old, headers={"X-Hybridlb-Time": repr(time.time())})
+
+    app = web.Application()
+    app.router.add_get("/picker/state", older_feed)
+    async with TestClient(TestServer(app)) as older:
+        remote = RemoteState(str(older.make_url("/")), interval_s=0)
+        follow = asyncio.create_task(remote.run())
+        try:
+            await asyncio.wait_for(remote.ready.wait(), 10)
+            assert [c.address for c in remote.candidates("m") or []] == ["10.0.0.1:8000"]
+            assert remote.keep("m", "n1") == 0
+        finally:
+            follow.cancel()
 
 
 def test_serves_picker_gets_serves_certificate_and_pick_settings() -> None:

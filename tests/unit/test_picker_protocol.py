@@ -29,8 +29,10 @@ BODY = json.dumps({"model": "m", "prompt": "hi"}).encode()
 
 
 class FakeState:
-    def __init__(self, candidates: list[Candidate]) -> None:
+    def __init__(self, candidates: list[Candidate], keep: dict[str, int] | None = None) -> None:
         self.pool = candidates
+        #: Pool m's keep shares by node.
+        self.keeps = keep or {}
         self.picks: list[tuple[str, int | None]] = []
         self.served: list[tuple[str, str]] = []
 
@@ -39,6 +41,9 @@ class FakeState:
 
     def default_pool(self) -> str:
         return "m"
+
+    def keep(self, pool: str, node: str) -> int:
+        return self.keeps.get(node, 0) if pool == "m" else 0
 
     def note_pick(self, address: str, rank: int | None = None) -> None:
         self.picks.append((address, rank))
@@ -50,8 +55,11 @@ class FakeState:
 class FakeContext:
     aborted: Any = None
 
-    def invocation_metadata(self) -> tuple[()]:
-        return ()
+    def __init__(self, node: str = "") -> None:
+        self.node = node
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("x-hybridlb-node", self.node),) if self.node else ()
 
     def peer(self) -> str:
         return "ipv4:127.0.0.1:1"
@@ -259,3 +267,43 @@ def test_a_stream_with_no_message_for_the_idle_time_is_ended(
 
     assert asyncio.run(asyncio.wait_for(collect(), 5)) == []
     assert p._metrics.extproc_requests.labels("idle_stream")._value.get() == 1
+
+
+#: Node n3's only replica, with a queue: never the pool's best.
+QUEUED = Candidate("10.0.0.3:8000", "n3", 1, 4, 3)
+
+
+def picks_from(node: str, state: FakeState, requests: int,
+               subset: list[str] | None = None) -> list[str]:
+    """The replica each of `requests` requests from an Envoy on `node` is picked for."""
+    p = picker(state)
+    return [destination(run(p, [headers(subset=subset), body()], FakeContext(node))[1])[0]
+            .split(",")[0] for _ in range(requests)]
+
+
+def test_a_keep_share_of_1000_holds_every_request_on_the_envoys_node() -> None:
+    state = FakeState([A, B, QUEUED], keep={"n3": 1000})
+    assert picks_from("n3", state, 8) == [QUEUED.address] * 8
+    # Its fallbacks still come from the whole pool, best first.
+    out = run(picker(state), [headers(), body()], FakeContext("n3"))
+    assert destination(out[1])[0] == f"{QUEUED.address},{A.address},{B.address}"
+
+
+def test_a_keep_share_of_0_picks_from_the_pool_even_past_a_local_free_slot() -> None:
+    # --local-first false: every keep share is 0; n2's replica has room, n1's is emptier.
+    state = FakeState([A, B, QUEUED], keep={"n1": 0, "n2": 0, "n3": 0})
+    assert picks_from("n2", state, 4) == [A.address] * 4
+
+
+def test_a_keep_share_of_250_holds_exactly_one_request_in_four() -> None:
+    state = FakeState([A, B, QUEUED], keep={"n3": 250})
+    assert picks_from("n3", state, 8) == [A.address] * 3 + [QUEUED.address] + (
+        [A.address] * 3 + [QUEUED.address])
+
+
+def test_a_held_request_goes_to_the_pool_when_its_node_has_no_candidate() -> None:
+    state = FakeState([A, B, QUEUED], keep={"n3": 1000, "n4": 1000})
+    assert picks_from("n3", state, 1) == [QUEUED.address]
+    # The subset hint leaves n3 none; n4 has no replica at all.
+    assert picks_from("n3", state, 2, subset=[A.address, B.address]) == [A.address] * 2
+    assert picks_from("n4", state, 2) == [A.address] * 2

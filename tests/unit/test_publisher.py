@@ -139,3 +139,23 @@ async def test_a_build_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) 
     runner.cancel()
     await ticker
     assert saw_the_loop_run == [True]
+
+
+def test_the_keep_version_moves_with_the_keep_shares_not_with_every_snapshot() -> None:
+    state, cache = State(), SnapshotCache()
+    publisher = Publisher(state=state, cache=cache, metrics=Metrics(), settings=EnvoySettings(),
+                          policy=PolicySettings(max_num_seqs=10, smoothing_s=0,
+                                                max_step_per_s=0, deadband=0, model="queue"))
+    state.set_pools("test", [Pool("p", (A, B))])
+    state.set_loads({A.address: Load(running=0, waiting=0, read_at=time.time()),
+                     B.address: Load(running=0, waiting=0, read_at=time.time())})
+    assert publisher.publish_now()
+    assert (publisher.keep_version, publisher.published.keep) == (
+        1, {"p": {"node-a": 1000, "node-b": 1000}})
+    # Other weights, the same keep shares (node-a still has room).
+    state.set_loads({A.address: Load(running=5, waiting=0, read_at=time.time())})
+    assert publisher.publish_now()
+    assert publisher.keep_version == 1
+    state.set_loads({A.address: Load(running=10, waiting=5, read_at=time.time())})
+    assert publisher.publish_now()
+    assert publisher.keep_version == 2 and publisher.published.keep["p"]["node-a"] < 1000

@@ -1,23 +1,26 @@
-"""The endpoint picker's decision: pure functions, no I/O, no protobuf.
+"""The endpoint picker's decision: no I/O, no protobuf.
 
-What a request tells the picker (`read_request`) and which replica it goes to (`pick`).
+What a request tells the picker (`read_request`) and which replica it goes to (`ranked`).
 The score of a replica is its expected wait in service times, from the load model the
-weight policy uses too (policy/load.py: 0 while a slot is free, plus a hundredth of the load
-per slot), with the room per rank read from the replicas that have requests waiting
-(`max_num_seqs` only while none has):
+weight policy uses too (policy/load.py: the requests queued ahead of this one per slot, 0
+while a slot is free, plus a hundredth of the load per slot), with the room per rank read
+from the replicas that have requests waiting (`max_num_seqs` only while none has):
 
     wait     = expected_wait(running, waiting, capacity, slots, pending)
     score    = wait
                - affinity_bonus   if the request's leading block was last sent there and
                                   that replica's wait is below room_threshold (its KV cache
                                   likely still holds the prefix)
-               - locality_bonus   if the replica is on the node of the Envoy that asks (a
-                                  hop's worth of wait: local wins while it has room, as
-                                  the keep shares decide)
 
 `pending` counts this picker's own picks that the latest load reading cannot yet include
 (vLLM's internal balancer counts its own picks the same way). Lowest score wins; ties go to
 the lexically first address, so that two pickers with the same state agree.
+
+Locality is the control plane's keep shares, not a score: of the requests from an Envoy on
+node N, exactly keep[N] per mille are picked among N's candidates only (`KeepCredits`; all
+candidates when N has none), the rest among all of them, as Envoy's own route splits them
+when no picker runs. With `--local-first false` every keep share is 0: no request is held
+on its node.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import json
 from dataclasses import dataclass
 
 from xds_server.policy.load import expected_wait, slots_now
+from xds_server.policy.views import PER_MILLE
 from xds_server.settings import PickSettings
 
 
@@ -120,11 +124,36 @@ def wait(c: Candidate, slots: float) -> float:
     return expected_wait(c.running, c.waiting, c.capacity, slots, c.pending)
 
 
+class KeepCredits:
+    """Which requests from an Envoy's node are held on that node: exactly `keep` per mille
+    of them, evenly spread and without randomness. Each request adds `keep` to its (pool,
+    node) credit; one that brings it to 1000 is held and takes 1000 off."""
+
+    def __init__(self) -> None:
+        #: Only for shares strictly between 0 and 1000: bounded by the pools' nodes.
+        self._credit: dict[tuple[str, str], int] = {}
+
+    def hold(self, pool: str, node: str, keep: int) -> bool:
+        if not node or keep <= 0:
+            return False
+        if keep >= PER_MILLE:
+            return True
+        credit = self._credit.get((pool, node), 0) + keep
+        held = credit >= PER_MILLE
+        self._credit[pool, node] = credit - PER_MILLE if held else credit
+        return held
+
+
+def on_node(candidates: list[Candidate], node: str) -> list[Candidate]:
+    """The candidates on `node`; all of them when none is there."""
+    local = [c for c in candidates if c.node == node]
+    return local or candidates
+
+
 def pick(
     candidates: list[Candidate],
     *,
     prefix_owner: str | None,
-    envoy_node: str,
     settings: PickSettings,
 ) -> Candidate | None:
     """The candidate with the lowest score (see the module docstring); None if none."""
@@ -137,8 +166,6 @@ def pick(
         score = w
         if prefix_owner == c.address and w < settings.room_threshold:
             score -= settings.affinity_bonus
-        if envoy_node and c.node == envoy_node:
-            score -= settings.locality_bonus
         key = (score, c.address)
         if best is None or key < best:
             best, chosen = key, c
@@ -149,14 +176,17 @@ def ranked(
     candidates: list[Candidate],
     *,
     prefix_owner: str | None,
-    envoy_node: str,
     settings: PickSettings,
+    held_on: str = "",
 ) -> list[Candidate]:
-    """The pick first, then up to `settings.fallbacks` more, each the pick among the rest."""
+    """The pick first, then up to `settings.fallbacks` more, each the pick among the rest.
+    `held_on` names the node a held request is picked on (see `KeepCredits`); its fallbacks
+    come from the whole pool, for a retry to find a replica where the node has none left."""
     left = list(candidates)
     out: list[Candidate] = []
     while left and len(out) <= settings.fallbacks:
-        chosen = pick(left, prefix_owner=prefix_owner, envoy_node=envoy_node, settings=settings)
+        among = on_node(left, held_on) if held_on and not out else left
+        chosen = pick(among, prefix_owner=prefix_owner, settings=settings)
         if chosen is None:
             break
         out.append(chosen)

@@ -42,6 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from xds_server.extproc.pick import (
     Candidate,
+    KeepCredits,
     Unreadable,
     all_queued,
     in_subset,
@@ -141,6 +142,7 @@ class Picker:
         self._settings = settings
         self._model_header = model_header
         self._prefixes = PrefixOwners()
+        self._credits = KeepCredits()
         self._malformed_log = RareLog()
 
     async def Process(
@@ -297,8 +299,10 @@ class Picker:
             self._count("queue_full")
             return None, _refuse(http_status_pb2.StatusCode.TooManyRequests,
                                  "every endpoint's queue is full"), None
+        # After the 429 check: a full node is no reason to refuse while the pool has room.
+        held = self._credits.hold(pool, s.node, self._state.keep(pool, s.node))
         order = ranked(candidates, prefix_owner=self._prefixes.get(info.prefix),
-                       envoy_node=s.node, settings=self._settings)
+                       settings=self._settings, held_on=s.node if held else "")
         if not order:
             self._count("no_candidate")
             return None, None, None

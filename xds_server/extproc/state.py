@@ -2,7 +2,9 @@
 runs inside `hybridlb serve`, or the control plane's /picker/state when it runs in its own
 process.
 
-Both count the picker's own recent picks that the latest load reading cannot include yet.
+Both count the picker's own recent picks that the latest load reading cannot include yet,
+and both give the keep shares the control plane published (pick.KeepCredits holds that
+share of a node's requests on the node).
 """
 
 from __future__ import annotations
@@ -13,13 +15,14 @@ import dataclasses
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 import aiohttp
 
 from xds_server.extproc.pick import Candidate, Rank
 from xds_server.model import RankLoad, ReplicaState
+from xds_server.policy.views import PER_MILLE
 from xds_server.state import State
 
 log = logging.getLogger(__name__)
@@ -31,6 +34,10 @@ class PickerState(Protocol):
 
     def default_pool(self) -> str:
         """The pool requests naming none go to (the first), or "" with no pools."""
+
+    def keep(self, pool: str, node: str) -> int:
+        """Per mille of the pool's requests from an Envoy on `node` to hold there (0: none,
+        also for an unknown pool or node)."""
 
     def note_pick(self, address: str, rank: int | None = None) -> None: ...
 
@@ -67,11 +74,17 @@ class PendingPicks:
         return len(picks) - bisect.bisect_right(picks, read_at)
 
 
-class LocalState:
-    """The control plane's hub, read in the same process."""
+#: pool -> node -> keep share per mille, as the publisher decided them.
+KeepShares = Mapping[str, Mapping[str, int]]
 
-    def __init__(self, state: State) -> None:
+
+class LocalState:
+    """The control plane's hub, read in the same process; `keep` gives the keep shares
+    published last."""
+
+    def __init__(self, state: State, keep: Callable[[], KeepShares] = dict) -> None:
         self._state = state
+        self._keep = keep
         self._pending = PendingPicks()
 
     def candidates(self, pool: str) -> list[Candidate] | None:
@@ -100,6 +113,9 @@ class LocalState:
     def default_pool(self) -> str:
         pools = self._state.pools
         return pools[0].name if pools else ""
+
+    def keep(self, pool: str, node: str) -> int:
+        return self._keep().get(pool, {}).get(node, 0)
 
     def note_pick(self, address: str, rank: int | None = None) -> None:
         _note(self._pending, address, rank)
@@ -157,6 +173,7 @@ class RemoteState:
         #: Each pool's rows as read, and parsed only when a pick asks for the pool: parsing all
         #: 10,000 replicas of a large fleet took 0.15 s of the picker's loop per change.
         self._rows: dict[str, list[list[Any]]] = {}
+        self._keep: dict[str, dict[str, int]] = {}
         self._skew = 0.0
         self._pools: dict[str, list[tuple[Candidate, float]]] = {}
         self._pending = PendingPicks()
@@ -193,7 +210,11 @@ class RemoteState:
                 doc = await response.json()
                 # Load times are the control plane's clock: shift them onto ours.
                 self._skew = time.time() - float(response.headers["X-Hybridlb-Time"])
-                self._rows = {str(p["name"]): p["replicas"] for p in doc["pools"]}
+                rows = {str(p["name"]): p["replicas"] for p in doc["pools"]}
+                # A control plane from before keep shares sends none: nothing is held.
+                self._keep = {str(p["name"]): _keep_shares(p.get("keep", {}))
+                              for p in doc["pools"]}
+                self._rows = rows
                 self._pools = {}
                 self._etag = response.headers.get("ETag", "")
         self._read_at = time.time()
@@ -221,6 +242,9 @@ class RemoteState:
     def default_pool(self) -> str:
         return next(iter(self._rows), "")
 
+    def keep(self, pool: str, node: str) -> int:
+        return self._keep.get(pool, {}).get(node, 0)
+
     def describe(self) -> dict[str, Any]:
         """The picker's view for its /debug/state: what it would pick from, and how old."""
         return {
@@ -228,7 +252,7 @@ class RemoteState:
             "read_age_s": round(time.time() - self._read_at, 3) if self._read_at else None,
             "failing": self._failing,
             "pools": [
-                {"name": name, "replicas": [
+                {"name": name, "keep_per_mille": self._keep.get(name, {}), "replicas": [
                     {"address": c.address, "node": c.node, "capacity": c.capacity,
                      "running": c.running, "waiting": c.waiting, "pending": c.pending,
                      "ranks": [dataclasses.asdict(k) for k in c.ranks]}
@@ -242,6 +266,13 @@ class RemoteState:
 
     def note_served(self, picked: str, served: str) -> None:
         self._pending.move(picked, served)
+
+
+def _keep_shares(doc: object) -> dict[str, int]:
+    """A pool's `keep` object, node -> per mille, each clamped to 0..1000."""
+    if not isinstance(doc, dict):
+        raise ValueError(f"keep: expected an object, got {type(doc).__name__}")
+    return {str(node): min(PER_MILLE, max(0, int(share))) for node, share in doc.items()}
 
 
 def _parse(rows: list[list[Any]], skew: float) -> list[tuple[Candidate, float]]:

@@ -5,9 +5,15 @@ A replica of `capacity` ranks runs `slots` sequences per rank at once (vLLM's
 
     per_slot = (running + waiting + pending) / (capacity * slots)
 
-is below 1 while a new request would start at once, and past 1 it is how long that request
-waits, in units of one request's service time (`per_slot - 1` requests per slot are queued
-ahead of it). `pending` counts requests sent there that no reading includes yet.
+is below 1 while some slot is free and past 1 when requests queue. `pending` counts
+requests sent there that no reading includes yet. A NEW request waits behind the requests
+that have no slot once it is counted too:
+
+    ahead = running + waiting + pending + 1 - capacity * slots
+    wait  = max(0, ahead) / (capacity * slots)
+
+in units of one request's service time: 0 while a slot is free for it, and at exactly full
+(`per_slot` = 1) a whole slot's turn, not 0.
 
 `slots` is read from what vLLM reports rather than configured: a rank with requests waiting
 has a full scheduler, so what it runs then is its room (`observed_slots`). A configured
@@ -34,10 +40,14 @@ def per_slot(running: float, waiting: float, capacity: int, slots: float,
 
 def expected_wait(running: float, waiting: float, capacity: int, slots: float,
                   pending: float = 0.0) -> float:
-    """What a request sent now waits, in service times (0 while a slot is free), plus a
-    hundredth of the load per slot so that among replicas with room the emptier wins."""
+    """What a request sent now waits, in service times, counting itself (see above: 0 while
+    a slot is free for it), plus a hundredth of the load per slot so that among replicas
+    with room the emptier wins."""
     load = per_slot(running, waiting, capacity, slots, pending)
-    return max(0.0, load - 1.0) + 0.01 * load
+    room = max(1, capacity) * max(1.0, slots)
+    # From the counts, not `load`: a last free slot must read exactly 0 (ties by address).
+    ahead = max(0.0, running) + max(0.0, waiting) + max(0.0, pending) + 1.0 - room
+    return max(0.0, ahead) / room + 0.01 * load
 
 
 def observed_slots(load: Load, capacity: int) -> float | None:
