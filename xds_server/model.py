@@ -92,6 +92,10 @@ class Load:
     read_at: float = 0.0
     #: Per-engine readings, where the server reports its ranks (hybrid mode).
     ranks: tuple[RankLoad, ...] = ()
+    #: Output tokens per second per running request over the interval before `read_at`
+    #: (1/TPOT: what a slow GPU shows at once); None when unknown (first reading, idle,
+    #: a restarted counter).
+    decode_speed: float | None = None
 
 
 @dataclass(frozen=True)

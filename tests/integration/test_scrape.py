@@ -23,6 +23,7 @@ BODIES = {
 
 
 KIND = web.AppKey("kind", str)
+BODY = web.AppKey("body", list[str])
 
 
 def errors(metrics: Metrics, reason: str) -> float:
@@ -159,3 +160,52 @@ async def test_failures_of_replicas_that_are_gone_are_forgotten(
     finally:
         await scraper.close()
     assert [r.getMessage() for r in caplog.records if "http 500" in r.getMessage()]
+
+
+def counted(tokens: int, running: int) -> str:
+    """Two engines, as vLLM writes them: their running requests and output tokens so far."""
+    return "".join(
+        f'vllm:num_requests_running{{engine="{e}"}} {running // 2}\n'
+        f'vllm:num_requests_waiting{{engine="{e}"}} 0\n'
+        f'vllm:generation_tokens_total{{engine="{e}"}} {tokens // 2}\n' for e in (0, 1))
+
+
+@pytest.fixture
+async def counting() -> AsyncIterator[tuple[Replica, list[str]]]:
+    """A replica whose /metrics is whatever the test last put in the list."""
+    async def metrics(request: web.Request) -> web.Response:
+        return web.Response(text=request.app[BODY][-1])
+
+    app = web.Application()
+    app[BODY] = []
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    yield Replica("127.0.0.1", runner.addresses[0][1], "n", capacity=2), app[BODY]
+    await runner.cleanup()
+
+
+async def test_the_decode_speed_is_timed_between_two_readings_of_the_token_counter(
+    counting: tuple[Replica, list[str]],
+) -> None:
+    replica, body = counting
+    scraper = Scraper(metrics=Metrics(), timeout_s=5.0)
+
+    async def speed(text: str) -> float | None:
+        body.append(text)
+        return (await scraper.scrape([replica]))[replica.address].decode_speed
+
+    try:
+        assert await speed(counted(1000, running=4)) is None  # nothing to time it against
+        sped = await speed(counted(3000, running=4))
+        assert sped is not None and sped > 0
+        assert await speed(counted(20, running=4)) is None  # vLLM restarted: no speed yet
+        assert await speed(counted(60, running=4)) is not None
+        assert await speed(counted(60, running=0)) == 0.0  # 2 running on average, no token
+        assert await speed(counted(60, running=0)) is None  # idle: nothing decodes
+        scraper.forget([])
+        assert await speed(counted(2000, running=4)) is None  # forgotten: a first reading
+    finally:
+        await scraper.close()

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import logging
+import math
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +40,7 @@ from xds_server.settings import PickSettings, Settings
 from xds_server.sources.inferencepools import parse_inference_pool
 from xds_server.sources.pods import PREFIX, pod_to_replica
 from xds_server.sources.static_file import PoolFileError, StaticFileSource, parse_pools
-from xds_server.sources.vllm_metrics import MetricsTextError, parse_rank_loads
+from xds_server.sources.vllm_metrics import MetricsTextError, parse_metrics
 from xds_server.state import State
 
 pytestmark = pytest.mark.reliability
@@ -153,7 +154,8 @@ def test_wrongly_typed_pod_fields_never_raise(
 # --- metrics text -------------------------------------------------------------------------
 
 METRIC_NAMES = ["vllm:num_requests_running", "vllm:num_requests_waiting",
-                "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "other"]
+                "vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc",
+                "vllm:generation_tokens_total", "other"]
 metric_line = st.builds(
     lambda name, labels, value: f"{name}{labels} {value}",
     st.sampled_from(METRIC_NAMES) | nasty,
@@ -172,13 +174,15 @@ metrics_text = st.lists(
 @given(text=metrics_text)
 def test_metrics_text_yields_loads_or_one_metrics_text_error(text: str) -> None:
     try:
-        loads = parse_rank_loads(text)
+        reading = parse_metrics(text)
     except MetricsTextError as exc:
         assert str(exc)
         return
-    assert loads
-    for load in loads:
+    assert reading.ranks
+    for load in reading.ranks:
         assert load.running >= 0 and load.waiting >= 0
+    tokens = reading.generation_tokens
+    assert tokens is None or (math.isfinite(tokens) and tokens >= 0)
 
 
 # --- the static pool file -----------------------------------------------------------------

@@ -2,7 +2,8 @@
 
 Bounded concurrency and a timeout per replica; a hybrid-mode API server's per-rank series
 (`engine` label) are summed into its replica. A replica whose /metrics fails keeps its last
-reading, which then ages: staleness is the policy's input, not a verdict here.
+reading, which then ages: staleness is the policy's input, not a verdict here. Its decode
+speed comes from its output-token counter over the last two readings (`decode_speed`).
 
 The body is read to its end under a size cap: vLLM writes the load gauges after hundreds of
 KB of histograms (8 DP engines), so a partial read would drop engines without an error.
@@ -14,19 +15,21 @@ import asyncio
 import logging
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import aiohttp
 
 from xds_server.metrics import Metrics
 from xds_server.model import Load, RankLoad, Replica
-from xds_server.sources.vllm_metrics import MetricsTextError, parse_rank_loads
+from xds_server.sources.vllm_metrics import MetricsTextError, parse_metrics
 
 log = logging.getLogger(__name__)
 
 SOURCE = "scrape"
 
 
-def combine(ranks: Iterable[RankLoad], read_at: float) -> Load:
+def combine(ranks: Iterable[RankLoad], read_at: float,
+            decode_speed: float | None = None) -> Load:
     """One replica's load from its ranks: counts add up, KV use is the mean."""
     ranks = list(ranks)
     kv = [r.kv_cache_usage for r in ranks if r.kv_cache_usage is not None]
@@ -36,7 +39,37 @@ def combine(ranks: Iterable[RankLoad], read_at: float) -> Load:
         kv_cache_usage=sum(kv) / len(kv) if kv else None,
         read_at=read_at,
         ranks=tuple(ranks),
+        decode_speed=decode_speed,
     )
+
+
+@dataclass(frozen=True)
+class Count:
+    """What a decode speed is measured between: one reading's output tokens so far (summed
+    over `engines`) and its running requests."""
+
+    engines: tuple[str, ...]
+    tokens: float
+    running: float
+    read_at: float
+
+
+def decode_speed(before: Count | None, now: Count) -> float | None:
+    """Output tokens per second per running request between two readings (1/TPOT), with the
+    mean of the two readings' running requests.
+
+    None on a first reading, when the replica averaged less than one running request (no
+    decoding to time), when the counter went backwards (vLLM restarted) or when the two
+    readings sum different engines.
+    """
+    if before is None or before.engines != now.engines:
+        return None
+    elapsed = now.read_at - before.read_at
+    running = (before.running + now.running) / 2
+    produced = now.tokens - before.tokens
+    if elapsed <= 0 or running < 1 or produced < 0:
+        return None
+    return produced / elapsed / running
 
 
 class Scraper:
@@ -57,6 +90,8 @@ class Scraper:
         self._session: aiohttp.ClientSession | None = None
         #: address -> reason of the last failure, so a failing replica logs once, not per scrape.
         self._failing: dict[str, str] = {}
+        #: address -> its last token count, which the next reading's decode speed starts from.
+        self._counts: dict[str, Count] = {}
 
     async def close(self) -> None:
         if self._session is not None:
@@ -95,19 +130,28 @@ class Scraper:
                        "too_large")
             return None
         try:
-            ranks = parse_rank_loads(body.decode("utf-8", errors="replace"))
+            reading = parse_metrics(body.decode("utf-8", errors="replace"))
         except MetricsTextError as exc:
             self._fail(replica, str(exc), "parse")
             return None
         if replica.address in self._failing:
             log.info("scrape of %s recovered", replica.address)
             del self._failing[replica.address]
-        return combine(ranks, read_at)
+        speed = None
+        if reading.generation_tokens is None:
+            self._counts.pop(replica.address, None)
+        else:
+            count = Count(tuple(r.engine for r in reading.ranks), reading.generation_tokens,
+                          sum(r.running for r in reading.ranks), read_at)
+            speed = decode_speed(self._counts.get(replica.address), count)
+            self._counts[replica.address] = count
+        return combine(reading.ranks, read_at, speed)
 
     def forget(self, live: Iterable[str]) -> None:
-        """Drop the failure memory of replicas that are gone (called with every live address)."""
+        """Drop what is remembered of replicas that are gone (called with every live address)."""
         keep = set(live)
         self._failing = {a: why for a, why in self._failing.items() if a in keep}
+        self._counts = {a: count for a, count in self._counts.items() if a in keep}
 
     def _fail(self, replica: Replica, why: str, reason: str) -> None:
         self._metrics.load_errors.labels(SOURCE, reason).inc()

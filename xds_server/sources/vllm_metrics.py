@@ -3,12 +3,14 @@
 vLLM's V1 engine labels every engine metric with `model_name` and `engine` (the global DP
 rank); a hybrid-mode API server reports all its local ranks on one /metrics. The loads
 that matter for balancing are the gauges below; older vLLM versions called the KV-cache
-gauge `vllm:gpu_cache_usage_perc`.
+gauge `vllm:gpu_cache_usage_perc`. The output-token counter is read too: over two readings
+it gives a replica's decode speed (scrape.py), the direct measure of a slow GPU.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,7 +20,9 @@ RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 KV_USAGE = "vllm:kv_cache_usage_perc"
 KV_USAGE_LEGACY = "vllm:gpu_cache_usage_perc"
-_WANTED = {RUNNING, WAITING, KV_USAGE, KV_USAGE_LEGACY}
+#: A counter: prometheus_client exposes `vllm:generation_tokens` with the `_total` suffix.
+GENERATION_TOKENS = "vllm:generation_tokens_total"
+_WANTED = {RUNNING, WAITING, KV_USAGE, KV_USAGE_LEGACY, GENERATION_TOKENS}
 _WANTED_PREFIXES = tuple(_WANTED)
 
 
@@ -26,16 +30,27 @@ class MetricsTextError(ValueError):
     """The body is not usable Prometheus text with vLLM's load gauges."""
 
 
-def parse_rank_loads(text: str) -> list[RankLoad]:
-    """Per-engine running, waiting and KV use; raises MetricsTextError when unusable.
+@dataclass(frozen=True)
+class Reading:
+    """One server's /metrics: its engines' loads and their output tokens so far."""
 
-    A NaN, infinite or negative value makes that engine's reading unusable (it is left
+    ranks: list[RankLoad]
+    #: vLLM's output-token counter summed over `ranks`; None unless each of them has a
+    #: usable one (an unknown speed, never an error for the load).
+    generation_tokens: float | None = None
+
+
+def parse_metrics(text: str) -> Reading:
+    """Per-engine running, waiting, KV use and output tokens; raises MetricsTextError when
+    unusable.
+
+    A NaN, infinite or negative gauge makes that engine's reading unusable (it is left
     out); a body with no engine left is an error, so that the caller counts it once.
     """
     values: dict[str, dict[str, float]] = {}
     # A vLLM /metrics is hundreds of histogram lines; the parser (pure Python) need only see
-    # the three gauges. A line is kept when it starts with a wanted name and then a label
-    # set or a space, so `vllm:num_requests_running_x` is not mistaken for it.
+    # the gauges and the token counter. A line is kept when it starts with a wanted name and
+    # then a label set or a space, so `vllm:num_requests_running_x` is not mistaken for it.
     wanted = "\n".join(
         line for line in text.splitlines()
         if line.startswith(_WANTED_PREFIXES) and line.split("{", 1)[0].split(" ", 1)[0]
@@ -65,7 +80,8 @@ def parse_rank_loads(text: str) -> list[RankLoad]:
                               else None))
     if not loads:
         raise MetricsTextError("; ".join(bad) or f"no {RUNNING} / {WAITING} series")
-    return loads
+    tokens = [values[r.engine].get(GENERATION_TOKENS, math.nan) for r in loads]
+    return Reading(loads, sum(tokens) if all(_valid(t) for t in tokens) else None)
 
 
 def _valid(value: float) -> bool:
