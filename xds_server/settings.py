@@ -308,6 +308,14 @@ class PrometheusQueries:
     sampled_at: str = option("min by (instance) (timestamp(vllm:num_requests_running))",
                              "PromQL: when each replica's samples were taken",
                              flag="query-sampled-at")
+    #: Output tokens per second per running request (1/TPOT) over a window of a few scrape
+    #: intervals: a replica's lasting speed, which the persistent load model weighs by. A zero
+    #: denominator (idle) yields NaN or Inf, read as no speed.
+    decode_speed: str = option(
+        "sum by (instance) (rate(vllm:generation_tokens_total[30s])) / sum by (instance) "
+        "(avg_over_time(vllm:num_requests_running[30s]))",
+        "PromQL: output tokens per second per running request of each replica (empty: none)",
+        flag="query-decode-speed")
     label: str = option("instance", "label that carries a replica's metrics address "
                         "(IP:PORT) in query results", flag="query-label")
 

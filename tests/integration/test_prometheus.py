@@ -89,6 +89,16 @@ def test_prometheus_and_scrape_sources_agree(stack: Stack) -> None:
             return scraped == queried and scraped[busy] == (4.0, 6.0)
 
         wait_for(agree, 20, "Prometheus to report what the scrape sees")
+
+        def speeds() -> dict[str, float | None]:
+            return {a: v.decode_speed
+                    for a, v in asyncio.run(reader.read(stack.replicas())).items()}
+
+        # The default query's two vectors match per replica; an idle one's 0/0 is no speed
+        # (this module's first test: no request has reached the other replicas yet).
+        wait_for(lambda: (speed := speeds()[busy]) is not None and speed > 0, 20,
+                 "a decode speed of the busy replica from Prometheus")
+        assert [speed for a, speed in speeds().items() if a != busy] == [None, None]
     finally:
         stack.sim.fault(busy, slowdown=1.0)
         for f in futures:

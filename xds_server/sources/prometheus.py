@@ -45,9 +45,10 @@ class PrometheusReader:
         """Loads of the replicas Prometheus has fresh-enough series for; raises PrometheusDown."""
         q = self._queries
         try:
-            running, waiting, kv, sampled = await asyncio.gather(
+            running, waiting, kv, sampled, speed = await asyncio.gather(
                 *(asyncio.to_thread(self._query, query)
-                  for query in (q.running, q.waiting, q.kv_cache_usage, q.sampled_at))
+                  for query in (q.running, q.waiting, q.kv_cache_usage, q.sampled_at,
+                                q.decode_speed))
             )
         except Exception as exc:  # requests, HTTP and API errors alike mean "not now"
             reason = f"{type(exc).__name__}: {exc}"[:300]
@@ -77,10 +78,15 @@ class PrometheusReader:
                 ranks.append(RankLoad(engine, r, w, k if k is not None and math.isfinite(k)
                                       else None))
             if ranks:
-                loads[replica.address] = combine(ranks, read_at=t)
+                v = speed.get(key, {}).get("")
+                loads[replica.address] = combine(
+                    ranks, read_at=t,
+                    decode_speed=v if v is not None and math.isfinite(v) and v >= 0 else None)
         return loads
 
     def _query(self, query: str) -> dict[str, dict[str, float]]:
+        if not query:  # a signal the user turned off
+            return {}
         result: list[dict[str, Any]] = self._client.custom_query(
             # Prometheus durations take no fractions ("2.0s" is a 400): whole milliseconds.
             query=query, params={"timeout": f"{int(self._timeout_s * 1000)}ms"},
