@@ -18,6 +18,10 @@ in units of one request's service time: 0 while a slot is free for it, and at ex
 `slots` is read from what vLLM reports rather than configured: a rank with requests waiting
 has a full scheduler, so what it runs then is its room (`observed_slots`). A configured
 `--max-num-seqs` only stands in until a pool has been seen full once.
+
+A replica's lasting speed is its decode speed, output tokens per second per running request
+(read by the sources from vLLM's token counter); `relative_speeds` compares it with the
+pool's typical rank, so that a slow GPU is seen as slow before its queue shows it.
 """
 
 from __future__ import annotations
@@ -100,3 +104,25 @@ def pool_slots(learned: Mapping[str, float | None], addresses: Iterable[str],
     known = [v for v in learned.values() if v is not None]
     fallback = statistics.median(known) if known else float(hint)
     return {a: (v if (v := learned.get(a)) is not None else fallback) for a in addresses}
+
+
+def relative_speeds(speeds: Mapping[str, float], capacities: Mapping[str, int], *,
+                    low: float, high: float) -> dict[str, float]:
+    """Each replica's decode speed over the pool's typical one, clamped to [low, high].
+
+    The typical speed is the capacity-weighted median (a rank's, not a replica's), taken
+    from above: with two replicas, the faster one sets it, so a slow one loses weight
+    rather than the others gaining it. A replica missing from `speeds` is absent here (it
+    counts as typical); with no speed above zero anywhere, nothing is compared.
+    """
+    known = sorted((v, capacities.get(a, 1)) for a, v in speeds.items())
+    half = sum(c for _v, c in known) / 2
+    typical, seen = 0.0, 0
+    for v, c in known:
+        seen += c
+        if seen > half:
+            typical = v
+            break
+    if typical <= 0:
+        return {}
+    return {a: min(high, max(low, v / typical)) for a, v in speeds.items()}

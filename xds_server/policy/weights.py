@@ -24,6 +24,14 @@ A draining replica weighs 0 (Envoy sends it nothing new anyway: its EDS status i
 DRAINING); a saturated one keeps `min_share` of its capacity weight. Node (locality)
 weights are the sums of their ready replicas' weights. Envoy's least-request balancer then
 divides each weight by its own in-flight count, which absorbs bursts between pushes.
+
+That is the `queue` model. The default, `persistent` (see `decide_persistent`), weighs only
+what lasts:
+
+    weight     = SCALE * c * max(min_share, speed * exp(tilt))
+    speed      = clamp(decode speed / pool's typical, min_share, MAX_SPEEDUP)   (load.py;
+                 the decode speed smoothed over speed_window_s, 1 while unknown)
+    tilt       = the lasting excess of its load per slot over its node's, integrated
 """
 
 from __future__ import annotations
@@ -35,12 +43,14 @@ from typing import Literal
 
 from xds_server.model import Load, Pool, Replica, ReplicaState, Weights
 from xds_server.options import option
-from xds_server.policy.load import learn_slots, mean_wait, per_slot, pool_slots
+from xds_server.policy.load import learn_slots, mean_wait, per_slot, pool_slots, relative_speeds
 
 #: Weight of one idle rank. Envoy needs integers >= 1 and a locality sum below 2**32.
 SCALE = 100
 #: Envoy requires every endpoint weight to be at least 1.
 MIN_WEIGHT = 1
+#: persistent: the most a replica's weight grows for being faster than the pool's typical.
+MAX_SPEEDUP = 4.0
 
 
 @dataclass(frozen=True)
@@ -102,6 +112,11 @@ class PolicySettings:
                                        "second", flag="keep-recover-per-s")
     load_smoothing_s: float = option(3.0, "persistent: time over which a replica's load per "
                                      "slot is averaged before the keep shares follow it", flag="load-smoothing-s")
+    #: Persistent: a speed is the rate of a few readings; a slow GPU stays slow.
+    speed_window_s: float = option(3.0, "persistent: time over which a replica's decode "
+                                   "speed (output tokens per second per running request) is "
+                                   "averaged before its weight follows it",
+                                   flag="speed-window-s")
 
     def __post_init__(self) -> None:
         if self.max_num_seqs < 1:
@@ -116,7 +131,8 @@ class PolicySettings:
             raise ValueError("decide_interval_s must be > 0")
         if (self.balance_window_s <= 0 or self.spill_margin < 0 or self.spill_rate_per_s <= 0
                 or self.load_smoothing_s <= 0 or self.balance_gain_per_s < 0
-                or self.balance_memory_s <= 0 or self.keep_recover_per_s <= 0):
+                or self.balance_memory_s <= 0 or self.keep_recover_per_s <= 0
+                or self.speed_window_s <= 0):
             raise ValueError("spill_margin and balance_gain_per_s must be >= 0; the windows, "
                              "memories and spill_rate_per_s > 0")
 
@@ -133,6 +149,8 @@ class Explanation:
     freshness: float  # 1: fresh load, 0: unknown (pool mean used)
     target: float
     smoothed: float
+    #: persistent: its decode speed against the pool's typical (1: typical or unknown).
+    relative_speed: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -151,6 +169,9 @@ class Memory:
     tilt: Mapping[str, float] = field(default_factory=dict)
     keep: Mapping[str, float] = field(default_factory=dict)
     replica_load: Mapping[str, float] = field(default_factory=dict)
+    #: persistent: each replica's smoothed decode speed, and when its last one was read.
+    speed: Mapping[str, float] = field(default_factory=dict)
+    speed_at: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -282,19 +303,27 @@ def decide_persistent(
     herd (issue 15). So each replica's load per slot (load.py) is first averaged over
     `balance_window_s`, and then:
 
-    - a replica's endpoint weight is its capacity weight times exp(m), where m integrates
-      how far its average stays above its own node's (and leaks back to 0 over
-      balance_memory_s): dm/dt = -balance_gain_per_s * (avg - node_avg) - m / memory_s.
-      Within a node the weights do decide the split (a node's Envoy balances over its
-      replicas by them), so this converges: a slow or KV-bound replica ends up as full as
-      its neighbours, not as long a queue with a third of the speed;
+    - a replica's endpoint weight is its capacity weight times its relative speed: its decode
+      speed (output tokens per second per running request, smoothed over speed_window_s)
+      over the capacity-weighted median of the ready replicas', clamped to
+      [min_share, MAX_SPEEDUP]. That is a slow GPU measured directly, within a few readings,
+      and it comes back as quickly once the replica is fast again. Without a speed (none
+      read yet, idle, or its last one older than twice stale_after_s) it is 1;
+    - times exp(m), for what the speed does not show (KV-cache pressure, long prompts,
+      another Envoy's traffic), where m integrates how far its average stays above its own
+      node's (and leaks back to 0 over balance_memory_s):
+      dm/dt = -balance_gain_per_s * (avg - node_avg) - m / memory_s. Within a node the
+      weights do decide the split (a node's Envoy balances over its replicas by them), so
+      this converges: a KV-bound replica ends up as full as its neighbours, not with as
+      long a queue at a fraction of the speed;
     - a node's locality weight is the sum of its replicas' times
       clamp((pool_avg + 0.05) / (node_avg + 0.05), min_share, 1): proportional, not
       integral, because much of a node's load is its own Envoy's traffic, which no weight
       moves; it steers the central Envoy's and the spilled requests away from full nodes.
 
     A doubted or unknown reading counts as the pool's average, so with stale loads the
-    weights drift back to capacity, never to zero or to idle.
+    weights drift back to capacity, never to zero or to idle; a doubted speed is held, and
+    forgotten at twice stale_after_s.
 
     A node keeps a share k of its Envoy's requests that integrates how far the mean wait at
     its replicas exceeds the mean wait at the rest of the pool's (load.mean_wait: Erlang C per
@@ -360,6 +389,9 @@ def decide_persistent(
     node_average = {n: node_busy[n] / node_room[n] for n in node_room}
     pool_average = sum(node_busy.values()) / sum(node_room.values()) if ready else 0.0
     floor = math.log(settings.min_share)
+    speed, speed_at = _speeds(ready, loads, fresh, memory, now, dt, settings)
+    relative = relative_speeds(speed, {r.address: r.capacity for r in ready},
+                               low=settings.min_share, high=MAX_SPEEDUP)
     tilt: dict[str, float] = {}
     smoothed: dict[str, float] = {}
     published: dict[str, int] = {}
@@ -373,7 +405,8 @@ def decide_persistent(
             m = min(0.0, max(floor, m))
         tilt[r.address] = m
         full = capacity_weight(r)
-        value = full * math.exp(m)
+        fast = relative.get(r.address, 1.0)
+        value = full * max(settings.min_share, fast * math.exp(m))
         smoothed[r.address] = value
         before = memory.published.get(r.address)
         if before is None or abs(value - before) >= settings.deadband * full:
@@ -383,7 +416,7 @@ def decide_persistent(
         explain[r.address] = Explanation(
             utilization=round(per_slot_average[r.address], 4),
             freshness=round(fresh[r.address], 3), target=round(value, 2),
-            smoothed=round(value, 2),
+            smoothed=round(value, 2), relative_speed=round(fast, 3),
         )
     node_share = {
         n: min(1.0, max(settings.min_share, (pool_average + _IDLE) / (v + _IDLE)))
@@ -404,7 +437,8 @@ def decide_persistent(
         weights=_assemble(pool, endpoint_weights, node_share),
         memory=Memory(at=now, smoothed=smoothed, published=published,
                       slots={a: v for a, v in learned.items() if v is not None},
-                      balance=average, tilt=tilt, replica_load=replica_load, keep=keep),
+                      balance=average, tilt=tilt, replica_load=replica_load, keep=keep,
+                      speed=speed, speed_at=speed_at),
         explain=explain,
         node_utilization={n: round(busy[n] / room[n], 4) for n in room},
         node_keep=keep,
@@ -484,6 +518,35 @@ def _damp(
 
 def _quantize(value: float, quantum: int) -> int:
     return max(MIN_WEIGHT, round(value / quantum) * quantum)
+
+
+def _speeds(
+    ready: list[Replica],
+    loads: Mapping[str, Load],
+    fresh: Mapping[str, float],
+    memory: Memory,
+    now: float,
+    dt: float | None,
+    s: PolicySettings,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Each ready replica's decode speed smoothed over speed_window_s, and when the last
+    one was read. A fresh speed moves it; without one it is held until twice stale_after_s
+    after that reading (an idle replica reads none), then forgotten."""
+    alpha = 1.0 if not dt else 1.0 - math.exp(-dt / s.speed_window_s)
+    speed: dict[str, float] = {}
+    speed_at: dict[str, float] = {}
+    for r in ready:
+        a = r.address
+        load = loads.get(a)
+        before = memory.speed.get(a)
+        if load is not None and load.decode_speed is not None and fresh[a] >= 1.0:
+            reading = load.decode_speed
+            speed[a] = reading if before is None else before + alpha * (reading - before)
+            speed_at[a] = load.read_at
+        elif before is not None and now - memory.speed_at.get(a, now) < 2 * s.stale_after_s:
+            speed[a] = before
+            speed_at[a] = memory.speed_at[a]
+    return speed, speed_at
 
 
 def _assemble(pool: Pool, endpoints: dict[str, int],
