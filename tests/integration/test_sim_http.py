@@ -16,9 +16,12 @@ import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from xds_server.metrics import Metrics
+from xds_server.model import Replica
 from xds_server.sim.engine import EngineSettings
 from xds_server.sim.host import HostSettings, SimHost
 from xds_server.sim.server import ServerSettings
+from xds_server.sources.scrape import Scraper
 
 MODEL = "Qwen/Qwen3-0.6B"
 TIME_SCALE = 0.05
@@ -341,3 +344,37 @@ async def test_a_request_from_another_node_pays_the_hop(start_sim: StartSim) -> 
         remote.cancel()
         state = await wait_for_state(session, url, lambda s: s["in_flight"] == 0)
     assert state["cross_node_requests"] == 1
+
+
+async def test_a_hybrid_server_counts_output_tokens_per_engine_and_the_scrape_times_them(
+    start_sim: StartSim,
+) -> None:
+    host = await start_sim(num_ranks=2, start_rank=4, engine=SLOW_STEPS)
+    url = base_url(host)
+    address, port = host.servers[0].address.rsplit(":", 1)
+    replica = Replica(address, int(port), "node-a", capacity=2, dp_rank=4)
+    scraper = Scraper(metrics=Metrics())
+    async with aiohttp.ClientSession() as session:
+        requests = [asyncio.create_task(complete(session, url, max_tokens=400,
+                                                 headers={"X-data-parallel-rank": str(rank)}))
+                    for rank in (0, 1)]
+        try:
+            await wait_for_state(session, url, lambda s: all(
+                r["running"] == 1 for r in s["ranks"]))
+            first = (await scraper.scrape([replica]))[replica.address]
+            before = await metrics(session, url)
+            # Each engine's own counter moves: both ranks decode.
+            async with asyncio.timeout(10):
+                while True:
+                    now = await metrics(session, url)
+                    if all(now[("vllm:generation_tokens_total", e)]
+                           > before[("vllm:generation_tokens_total", e)] for e in ("4", "5")):
+                        break
+                    await asyncio.sleep(0.005)
+            second = (await scraper.scrape([replica]))[replica.address]
+        finally:
+            await scraper.close()
+            await asyncio.gather(*requests)
+    assert first.decode_speed is None
+    assert second.decode_speed is not None and second.decode_speed > 0
+    assert [r.engine for r in second.ranks] == ["4", "5"]
