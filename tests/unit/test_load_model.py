@@ -23,7 +23,8 @@ B1 = Replica("10.0.0.3", 8000, "node-b", capacity=2)
 B2 = Replica("10.0.0.4", 8000, "node-b", capacity=2)
 POOL = Pool("p", (A1, A2, B1, B2))
 #: The configured room is far from the replicas' own (4): nothing may depend on it.
-S = PolicySettings(deadband=0.0)
+#: The tilt (off by default) on: most of these tests are about it.
+S = PolicySettings(deadband=0.0, balance_gain_per_s=0.1)
 
 
 def load(running: float, waiting: float = 0.0, at: float = 0.0) -> Load:

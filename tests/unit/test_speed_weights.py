@@ -15,7 +15,8 @@ A1 = Replica("10.0.0.1", 8000, "node-a", capacity=2)
 A2 = Replica("10.0.0.2", 8000, "node-a", capacity=2)
 B1 = Replica("10.0.0.3", 8000, "node-b", capacity=2)
 POOL = Pool("p", (A1, A2, B1))
-S = PolicySettings(deadband=0.0)
+#: The tilt on, so that speeds are seen to combine with it.
+S = PolicySettings(deadband=0.0, balance_gain_per_s=0.1)
 FULL = 2 * SCALE
 
 

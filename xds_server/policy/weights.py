@@ -93,7 +93,7 @@ class PolicySettings:
                                      "per slot is averaged before a weight follows it",
                                      flag="balance-window-s")
     #: Persistent: per second, per unit of load per slot, on the log-weight.
-    balance_gain_per_s: float = option(0.1, "persistent: how fast a replica's weight follows "
+    balance_gain_per_s: float = option(0.0, "persistent: how fast a replica's weight follows "
                                        "its lasting excess load per slot over its node's",
                                        flag="balance-gain-per-s")
     balance_memory_s: float = option(20.0, "persistent: time for a weight to return to "
@@ -111,7 +111,8 @@ class PolicySettings:
     keep_recover_per_s: float = option(0.1, "persistent: fastest climb of a kept share per "
                                        "second", flag="keep-recover-per-s")
     load_smoothing_s: float = option(3.0, "persistent: time over which a replica's load per "
-                                     "slot is averaged before the keep shares follow it", flag="load-smoothing-s")
+                                     "slot is averaged before the keep shares follow it",
+                                     flag="load-smoothing-s")
     #: Persistent: a speed is the rate of a few readings; a slow GPU stays slow.
     speed_window_s: float = option(3.0, "persistent: time over which a replica's decode "
                                    "speed (output tokens per second per running request) is "
@@ -169,6 +170,8 @@ class Memory:
     tilt: Mapping[str, float] = field(default_factory=dict)
     keep: Mapping[str, float] = field(default_factory=dict)
     replica_load: Mapping[str, float] = field(default_factory=dict)
+    #: persistent: each node's log-share of the whole-pool cluster (0: its capacity's).
+    locality: Mapping[str, float] = field(default_factory=dict)
     #: persistent: each replica's smoothed decode speed, and when its last one was read.
     speed: Mapping[str, float] = field(default_factory=dict)
     speed_at: Mapping[str, float] = field(default_factory=dict)
@@ -309,17 +312,23 @@ def decide_persistent(
       [min_share, MAX_SPEEDUP]. That is a slow GPU measured directly, within a few readings,
       and it comes back as quickly once the replica is fast again. Without a speed (none
       read yet, idle, or its last one older than twice stale_after_s) it is 1;
-    - times exp(m), for what the speed does not show (KV-cache pressure, long prompts,
-      another Envoy's traffic), where m integrates how far its average stays above its own
+    - times exp(m), for what the speed does not show (KV-cache pressure, long prompts),
+      where m integrates how far its average stays above its own
       node's (and leaks back to 0 over balance_memory_s):
       dm/dt = -balance_gain_per_s * (avg - node_avg) - m / memory_s. Within a node the
       weights do decide the split (a node's Envoy balances over its replicas by them), so
       this converges: a KV-bound replica ends up as full as its neighbours, not with as
-      long a queue at a fraction of the speed;
-    - a node's locality weight is the sum of its replicas' times
-      clamp((pool_avg + 0.05) / (node_avg + 0.05), min_share, 1): proportional, not
-      integral, because much of a node's load is its own Envoy's traffic, which no weight
-      moves; it steers the central Envoy's and the spilled requests away from full nodes.
+      long a queue at a fraction of the speed. Off by default (balance_gain_per_s 0): on
+      a healthy fleet it drifted (a replica's weight fell to 2/3 of its capacity's within
+      25 s at 85% load in the routing bench) and the speed carries the slow replica;
+    - a node's locality weight (how the whole-pool cluster, the central Envoy's requests and
+      the spilled ones, splits between nodes) is the sum of its replicas' times exp(l),
+      where l integrates how far the mean wait at its replicas exceeds the pool's (relative,
+      as the keep shares below): dl/dt = -0.5 * excess, the largest l held at 0 (capacity)
+      and the others no lower than log(min_share). Integral, because much of a node's load
+      is its own Envoy's traffic, which no locality weight moves: an ingress that brings a
+      node less than its capacity's share is made up by sending it more of the rest, until
+      the waits match.
 
     A doubted or unknown reading counts as the pool's average, so with stale loads the
     weights drift back to capacity, never to zero or to idle; a doubted speed is held, and
@@ -387,7 +396,6 @@ def decide_persistent(
         node_room[r.node] = node_room.get(r.node, 0.0) + r.capacity
         node_busy[r.node] = node_busy.get(r.node, 0.0) + per_slot_average[r.address] * r.capacity
     node_average = {n: node_busy[n] / node_room[n] for n in node_room}
-    pool_average = sum(node_busy.values()) / sum(node_room.values()) if ready else 0.0
     floor = math.log(settings.min_share)
     speed, speed_at = _speeds(ready, loads, fresh, memory, now, dt, settings)
     relative = relative_speeds(speed, {r.address: r.capacity for r in ready},
@@ -418,15 +426,14 @@ def decide_persistent(
             freshness=round(fresh[r.address], 3), target=round(value, 2),
             smoothed=round(value, 2), relative_speed=round(fast, 3),
         )
-    node_share = {
-        n: min(1.0, max(settings.min_share, (pool_average + _IDLE) / (v + _IDLE)))
-        for n, v in node_average.items()
-    }
     endpoint_weights = dict(published)
     for r in pool.replicas:
         if r.state is not ReplicaState.READY:
             endpoint_weights[r.address] = 0
-    keep, replica_load = _keep(ready, occupancy, slots, memory, dt, settings)
+    replica_load = _smoothed_loads(ready, occupancy, memory, dt, settings)
+    waits, capacity = _node_waits(ready, replica_load, slots)
+    keep = _keep(ready, waits, capacity, memory, dt, settings)
+    locality = _localities(waits, capacity, memory, dt, settings)
     busy: dict[str, float] = {}
     room: dict[str, float] = {}
     for r in ready:
@@ -434,10 +441,12 @@ def decide_persistent(
             busy[r.node] = busy.get(r.node, 0.0) + replica_load[r.address] * r.capacity
             room[r.node] = room.get(r.node, 0.0) + r.capacity
     return Decision(
-        weights=_assemble(pool, endpoint_weights, node_share),
+        weights=_assemble(pool, endpoint_weights,
+                          {n: math.exp(v) for n, v in locality.items()}),
         memory=Memory(at=now, smoothed=smoothed, published=published,
                       slots={a: v for a, v in learned.items() if v is not None},
                       balance=average, tilt=tilt, replica_load=replica_load, keep=keep,
+                      locality=locality,
                       speed=speed, speed_at=speed_at),
         explain=explain,
         node_utilization={n: round(busy[n] / room[n], 4) for n in room},
@@ -445,17 +454,10 @@ def decide_persistent(
     )
 
 
-def _keep(
-    ready: list[Replica],
-    occupancy: Mapping[str, float],
-    slots: Mapping[str, float],
-    memory: Memory,
-    dt: float | None,
-    s: PolicySettings,
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Each node's kept share (see decide_persistent) and each replica's smoothed load per
-    slot."""
-    # Load per slot smoothed over a few readings: the queue a share causes is a mean.
+def _smoothed_loads(ready: list[Replica], occupancy: Mapping[str, float], memory: Memory,
+                    dt: float | None, s: PolicySettings) -> dict[str, float]:
+    """Each replica's load per slot smoothed over a few readings: the queue a share causes
+    is a mean."""
     alpha = 1.0 if not dt else 1.0 - math.exp(-dt / s.load_smoothing_s)
     load: dict[str, float] = {}
     for r in ready:
@@ -464,42 +466,73 @@ def _keep(
         before = memory.replica_load.get(r.address)
         now = occupancy[r.address]
         load[r.address] = now if before is None else before + alpha * (now - before)
-    # Envoy picks a replica and vLLM a slot inside it: each replica is a queue of its own,
-    # so a node's wait is the mean of its replicas' (by capacity), not a pooled queue's, and
-    # two nodes as full as each other wait alike however many replicas each has.
+    return load
+
+
+def _node_waits(ready: list[Replica], load: Mapping[str, float], slots: Mapping[str, float]
+                ) -> tuple[dict[str, float], dict[str, float]]:
+    """Each node's mean wait (load.mean_wait, by capacity) and its ranks with a reading.
+
+    Envoy picks a replica and vLLM a slot inside it: each replica is a queue of its own, so
+    a node's wait is the mean of its replicas', not a pooled queue's, and two nodes as full
+    as each other wait alike however many replicas each has."""
     waits: dict[str, float] = {}
-    room: dict[str, float] = {}
+    capacity: dict[str, float] = {}
     for r in ready:
         if r.address in load:
             wait = mean_wait(load[r.address], r.capacity * slots[r.address])
             waits[r.node] = waits.get(r.node, 0.0) + r.capacity * wait
-            room[r.node] = room.get(r.node, 0.0) + r.capacity
-    total_wait, total_room = sum(waits.values()), sum(room.values())
+            capacity[r.node] = capacity.get(r.node, 0.0) + r.capacity
+    return {n: w / capacity[n] for n, w in waits.items()}, capacity
+
+
+def _excess(here: float, there: float, s: PolicySettings) -> float:
+    """How much longer a wait is than another, less a hop's worth, relative to the waits at
+    stake (in -1..1): moves in proportion near the balance point, at once where nobody
+    waits, never all-or-nothing (which swung the shares around the balance point)."""
+    return (here - there - s.spill_margin) / max(1e-9, here + there + s.spill_margin)
+
+
+def _keep(ready: list[Replica], waits: Mapping[str, float], capacity: Mapping[str, float],
+          memory: Memory, dt: float | None, s: PolicySettings) -> dict[str, float]:
+    """Each node's kept share (see decide_persistent)."""
+    total_wait = sum(waits[n] * capacity[n] for n in waits)
+    total_capacity = sum(capacity.values())
     keep: dict[str, float] = {}
     for node in sorted({r.node for r in ready}):
         k = memory.keep.get(node, 1.0)
-        rest_room = total_room - room.get(node, 0.0)
-        if node not in room:  # no fresh reading: hold the share (all, at first)
+        rest_capacity = total_capacity - capacity.get(node, 0.0)
+        if node not in waits:  # no fresh reading: hold the share (all, at first)
             keep[node] = k
             continue
-        if rest_room <= 0:  # nowhere else to go
+        if rest_capacity <= 0:  # nowhere else to go
             keep[node] = 1.0
             continue
-        here, rest = waits[node] / room[node], (total_wait - waits[node]) / rest_room
+        rest = (total_wait - waits[node] * capacity[node]) / rest_capacity
         if dt:
-            # Relative to the waits at stake: all-or-nothing moves on any excess swung the
-            # share around the balance point, and a fixed scale made a node that nobody
-            # waits at (low load) climb back as slowly as one at the balance point.
-            excess = (here - rest - s.spill_margin) / max(1e-9, here + rest + s.spill_margin)
-            rate = s.spill_rate_per_s if excess > 0 else s.keep_recover_per_s
-            k -= dt * rate * excess
+            excess = _excess(waits[node], rest, s)
+            k -= dt * (s.spill_rate_per_s if excess > 0 else s.keep_recover_per_s) * excess
         keep[node] = min(1.0, max(0.0, k))
-    return keep, load
+    return keep
 
 
-#: Load per slot added to both sides of a replica's comparison with the pool, so that near
-#: idle (where nobody waits) a few requests more or less move no weight.
-_IDLE = 0.05
+def _localities(waits: Mapping[str, float], capacity: Mapping[str, float], memory: Memory,
+                dt: float | None, s: PolicySettings) -> dict[str, float]:
+    """Each node's log-share of the whole-pool cluster (see decide_persistent)."""
+    total_capacity = sum(capacity.values())
+    pool = sum(waits[n] * capacity[n] for n in waits) / total_capacity if total_capacity else 0.0
+    share = dict(memory.locality)
+    for node, wait in waits.items():
+        share[node] = share.get(node, 0.0)
+        if dt:
+            share[node] -= dt * _LOCALITY_GAIN_PER_S * _excess(wait, pool, s)
+    top = max(share.values(), default=0.0)
+    floor = math.log(s.min_share)
+    return {n: max(floor, v - top) for n, v in share.items()}
+
+
+#: How fast (per second, on the log-share) a node's locality weight follows its excess wait.
+_LOCALITY_GAIN_PER_S = 0.5
 
 
 def _damp(
