@@ -101,7 +101,14 @@ def count(tokens: float, running: float, at: float, engines: tuple[str, ...] = (
 )
 def test_decode_speed_is_tokens_per_second_per_running_request(
         before: Count | None, now: Count, speed: float | None) -> None:
-    assert decode_speed(before, now) == speed
+    assert decode_speed([before, now] if before is not None else [now]) == speed
+
+
+def test_decode_speed_divides_by_the_running_requests_of_every_reading_in_between() -> None:
+    # A batch that came and went between two quiet readings: the endpoints alone read 2
+    # running and three times the speed.
+    readings = [count(100, 2, 10.0), count(160, 10, 11.0), count(220, 2, 12.0)]
+    assert decode_speed(readings) == pytest.approx(120 / 2 / (14 / 3))
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,8 @@ what lasts:
 
     weight     = SCALE * c * max(min_share, speed * exp(tilt))
     speed      = clamp(decode speed / pool's typical, min_share, MAX_SPEEDUP)   (load.py;
-                 the decode speed smoothed over speed_window_s, 1 while unknown)
+                 the decode speed smoothed over speed_window_s, 1 while unknown or
+                 within SPEED_DEADBAND of 1)
     tilt       = the lasting excess of its load per slot over its node's, integrated
 """
 
@@ -51,6 +52,10 @@ SCALE = 100
 MIN_WEIGHT = 1
 #: persistent: the most a replica's weight grows for being faster than the pool's typical.
 MAX_SPEEDUP = 4.0
+#: persistent: a relative speed this close to 1 counts as 1. Replicas of one model on one
+#: GPU type read within it of each other (batch sizes differ; the readings are rates), and
+#: weights that followed those differences moved traffic on noise.
+SPEED_DEADBAND = 0.2
 
 
 @dataclass(frozen=True)
@@ -104,11 +109,11 @@ class PolicySettings:
                                  "queue's mean wait exceeds the rest of the pool's by less "
                                  "than this (service times: a hop's worth)",
                                  flag="spill-margin")
-    #: Persistent: a queue hurts now, so spilling is quick ...
-    spill_rate_per_s: float = option(0.15, "persistent: fastest fall of a kept share per "
+    #: Persistent: both in proportion to the relative excess; alike, so that noise around the
+    #: balance point moves the share neither way on average.
+    spill_rate_per_s: float = option(0.25, "persistent: fastest fall of a kept share per "
                                      "second", flag="spill-rate-per-s")
-    #: ... and climbing back a little slower.
-    keep_recover_per_s: float = option(0.1, "persistent: fastest climb of a kept share per "
+    keep_recover_per_s: float = option(0.25, "persistent: fastest climb of a kept share per "
                                        "second", flag="keep-recover-per-s")
     load_smoothing_s: float = option(3.0, "persistent: time over which a replica's load per "
                                      "slot is averaged before the keep shares follow it",
@@ -398,8 +403,9 @@ def decide_persistent(
     node_average = {n: node_busy[n] / node_room[n] for n in node_room}
     floor = math.log(settings.min_share)
     speed, speed_at = _speeds(ready, loads, fresh, memory, now, dt, settings)
-    relative = relative_speeds(speed, {r.address: r.capacity for r in ready},
-                               low=settings.min_share, high=MAX_SPEEDUP)
+    relative = {a: v if abs(v - 1.0) >= SPEED_DEADBAND else 1.0
+                for a, v in relative_speeds(speed, {r.address: r.capacity for r in ready},
+                                            low=settings.min_share, high=MAX_SPEEDUP).items()}
     tilt: dict[str, float] = {}
     smoothed: dict[str, float] = {}
     published: dict[str, int] = {}

@@ -3,7 +3,8 @@
 Bounded concurrency and a timeout per replica; a hybrid-mode API server's per-rank series
 (`engine` label) are summed into its replica. A replica whose /metrics fails keeps its last
 reading, which then ages: staleness is the policy's input, not a verdict here. Its decode
-speed comes from its output-token counter over the last two readings (`decode_speed`).
+speed comes from its output-token counter over the readings of the last few seconds
+(`decode_speed`).
 
 The body is read to its end under a size cap: vLLM writes the load gauges after hundreds of
 KB of histograms (8 DP engines), so a partial read would drop engines without an error.
@@ -14,7 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import aiohttp
@@ -26,6 +28,10 @@ from xds_server.sources.vllm_metrics import MetricsTextError, parse_metrics
 log = logging.getLogger(__name__)
 
 SOURCE = "scrape"
+#: Seconds of readings a decode speed is timed over: between two readings a second apart,
+#: the mean of two instants' running requests was off by up to 4x (a batch that came and
+#: went between them), and the weights moved traffic on it.
+SPEED_SPAN_S = 5.0
 
 
 def combine(ranks: Iterable[RankLoad], read_at: float,
@@ -54,19 +60,20 @@ class Count:
     read_at: float
 
 
-def decode_speed(before: Count | None, now: Count) -> float | None:
-    """Output tokens per second per running request between two readings (1/TPOT), with the
-    mean of the two readings' running requests.
+def decode_speed(counts: Sequence[Count]) -> float | None:
+    """Output tokens per second per running request from the first reading to the last
+    (1/TPOT), with the mean of every reading's running requests in between.
 
-    None on a first reading, when the replica averaged less than one running request (no
-    decoding to time), when the counter went backwards (vLLM restarted) or when the two
-    readings sum different engines.
+    None with fewer than two readings, when the replica averaged less than one running
+    request (no decoding to time), when the counter went backwards (vLLM restarted) or when
+    the readings sum different engines.
     """
-    if before is None or before.engines != now.engines:
+    if len(counts) < 2 or any(c.engines != counts[-1].engines for c in counts):
         return None
-    elapsed = now.read_at - before.read_at
-    running = (before.running + now.running) / 2
-    produced = now.tokens - before.tokens
+    first, last = counts[0], counts[-1]
+    elapsed = last.read_at - first.read_at
+    running = sum(c.running for c in counts) / len(counts)
+    produced = last.tokens - first.tokens
     if elapsed <= 0 or running < 1 or produced < 0:
         return None
     return produced / elapsed / running
@@ -91,7 +98,7 @@ class Scraper:
         #: address -> reason of the last failure, so a failing replica logs once, not per scrape.
         self._failing: dict[str, str] = {}
         #: address -> its last token count, which the next reading's decode speed starts from.
-        self._counts: dict[str, Count] = {}
+        self._counts: dict[str, deque[Count]] = {}
 
     async def close(self) -> None:
         if self._session is not None:
@@ -143,8 +150,13 @@ class Scraper:
         else:
             count = Count(tuple(r.engine for r in reading.ranks), reading.generation_tokens,
                           sum(r.running for r in reading.ranks), read_at)
-            speed = decode_speed(self._counts.get(replica.address), count)
-            self._counts[replica.address] = count
+            counts = self._counts.setdefault(replica.address, deque())
+            if counts and (counts[-1].engines != count.engines or counts[-1].tokens > count.tokens):
+                counts.clear()  # other engines, or a restart: time from here on
+            counts.append(count)
+            while len(counts) > 2 and read_at - counts[1].read_at >= SPEED_SPAN_S:
+                counts.popleft()
+            speed = decode_speed(counts)
         return combine(reading.ranks, read_at, speed)
 
     def forget(self, live: Iterable[str]) -> None:
