@@ -202,3 +202,17 @@ def test_a_node_full_of_its_own_traffic_weighs_less_as_a_locality_not_per_replic
     assert d.weights.endpoints[A1.address] == d.weights.endpoints[A2.address] == 2 * SCALE
     # As a locality (the central Envoy's and the spilled requests' choice) it weighs less.
     assert d.weights.localities["node-a"] < 0.7 * d.weights.localities["node-b"]
+
+
+def test_a_lasting_difference_in_wait_keeps_moving_the_locality_weight() -> None:
+    # node-a's own traffic keeps its replicas queued while node-b's have room: the whole-pool
+    # cluster must send node-b ever more of the rest until the waits match, not settle at a
+    # fixed proportion of the loads.
+    busier_a = {A1.address: load(8, waiting=1), A2.address: load(8, waiting=1),
+                B1.address: load(6), B2.address: load(6)}
+
+    def ratio(d: Decision) -> float:
+        return d.weights.localities["node-a"] / d.weights.localities["node-b"]
+
+    early, late = run(busier_a, 30), run(busier_a, 90)
+    assert ratio(late) < 0.9 * ratio(early) < 0.9

@@ -104,16 +104,17 @@ class PolicySettings:
     balance_memory_s: float = option(20.0, "persistent: time for a weight to return to "
                                      "capacity once the excess is gone",
                                      flag="balance-memory-s")
-    #: Persistent, in service times: the wait worth a cross-node hop saved.
-    spill_margin: float = option(0.02, "persistent: a node keeps its requests while its own "
-                                 "queue's mean wait exceeds the rest of the pool's by less "
-                                 "than this (service times: a hop's worth)",
+    #: Persistent, in service times: the wait worth keeping a request on its node.
+    spill_margin: float = option(0.1, "persistent: a node keeps its requests while the mean "
+                                 "wait at its replicas exceeds the rest of the pool's by less "
+                                 "than this (service times: what a request kept local is "
+                                 "worth, a hop and the bandwidth it saves)",
                                  flag="spill-margin")
     #: Persistent: both in proportion to the relative excess; alike, so that noise around the
     #: balance point moves the share neither way on average.
-    spill_rate_per_s: float = option(0.25, "persistent: fastest fall of a kept share per "
+    spill_rate_per_s: float = option(0.05, "persistent: fastest fall of a kept share per "
                                      "second", flag="spill-rate-per-s")
-    keep_recover_per_s: float = option(0.25, "persistent: fastest climb of a kept share per "
+    keep_recover_per_s: float = option(0.05, "persistent: fastest climb of a kept share per "
                                        "second", flag="keep-recover-per-s")
     load_smoothing_s: float = option(3.0, "persistent: time over which a replica's load per "
                                      "slot is averaged before the keep shares follow it",
@@ -329,7 +330,7 @@ def decide_persistent(
     - a node's locality weight (how the whole-pool cluster, the central Envoy's requests and
       the spilled ones, splits between nodes) is the sum of its replicas' times exp(l),
       where l integrates how far the mean wait at its replicas exceeds the pool's (relative,
-      as the keep shares below): dl/dt = -0.5 * excess, the largest l held at 0 (capacity)
+      as the keep shares below): dl/dt = -0.05 * excess, the largest l held at 0 (capacity)
       and the others no lower than log(min_share). Integral, because much of a node's load
       is its own Envoy's traffic, which no locality weight moves: an ingress that brings a
       node less than its capacity's share is made up by sending it more of the rest, until
@@ -346,8 +347,9 @@ def decide_persistent(
 
         excess = (wait(node) - wait(rest) - spill_margin)
                  / (wait(node) + wait(rest) + spill_margin)          (in -1..1)
-        dk/dt  = -rate * excess    (rate: spill_rate_per_s while the excess is positive,
-                                    keep_recover_per_s below)
+        dk/dt  = -rate * excess * (1 + 4 excess²)   (rate: spill_rate_per_s while the
+                                                     excess is positive, keep_recover_per_s
+                                                     below)
 
     Each replica is a queue of its own (Envoy picks the replica), so keeping requests on a
     node costs nothing while its replicas are no fuller than the others: a node keeps
@@ -517,7 +519,11 @@ def _keep(ready: list[Replica], waits: Mapping[str, float], capacity: Mapping[st
         rest = (total_wait - waits[node] * capacity[node]) / rest_capacity
         if dt:
             excess = _excess(waits[node], rest, s)
-            k -= dt * (s.spill_rate_per_s if excess > 0 else s.keep_recover_per_s) * excess
+            rate = s.spill_rate_per_s if excess > 0 else s.keep_recover_per_s
+            # Up to 5x quicker far from the balance point (an ingress that moved), gentle
+            # near it, where the loop's lag (service times and smoothing) made a quicker
+            # share swing between all and nothing.
+            k -= dt * rate * excess * (1.0 + 4.0 * excess * excess)
         keep[node] = min(1.0, max(0.0, k))
     return keep
 
@@ -538,7 +544,7 @@ def _localities(waits: Mapping[str, float], capacity: Mapping[str, float], memor
 
 
 #: How fast (per second, on the log-share) a node's locality weight follows its excess wait.
-_LOCALITY_GAIN_PER_S = 0.5
+_LOCALITY_GAIN_PER_S = 0.05
 
 
 def _damp(
