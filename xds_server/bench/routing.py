@@ -126,9 +126,18 @@ def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
         Policy("weights-prometheus", (*prom, "--local-first", "false", *room),
                "weights from Prometheus (5 s scrape), global", needs_prometheus=True),
         Policy("hybrid", ("--metrics", "scrape", "--local-first", "true"),
-               "the default: least-request with weights that carry only lasting differences "
-               "(1 s scrape), node-local first while the node has no queue the pool lacks; "
-               "--max-num-seqs left at its default (256): the room is read from vLLM"),
+               "the default: Envoy's least-request over weights that carry only lasting "
+               "differences (capacity times measured decode speed; 1 s scrape); node-local "
+               "first while the node's replicas wait no longer than the rest's, locality "
+               "weights steering the rest to where waits are shortest; --max-num-seqs left "
+               "at its default (256): the room is read from vLLM"),
+        Policy("hybrid-global", ("--metrics", "scrape", "--local-first", "false"),
+               "the default's weights with local-first off: every Envoy over the whole pool"),
+        Policy("hybrid-picker", ("--metrics", "scrape", "--local-first", "true",
+                                 "--extproc-port", "EXTPROC_PORT"),
+               "the default with the ext_proc endpoint picker hosted by the control plane: "
+               "each request to the replica with the shortest expected wait, held on the "
+               "asking Envoy's node as the keep shares say"),
         Policy("hybrid-prometheus", (*prom, "--local-first", "true"),
                "the default fed by Prometheus (5 s scrape)", needs_prometheus=True),
         Policy("hybrid-queue", ("--metrics", "scrape", "--local-first", "true", *room,
