@@ -443,11 +443,9 @@ def decide_persistent(
     keep = _keep(ready, waits, capacity, memory, dt, settings)
     locality = _localities(waits, capacity, memory, dt, settings)
     busy: dict[str, float] = {}
-    room: dict[str, float] = {}
     for r in ready:
         if r.address in replica_load:
             busy[r.node] = busy.get(r.node, 0.0) + replica_load[r.address] * r.capacity
-            room[r.node] = room.get(r.node, 0.0) + r.capacity
     return Decision(
         weights=_assemble(pool, endpoint_weights,
                           {n: math.exp(v) for n, v in locality.items()}),
@@ -457,7 +455,7 @@ def decide_persistent(
                       locality=locality,
                       speed=speed, speed_at=speed_at),
         explain=explain,
-        node_utilization={n: round(busy[n] / room[n], 4) for n in room},
+        node_utilization={n: round(busy[n] / capacity[n], 4) for n in capacity},
         node_keep=keep,
     )
 
