@@ -216,3 +216,16 @@ def test_a_lasting_difference_in_wait_keeps_moving_the_locality_weight() -> None
 
     early, late = run(busier_a, 30), run(busier_a, 90)
     assert ratio(late) < 0.9 * ratio(early) < 0.9
+
+
+def test_a_node_that_is_gone_is_forgotten_by_the_locality_weights() -> None:
+    busier_a = {A1.address: load(8, waiting=1), A2.address: load(8, waiting=1),
+                B1.address: load(6), B2.address: load(6)}
+    steered = run(busier_a, 30)
+    assert steered.memory.locality["node-b"] == 0.0 > steered.memory.locality["node-a"]
+    only_a = Pool("p", (A1, A2))
+    later = decide(only_a, {a: load(8, waiting=1, at=31.0) for a in (A1.address, A2.address)},
+                   steered.memory, 31.0, S)
+    # node-b no longer pins the top: node-a, alone, is back at its capacity's share.
+    assert set(later.memory.locality) == {"node-a"}
+    assert later.memory.locality["node-a"] == 0.0

@@ -441,7 +441,7 @@ def decide_persistent(
     replica_load = _smoothed_loads(ready, occupancy, memory, dt, settings)
     waits, capacity = _node_waits(ready, replica_load, slots)
     keep = _keep(ready, waits, capacity, memory, dt, settings)
-    locality = _localities(waits, capacity, memory, dt, settings)
+    locality = _localities(ready, waits, capacity, memory, dt, settings)
     busy: dict[str, float] = {}
     for r in ready:
         if r.address in replica_load:
@@ -526,12 +526,14 @@ def _keep(ready: list[Replica], waits: Mapping[str, float], capacity: Mapping[st
     return keep
 
 
-def _localities(waits: Mapping[str, float], capacity: Mapping[str, float], memory: Memory,
-                dt: float | None, s: PolicySettings) -> dict[str, float]:
-    """Each node's log-share of the whole-pool cluster (see decide_persistent)."""
+def _localities(ready: list[Replica], waits: Mapping[str, float],
+                capacity: Mapping[str, float], memory: Memory, dt: float | None,
+                s: PolicySettings) -> dict[str, float]:
+    """Each node's log-share of the whole-pool cluster (see decide_persistent); a node with
+    no ready replica is forgotten, as its keep share is."""
     total_capacity = sum(capacity.values())
     pool = sum(waits[n] * capacity[n] for n in waits) / total_capacity if total_capacity else 0.0
-    share = dict(memory.locality)
+    share = {n: memory.locality.get(n, 0.0) for n in {r.node for r in ready}}
     for node, wait in waits.items():
         share[node] = share.get(node, 0.0)
         if dt:
