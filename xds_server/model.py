@@ -99,6 +99,18 @@ class Load:
 
 
 @dataclass(frozen=True)
+class IngressReport:
+    """One Envoy's load report: requests per second it sent to each pool's clusters over
+    its last reporting interval, which ended at `at` (seconds, wall clock). `node` is the
+    Envoy's node ("" for one on no GPU node, a central gateway)."""
+
+    node: str
+    rates: dict[str, float]
+    at: float
+    interval_s: float
+
+
+@dataclass(frozen=True)
 class Weights:
     """What Envoy splits traffic by: per replica address, and per node (locality)."""
 

@@ -1,4 +1,4 @@
-"""The hub: current pools and loads. Sources write here; everything else reads.
+"""The hub: current pools, loads and ingress. Sources write here; everything else reads.
 
 Each source owns its own slice of pools (so a Kubernetes relist cannot erase pools from a
 static file); readers see the merge. A change bumps `version` and wakes `wait_change`.
@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable, Mapping
 
-from xds_server.model import Load, Pool, Replica
+from xds_server.model import IngressReport, Load, Pool, Replica
 
 
 class State:
@@ -24,6 +24,8 @@ class State:
         self._synced: set[str] = set()
         self._expected: set[str] = set()
         self._problems: dict[str, Mapping[str, str]] = {}
+        #: Envoy load-report stream -> its latest IngressReport.
+        self._ingress: dict[str, IngressReport] = {}
 
     @property
     def version(self) -> int:
@@ -80,6 +82,28 @@ class State:
             return
         self._loads.update(loads)
         self._bump()
+
+    def set_ingress(self, stream: str, report: IngressReport) -> None:
+        """Record what one Envoy's load-report stream says it sent upstream lately. Bumps
+        nothing: the next decision reads it (loads arrive every second anyway)."""
+        self._ingress[stream] = report
+
+    def drop_ingress(self, stream: str) -> None:
+        """Forget a stream that ended: its Envoy no longer reports."""
+        self._ingress.pop(stream, None)
+
+    def ingress(self, now: float) -> dict[str, dict[str, float]]:
+        """Requests per second entering Envoys: pool -> Envoy node ("" for an Envoy on no
+        node) -> rate, summed over the streams whose report is still current (read within
+        three of its intervals)."""
+        rates: dict[str, dict[str, float]] = {}
+        for report in self._ingress.values():
+            if now - report.at > 3.0 * report.interval_s:
+                continue
+            for pool, rate in report.rates.items():
+                by_node = rates.setdefault(pool, {})
+                by_node[report.node] = by_node.get(report.node, 0.0) + rate
+        return rates
 
     def replica(self, pool_name: str, address: str) -> Replica | None:
         for pool in self._pools:
