@@ -152,8 +152,10 @@ class Publisher:
         loop."""
         started = time.perf_counter()
         pools, loads, version = self._state.pools, dict(self._state.loads), self._state.version
+        ingress = self._state.ingress(time.time())
         views = self._cache.views_in_use(_nodes(pools))
-        decided, built = await asyncio.to_thread(self._decide_and_build, pools, loads, views)
+        decided, built = await asyncio.to_thread(self._decide_and_build, pools, loads, ingress,
+                                                 views)
         return self._finish(decided, built, started, version)
 
     async def wait_keep_change(self, seen_version: int) -> int:
@@ -167,7 +169,8 @@ class Publisher:
         started = time.perf_counter()
         pools, loads, version = self._state.pools, self._state.loads, self._state.version
         views = self._cache.views_in_use(_nodes(pools))
-        decided, built = self._decide_and_build(pools, loads, views)
+        decided, built = self._decide_and_build(pools, loads, self._state.ingress(time.time()),
+                                                views)
         return self._finish(decided, built, started, version)
 
     def build_view(self, view: View) -> Snapshot | None:
@@ -181,13 +184,16 @@ class Publisher:
             return None
 
     def _decide_and_build(
-        self, pools: tuple[Pool, ...], loads: Mapping[str, Load], views: set[View]
+        self, pools: tuple[Pool, ...], loads: Mapping[str, Load],
+        ingress: Mapping[str, Mapping[str, float]], views: set[View]
     ) -> tuple[_Decision, tuple[Plan, dict[View, Snapshot]] | InconsistentSnapshot | None]:
-        """Work on immutable inputs (`loads` a copy), safe in a worker thread: the new
-        weights and keep shares, and the snapshots, unless they would publish nothing new."""
+        """Work on immutable inputs (`loads` and `ingress` copies), safe in a worker thread:
+        the new weights and keep shares, and the snapshots, unless they would publish
+        nothing new."""
         now = time.time()
         decisions = {
-            p.name: decide(p, loads, self._memory.get(p.name, Memory()), now, self._policy)
+            p.name: decide(p, loads, self._memory.get(p.name, Memory()), now, self._policy,
+                           ingress.get(p.name))
             for p in pools
         }
         self._memory = {name: d.memory for name, d in decisions.items()}

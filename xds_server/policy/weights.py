@@ -45,6 +45,7 @@ from typing import Literal
 from xds_server.model import Load, Pool, Replica, ReplicaState, Weights
 from xds_server.options import option
 from xds_server.policy.load import learn_slots, mean_wait, per_slot, pool_slots, relative_speeds
+from xds_server.policy.spill import plan_spill
 
 #: Weight of one idle rank. Envoy needs integers >= 1 and a locality sum below 2**32.
 SCALE = 100
@@ -172,9 +173,11 @@ class Memory:
     slots: Mapping[str, float] = field(default_factory=dict)
     balance: Mapping[str, float] = field(default_factory=dict)
     #: persistent: each replica's log-weight against its node's other replicas, and each
-    #: node's kept share (0..1).
+    #: node's trim of its kept share (added to the share planned from the ingress, spill.py).
     tilt: Mapping[str, float] = field(default_factory=dict)
     keep: Mapping[str, float] = field(default_factory=dict)
+    #: persistent: requests per second entering each node's Envoys (gateways: ""), smoothed.
+    ingress: Mapping[str, float] = field(default_factory=dict)
     replica_load: Mapping[str, float] = field(default_factory=dict)
     #: persistent: each node's log-share of the whole-pool cluster (0: its capacity's).
     locality: Mapping[str, float] = field(default_factory=dict)
@@ -234,10 +237,13 @@ def decide(
     memory: Memory,
     now: float,
     settings: PolicySettings,
+    ingress: Mapping[str, float] | None = None,
 ) -> Decision:
-    """Endpoint and node weights for one pool; `memory` comes from the previous decision."""
+    """Endpoint and node weights for one pool; `memory` comes from the previous decision.
+    `ingress`: requests per second entering the Envoys, by node, where they report it (the
+    persistent model plans the keep shares from it; the queue model has no use for it)."""
     if settings.model == "persistent":
-        return decide_persistent(pool, loads, memory, now, settings)
+        return decide_persistent(pool, loads, memory, now, settings, ingress)
     ready = [r for r in pool.replicas if r.state is ReplicaState.READY]
     fresh: dict[str, float] = {}
     util: dict[str, float] = {}
@@ -304,6 +310,7 @@ def decide_persistent(
     memory: Memory,
     now: float,
     settings: PolicySettings,
+    ingress: Mapping[str, float] | None = None,
 ) -> Decision:
     """Weights that carry only lasting differences; Envoy's least-request does the rest.
 
@@ -328,28 +335,32 @@ def decide_persistent(
       a healthy fleet it drifted (a replica's weight fell to 2/3 of its capacity's within
       25 s at 85% load in the routing bench) and the speed carries the slow replica;
     - a node's locality weight (how the whole-pool cluster, the central Envoy's requests and
-      the spilled ones, splits between nodes) is the sum of its replicas' times exp(l),
-      where l integrates how far the mean wait at its replicas exceeds the pool's (relative,
-      as the keep shares below): dl/dt = -0.05 * excess, the largest l held at 0 (capacity)
-      and the others no lower than log(min_share). Integral, because much of a node's load
-      is its own Envoy's traffic, which no locality weight moves: an ingress that brings a
-      node less than its capacity's share is made up by sending it more of the rest, until
-      the waits match.
+      the spilled ones, splits between nodes) is the sum of its replicas' times its `fill`
+      (the share of its fair part the whole-pool cluster must bring it, spill.py, from the
+      Envoys' ingress; 1 while no Envoy reports one) times exp(l), where l integrates how
+      far the mean wait at its replicas exceeds the pool's (relative, as the keep shares
+      below): dl/dt = -0.05 * excess, the largest l held at 0 (capacity) and the others no
+      lower than log(min_share). Integral, because much of a node's load is its own Envoy's
+      traffic, which no locality weight moves: what the ingress plan misses (no reports,
+      longer requests at one entry) is made up until the waits match.
 
     A doubted or unknown reading counts as the pool's average, so with stale loads the
     weights drift back to capacity, never to zero or to idle; a doubted speed is held, and
     forgotten at twice stale_after_s.
 
-    A node keeps a share k of its Envoy's requests that integrates how far the mean wait at
-    its replicas exceeds the mean wait at the rest of the pool's (load.mean_wait: Erlang C per
-    replica, on the slots read from vLLM, at each replica's load per slot averaged over
-    load_smoothing_s; node and rest weigh their replicas by capacity):
+    A node keeps a share k of its Envoy's requests: the share planned from the Envoys'
+    ingress (spill.py: just the node's fair part of the pool's traffic, by effective
+    capacity; 1 while no Envoy reports an ingress) plus a trim that integrates how far the
+    mean wait at its replicas exceeds the mean wait at the rest of the pool's
+    (load.mean_wait: Erlang C per replica, on the slots read from vLLM, at each replica's
+    load per slot averaged over load_smoothing_s; node and rest weigh their replicas by
+    capacity):
 
         excess = (wait(node) - wait(rest) - spill_margin)
                  / (wait(node) + wait(rest) + spill_margin)          (in -1..1)
         dk/dt  = -rate * excess * (1 + 4 excess²)   (rate: spill_rate_per_s while the
                                                      excess is positive, keep_recover_per_s
-                                                     below)
+                                                     below; the trim held where k is 0 or 1)
 
     Each replica is a queue of its own (Envoy picks the replica), so keeping requests on a
     node costs nothing while its replicas are no fuller than the others: a node keeps
@@ -440,19 +451,27 @@ def decide_persistent(
             endpoint_weights[r.address] = 0
     replica_load = _smoothed_loads(ready, occupancy, memory, dt, settings)
     waits, capacity = _node_waits(ready, replica_load, slots)
-    keep = _keep(ready, waits, capacity, memory, dt, settings)
+    entering = _smoothed_ingress(ingress or {}, memory, dt, settings)
+    effective: dict[str, float] = {}
+    for r in ready:
+        effective[r.node] = effective.get(r.node, 0.0) + r.capacity * relative.get(r.address, 1.0)
+    spill = plan_spill(entering, effective)
+    keep, trim = _keep(ready, waits, capacity, spill.keep if spill else {}, memory, dt,
+                       settings)
     locality = _localities(ready, waits, capacity, memory, dt, settings)
+    fill = spill.fill if spill else {}
+    node_share = {n: max(settings.min_share, fill.get(n, 1.0)) * math.exp(v)
+                  for n, v in locality.items()}
     busy: dict[str, float] = {}
     for r in ready:
         if r.address in replica_load:
             busy[r.node] = busy.get(r.node, 0.0) + replica_load[r.address] * r.capacity
     return Decision(
-        weights=_assemble(pool, endpoint_weights,
-                          {n: math.exp(v) for n, v in locality.items()}),
+        weights=_assemble(pool, endpoint_weights, node_share),
         memory=Memory(at=now, smoothed=smoothed, published=published,
                       slots={a: v for a, v in learned.items() if v is not None},
-                      balance=average, tilt=tilt, replica_load=replica_load, keep=keep,
-                      locality=locality,
+                      balance=average, tilt=tilt, replica_load=replica_load, keep=trim,
+                      locality=locality, ingress=entering,
                       speed=speed, speed_at=speed_at),
         explain=explain,
         node_utilization={n: round(busy[n] / capacity[n], 4) for n in capacity},
@@ -499,31 +518,46 @@ def _excess(here: float, there: float, s: PolicySettings) -> float:
     return (here - there - s.spill_margin) / max(1e-9, here + there + s.spill_margin)
 
 
+def _smoothed_ingress(ingress: Mapping[str, float], memory: Memory, dt: float | None,
+                      s: PolicySettings) -> dict[str, float]:
+    """Each node's Envoy ingress averaged over load_smoothing_s: a report is a second's
+    count of random arrivals. A node whose Envoys stopped reporting is forgotten."""
+    alpha = 1.0 if not dt else 1.0 - math.exp(-dt / s.load_smoothing_s)
+    smoothed: dict[str, float] = {}
+    for node, rate in ingress.items():
+        before = memory.ingress.get(node)
+        now = max(0.0, rate)
+        smoothed[node] = now if before is None else before + alpha * (now - before)
+    return smoothed
+
+
 def _keep(ready: list[Replica], waits: Mapping[str, float], capacity: Mapping[str, float],
-          memory: Memory, dt: float | None, s: PolicySettings) -> dict[str, float]:
-    """Each node's kept share (see decide_persistent)."""
+          planned: Mapping[str, float], memory: Memory, dt: float | None, s: PolicySettings
+          ) -> tuple[dict[str, float], dict[str, float]]:
+    """Each node's kept share and its trim (see decide_persistent): the planned share (1
+    where none is planned) plus the trim, which is held where the sum is 0 or 1."""
     total_wait = sum(waits[n] * capacity[n] for n in waits)
     total_capacity = sum(capacity.values())
     keep: dict[str, float] = {}
+    trims: dict[str, float] = {}
     for node in sorted({r.node for r in ready}):
-        k = memory.keep.get(node, 1.0)
+        base = planned.get(node, 1.0)
+        trim = memory.keep.get(node, 0.0)
         rest_capacity = total_capacity - capacity.get(node, 0.0)
-        if node not in waits:  # no fresh reading: hold the share (all, at first)
-            keep[node] = k
-            continue
         if rest_capacity <= 0:  # nowhere else to go
-            keep[node] = 1.0
+            keep[node], trims[node] = 1.0, 0.0
             continue
-        rest = (total_wait - waits[node] * capacity[node]) / rest_capacity
-        if dt:
+        if node in waits and dt:  # without a fresh reading the trim is held
+            rest = (total_wait - waits[node] * capacity[node]) / rest_capacity
             excess = _excess(waits[node], rest, s)
             rate = s.spill_rate_per_s if excess > 0 else s.keep_recover_per_s
-            # Up to 5x quicker far from the balance point (an ingress that moved), gentle
-            # near it, where the loop's lag (service times and smoothing) made a quicker
-            # share swing between all and nothing.
-            k -= dt * rate * excess * (1.0 + 4.0 * excess * excess)
-        keep[node] = min(1.0, max(0.0, k))
-    return keep
+            # Up to 5x quicker far from the balance point, gentle near it, where the loop's
+            # lag (service times and smoothing) made a quicker share swing between all and
+            # nothing.
+            trim -= dt * rate * excess * (1.0 + 4.0 * excess * excess)
+        trim = min(1.0 - base, max(-base, trim))
+        keep[node], trims[node] = base + trim, trim
+    return keep, trims
 
 
 def _localities(ready: list[Replica], waits: Mapping[str, float],
