@@ -139,6 +139,14 @@ class EnvoySettings:
                                  "least_request (weight / in-flight), round_robin (weighted), "
                                  "or Envoy's ORCA-driven orca_wrr or load_aware_locality (see "
                                  "README)", flag="lb-policy")
+    #: Envoy's least-request compares this many hosts drawn at random (2: power of two
+    #: choices). Drawn with replacement, so a few times the hosts of a cluster makes it a
+    #: scan for the least busy (ties at random). Hosts of unequal weight are picked by
+    #: weight / (in-flight + 1) instead, whatever this says.
+    least_request_choices: int = option(2, "least_request: how many random hosts Envoy "
+                                        "compares by in-flight requests (2: power of two "
+                                        "choices; more: nearer the least busy of all)",
+                                        flag="least-request-choices")
     extproc_address: str = option("", "HOST:PORT where Envoys reach the endpoint picker; adds "
                                   "the ext_proc filter (default with --extproc-port: "
                                   "127.0.0.1:PORT)", flag="extproc-address")
@@ -165,6 +173,10 @@ class EnvoySettings:
         0.0, "a try that receives nothing for this long fails with 504, bounding a hung "
         "replica (0: off; keep it above your longest non-streaming generation)",
         flag="upstream-idle-timeout-s")
+
+    def __post_init__(self) -> None:
+        if self.least_request_choices < 2:
+            raise ValueError("--least-request-choices must be at least 2 (Envoy's minimum)")
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,8 @@ from tests.harness import ControlPlane, Envoy, Sim, free_ports, running, wait_fo
 pytestmark = pytest.mark.envoy
 
 POLICIES = ("orca_wrr", "load_aware_locality")
+#: Least-request drawing more hosts than power-of-two (the `choices` Envoy and its plane).
+CHOICES = 16
 
 
 class Stack:
@@ -30,6 +32,11 @@ class Stack:
                 extra=["--metrics", "none", "--local-first", "false", "--lb-policy", policy])
             self.envoys[policy] = Envoy(workdir, xds_port=self.cps[policy].xds_port,
                                         node="node-a", name=f"envoy-{policy}")
+        self.cps["choices"] = ControlPlane(
+            workdir, self.sim.pools, listener_port=free_ports(1)[0], name="cp-choices",
+            extra=["--metrics", "none", "--least-request-choices", str(CHOICES)])
+        self.envoys["choices"] = Envoy(workdir, xds_port=self.cps["choices"].xds_port,
+                                       node="node-a", name="envoy-choices")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +58,25 @@ def served_nodes(stack: Stack, envoy: Envoy, n: int) -> Counter[str]:
         assert r.status_code == 200, r.text
         nodes[stack.sim.nodes[r.headers["x-hybridlb-replica"]]] += 1
     return nodes
+
+
+def active_cluster(envoy: Envoy, name: str) -> dict[str, object]:
+    dump = httpx.get(f"{envoy.admin}/config_dump?resource=dynamic_active_clusters").json()
+    for entry in dump["configs"]:
+        if entry["cluster"]["name"] == name:
+            return dict(entry["cluster"])
+    return {}
+
+
+def test_least_request_draws_as_many_hosts_as_configured(stack: Stack) -> None:
+    envoy = stack.envoys["choices"]
+    for name in ("qwen3", "qwen3/node/node-a"):
+        wait_for(lambda name=name: active_cluster(envoy, name), 20, f"{name} in Envoy")
+        cluster = active_cluster(envoy, name)
+        assert cluster["lb_policy"] == "LEAST_REQUEST"
+        assert cluster["least_request_lb_config"] == {"choice_count": CHOICES}
+    assert stack.cps["choices"].metric("hybridlb_xds_nacks_total") == 0
+    assert sum(served_nodes(stack, envoy, 6).values()) == 6
 
 
 def cluster_policy(envoy: Envoy) -> str:

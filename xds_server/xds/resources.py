@@ -139,7 +139,7 @@ def _any(message: Message) -> any_pb2.Any:
     return packed
 
 
-def _honour_picks(cluster: cluster_pb2.Cluster) -> None:
+def _honour_picks(cluster: cluster_pb2.Cluster, settings: EnvoySettings) -> None:
     """Send a request to the endpoint the picker named (header or `envoy.lb` metadata), and
     by the weights when it named none, or one that is not in the cluster (fail open)."""
     fallback = least_request_pb2.LeastRequest(
@@ -147,6 +147,8 @@ def _honour_picks(cluster: cluster_pb2.Cluster) -> None:
             locality_weighted_lb_config=common_lb_pb2.LocalityLbConfig.LocalityWeightedLbConfig()
         )
     )
+    if settings.least_request_choices != 2:  # Envoy's default, left unsaid
+        fallback.choice_count.value = settings.least_request_choices
     policy = override_host_pb2.OverrideHost(
         override_host_sources=[
             override_host_pb2.OverrideHost.OverrideHostSource(header=DESTINATION_HEADER),
@@ -169,6 +171,7 @@ def _honour_picks(cluster: cluster_pb2.Cluster) -> None:
         ),
     )
     cluster.ClearField("lb_policy")
+    cluster.ClearField("least_request_lb_config")
     # Envoy refuses locality weighting in both places; the fallback policy carries it.
     cluster.common_lb_config.ClearField("locality_weighted_lb_config")
     cluster.load_balancing_policy.CopyFrom(
@@ -254,6 +257,8 @@ def _eds_cluster(
         common_lb_config=common,
         outlier_detection=_outlier_detection(settings),
     )
+    if settings.lb_policy == "least_request" and settings.least_request_choices != 2:
+        cluster.least_request_lb_config.choice_count.value = settings.least_request_choices
     return cluster
 
 
@@ -439,7 +444,7 @@ def _pool_clusters(pool: str, settings: EnvoySettings) -> tuple[cluster_pb2.Clus
     everywhere = _balanced(_eds_cluster(cluster_name(pool), settings, locality_weighted=True),
                            settings)
     if settings.extproc_address:
-        _honour_picks(everywhere)
+        _honour_picks(everywhere, settings)
     return everywhere, _pinned_cluster(pool, settings), _affinity_cluster(pool, settings)
 
 
