@@ -73,6 +73,21 @@ class Metrics:
             "too_many_from_peer, too_many_names, malformed, node_not_in_certificate)",
             ["reason"], registry=r,
         )
+        self.lrs_streams = Gauge(
+            "hybridlb_lrs_streams", "Connected load-report (LRS) streams", registry=r
+        )
+        self.lrs_reports = Counter(
+            "hybridlb_lrs_reports_total",
+            "Load reports received from Envoys (one per Envoy per --load-report-interval-s)",
+            registry=r,
+        )
+        self.lrs_rejected = Counter(
+            "hybridlb_lrs_rejected_total",
+            "Parts of load reports left out, by reason (no_node: the stream's first message "
+            "named no Envoy; bad_interval: a cluster's measured interval was not positive; "
+            "implausible_rate: more requests a second than an Envoy can send)",
+            ["reason"], registry=r,
+        )
         self.log_suppressed = Counter(
             "hybridlb_log_suppressed_total",
             "Log lines left out by rate limiting, by kind (what a client can repeat)",

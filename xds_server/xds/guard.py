@@ -1,6 +1,7 @@
-"""Who may hold an ADS stream, and how a stream that may not ends.
+"""Who may hold an xDS stream (ADS, or load reports), and how a stream that may not ends.
 
-Wraps the ADS server's handler, so the protocol code stays about the protocol:
+Wraps the ADS server's handler, or the load-report (LRS) server's, so the protocol code stays
+about the protocol:
 
 - streams are capped in total and per peer address: one client cannot hold the server's
   memory with stream after stream (RESOURCE_EXHAUSTED);
@@ -12,7 +13,8 @@ Wraps the ADS server's handler, so the protocol code stays about the protocol:
 - a request naming more resources than `max_resource_names` ends it with
   RESOURCE_EXHAUSTED: the server's work on a request is linear in the names (a delta
   reconnect's made-up versions are each diffed and removed, on the event loop), and a real
-  Envoy names a few per pool (6 at 10,000 replicas on 1,250 nodes).
+  Envoy names a few per pool (6 at 10,000 replicas on 1,250 nodes). A load report's clusters
+  count as its names: the server reads each.
 
 Each refusal is counted (`hybridlb_xds_refused_streams_total{reason}`) and logged a few
 times per interval at most.
@@ -28,6 +30,7 @@ from typing import Any
 
 import grpc
 from envoy.service.discovery.v3 import discovery_pb2
+from envoy.service.load_stats.v3 import lrs_pb2
 from google.protobuf.message import DecodeError
 
 from xds_server.logsafe import LogLimiter, clip
@@ -65,7 +68,8 @@ class _Refused(Exception):
 
 
 class AdsGuard:
-    """A gRPC generic handler (it has `service`) around the ADS server's."""
+    """A gRPC generic handler (it has `service`) around the ADS or LRS server's. Each guard
+    counts only the streams it wraps."""
 
     def __init__(self, inner: grpc.GenericRpcHandler, *, metrics: Metrics, max_streams: int,
                  max_streams_per_peer: int, max_resource_names: int,
@@ -142,7 +146,7 @@ class AdsGuard:
                 yield request
         except DecodeError:
             refused.append(_Refused(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
-                                    "a request is not a discovery request"))
+                                    "a request does not parse"))
 
     def _allowed_nodes(self, context: Any) -> set[str] | None:
         if self._node_san is None:
@@ -153,15 +157,17 @@ class AdsGuard:
     async def _refuse(self, context: Any, peer: str, refused: _Refused) -> None:
         self._metrics.refused_streams.labels(refused.reason).inc()
         self._logs.log(log, logging.WARNING, f"refused_{refused.reason}",
-                       "ADS stream from %s refused (%s): %s", clip(peer), refused.reason,
+                       "xDS stream from %s refused (%s): %s", clip(peer), refused.reason,
                        refused)
         await context.abort(refused.code, str(refused))
 
 
 def _names(request: Any) -> int:
-    """How many resource names a SotW or delta request carries."""
+    """How many resource names a SotW or delta request carries (a load report: clusters)."""
     if isinstance(request, discovery_pb2.DiscoveryRequest):
         return len(request.resource_names)
+    if isinstance(request, lrs_pb2.LoadStatsRequest):
+        return len(request.cluster_stats)
     return (len(request.resource_names_subscribe) + len(request.resource_names_unsubscribe)
             + len(request.initial_resource_versions))
 

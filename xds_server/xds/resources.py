@@ -18,7 +18,7 @@ pool's traffic goes to `P/prefer/N` versus `P`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Sequence
+from collections.abc import Container, Iterable, Sequence
 from dataclasses import dataclass
 
 from envoy.config.accesslog.v3 import accesslog_pb2
@@ -101,6 +101,21 @@ def pinned_cluster_name(pool: str) -> str:
 
 def affinity_cluster_name(pool: str) -> str:
     return f"{pool}/affinity"
+
+
+def pool_of_cluster(cluster: str, pools: Container[str]) -> str | None:
+    """The pool whose cluster this is (any of the names above), or None for any other
+    cluster (the bootstrap's xDS and admin clusters, the picker's, a departed pool's).
+    Pool names may hold slashes (`Qwen/Qwen3-0.6B`); node names cannot."""
+    if cluster in pools:
+        return cluster
+    head, _, last = cluster.rpartition("/")
+    if last in ("pinned", "affinity") and head in pools:
+        return head
+    pool, _, kind = head.rpartition("/")
+    if kind in ("node", "prefer") and last and pool in pools:
+        return pool
+    return None
 
 
 @dataclass(frozen=True)
