@@ -29,8 +29,10 @@ from xds_server.xds.server import StreamInfo
 def debug_state(
     published: Published, loads: Mapping[str, Load], streams: Mapping[str, StreamInfo],
     problems: Mapping[str, str] | None = None,
+    ingress: Mapping[str, Mapping[str, float]] | None = None,
 ) -> dict[str, Any]:
-    """The JSON document of /debug/state (documented in the README)."""
+    """The JSON document of /debug/state (documented in the README). `ingress`: requests a
+    second entering Envoys, pool -> Envoy node ("" for a gateway) -> rate (State.ingress)."""
     now = time.time()
     pools = []
     for pool in published.pools:
@@ -82,6 +84,8 @@ def debug_state(
         "published_at": published.at,
         "pools": pools,
         "problems": dict(problems or {}),
+        "ingress": {pool: {node: round(rate, 3) for node, rate in nodes.items()}
+                    for pool, nodes in (ingress or {}).items()},
         "envoys": [
             {**s.as_dict(), "keep_per_mille": {
                 pool: nodes.get(s.view.node, 0) for pool, nodes in published.keep.items()

@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -29,6 +30,7 @@ from xds_server.sources.static_file import StaticFileSource
 from xds_server.state import State
 from xds_server.xds.cache import SnapshotCache
 from xds_server.xds.guard import AdsGuard, NodeSan
+from xds_server.xds.lrs import LoadReportServer
 from xds_server.xds.server import AdsServer
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,8 @@ class App:
             policy=settings.policy, hybrid=settings.hybrid,
         )
         self.ads = AdsServer(cache=self.cache, metrics=self.metrics)
+        self.lrs = LoadReportServer(state=self.state, metrics=self.metrics,
+                                    interval_s=settings.xds.load_report_interval_s)
         self.sources: list[Callable[[], Coroutine[Any, Any, None]]] = []
         if settings.static.path is not None:
             static = StaticFileSource(
@@ -78,7 +82,7 @@ class App:
 
     def debug_state(self) -> dict[str, Any]:
         doc = admin.debug_state(self.publisher.published, self.state.loads, self.ads.streams,
-                                self.state.problems)
+                                self.state.problems, self.state.ingress(time.time()))
         if self.picker is not None:
             doc["picker"] = {"pid": self.picker.pid, "restarts": self.picker.restarts}
         return doc
@@ -97,11 +101,18 @@ class App:
             ]
         )
         mutual = s.xds.tls.client_ca is not None
-        server.add_generic_rpc_handlers((AdsGuard(
-            self.ads.handler(), metrics=self.metrics, max_streams=s.xds.max_streams,
-            max_streams_per_peer=s.xds.max_streams_per_peer,
-            max_resource_names=s.xds.max_resource_names,
-            node_san=NodeSan(s.xds.node_san) if mutual and s.xds.node_san else None),))
+
+        def guarded(handler: grpc.GenericRpcHandler) -> AdsGuard:
+            return AdsGuard(
+                handler, metrics=self.metrics, max_streams=s.xds.max_streams,
+                max_streams_per_peer=s.xds.max_streams_per_peer,
+                max_resource_names=s.xds.max_resource_names,
+                node_san=NodeSan(s.xds.node_san) if mutual and s.xds.node_san else None)
+
+        # A guard each: every Envoy holds one stream of both, and load-report streams must
+        # never take the ADS streams' places under the caps.
+        server.add_generic_rpc_handlers((guarded(self.ads.handler()),
+                                         guarded(self.lrs.handler())))
         try:
             self.xds_port = tls.add_port(server, host_port(s.xds.host, s.xds.port), s.xds.tls)
         except RuntimeError as exc:
@@ -126,7 +137,7 @@ class App:
             ) from exc
         self._admin = runner
         self.admin_port = runner.addresses[0][1]
-        log.info("xDS (ADS) on %s:%d%s, admin on http://%s:%d", s.xds.host, self.xds_port,
+        log.info("xDS (ADS, LRS) on %s:%d%s, admin on http://%s:%d", s.xds.host, self.xds_port,
                  tls.describe(s.xds.tls), s.admin.host, self.admin_port)
         if s.extproc.port and not s.extproc.in_process:
             await self._start_picker_process()
