@@ -10,6 +10,9 @@ listener that forwards only `GET /stats/prometheus` (for Prometheus) and `GET /r
 kubelet's probes) to the admin, and answers 404 to everything else, so the pod can be scraped
 and probed without exposing the admin.
 
+The same connection carries Envoy's load reports (LRS, `cluster_manager.load_stats_config`):
+the requests it sends each cluster, which the control plane reads each Envoy's ingress from.
+
 Several `--xds-address`es (control-plane replicas, each computing the same snapshot) become
 the endpoints of the xDS cluster: when the stream to one breaks, Envoy reconnects to another
 and keeps its config meanwhile. `--xds-tls-ca` makes that connection TLS, verified against
@@ -108,6 +111,16 @@ def build_bootstrap(
             },
             "cds_config": ads,
             "lds_config": ads,
+        },
+        # Envoy reports to the control plane what it sends to each cluster (LRS,
+        # xds/lrs.py), so that the policy learns each Envoy's ingress per pool.
+        "cluster_manager": {
+            "load_stats_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                "set_node_on_first_message_only": True,
+            },
         },
         "static_resources": {
             "clusters": [
