@@ -113,7 +113,9 @@ def build_bootstrap(
             "lds_config": ads,
         },
         # Envoy reports to the control plane what it sends to each cluster (LRS,
-        # xds/lrs.py), so that the policy learns each Envoy's ingress per pool.
+        # xds/lrs.py), so that the policy learns each Envoy's ingress per pool. Envoy 1.40
+        # accepts but does not honour set_node_on_first_message_only here: every report
+        # carries the node (the server reads it from the first).
         "cluster_manager": {
             "load_stats_config": {
                 "api_type": "GRPC",
