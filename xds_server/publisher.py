@@ -193,7 +193,7 @@ class Publisher:
         now = time.time()
         decisions = {
             p.name: decide(p, loads, self._memory.get(p.name, Memory()), now, self._policy,
-                           ingress.get(p.name))
+                           self._entering(ingress.get(p.name)))
             for p in pools
         }
         self._memory = {name: d.memory for name, d in decisions.items()}
@@ -293,6 +293,13 @@ class Publisher:
     def _refused(self, exc: InconsistentSnapshot) -> None:
         self._metrics.snapshots_refused.inc()
         log.error("snapshot refused, the last good one stays: %.500s", exc)
+
+    def _entering(self, ingress: Mapping[str, float] | None) -> Mapping[str, float] | None:
+        """A pool's ingress as the plan must see it: with local-first off every Envoy sends
+        all it gets through the whole-pool cluster, as a gateway does."""
+        if ingress is None or self._hybrid.local_first:
+            return ingress
+        return {"": sum(ingress.values())}
 
     def _keep_shares(self, pool: Pool, decision: Decision) -> dict[str, int]:
         capacity: dict[str, int] = {}

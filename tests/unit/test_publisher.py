@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 
 from xds_server.metrics import Metrics
-from xds_server.model import Load, Pool, Replica, View
+from xds_server.model import IngressReport, Load, Pool, Replica, View
+from xds_server.policy.views import HybridSettings
 from xds_server.policy.weights import PolicySettings
 from xds_server.publisher import Publisher
 from xds_server.settings import EnvoySettings
@@ -159,3 +160,27 @@ def test_the_keep_version_moves_with_the_keep_shares_not_with_every_snapshot() -
     state.set_loads({A.address: Load(running=10, waiting=5, read_at=time.time())})
     assert publisher.publish_now()
     assert publisher.keep_version == 2 and publisher.published.keep["p"]["node-a"] < 1000
+
+
+@pytest.mark.parametrize("local_first", [True, False])
+def test_the_ingress_plans_the_localities_only_where_envoys_keep_requests_local(
+    local_first: bool,
+) -> None:
+    """node-a's Envoy brings the whole of its node's part: with local-first on, the whole-pool
+    cluster sends node-a (almost) nothing; with it off, node-a's Envoy sends all through that
+    cluster too, so it weighs by capacity like node-b."""
+    state, cache = State(), SnapshotCache()
+    publisher = Publisher(state=state, cache=cache, metrics=Metrics(), settings=EnvoySettings(),
+                          policy=PolicySettings(), hybrid=HybridSettings(local_first=local_first))
+    state.set_pools("test", [Pool("p", (A, B))])
+    now = time.time()
+    state.set_loads({r.address: Load(running=0, waiting=0, read_at=now) for r in (A, B)})
+    state.set_ingress("s", IngressReport(node="node-a", rates={"p": 5.0}, at=now,
+                                         interval_s=1.0))
+    state.set_ingress("g", IngressReport(node="", rates={"p": 5.0}, at=now, interval_s=1.0))
+    assert publisher.publish_now()
+    localities = publisher.published.weights["p"].localities
+    if local_first:
+        assert localities["node-a"] < 0.05 * localities["node-b"]
+    else:
+        assert localities["node-a"] == localities["node-b"]
