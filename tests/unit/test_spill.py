@@ -97,3 +97,18 @@ def test_a_slow_replica_lowers_its_nodes_part() -> None:
     part = 20 * (4 + 2 / 3) / (18 + 2 / 3)
     assert slow.node_keep["node-a"] == pytest.approx(part / 5.5, rel=0.01)
     assert slow.node_keep["node-a"] < 0.95
+
+
+def test_the_planned_share_holds_while_the_node_waits_less_than_the_rest() -> None:
+    """The plan steers the gateways' traffic away from a hot entry's node, so its replicas
+    queue less than the rest's: that must not wind the share back up to keeping all (a
+    burst would then stay on the node)."""
+    memory = Memory()
+    for t in range(60):
+        loads = {r.address: Load(running=2 if r.node == "node-a" else 8,
+                                 waiting=0 if r.node == "node-a" else 6, read_at=100.0 + t,
+                                 decode_speed=20.0)
+                 for r in POOL.replicas}
+        decision = decide(POOL, loads, memory, 100.0 + t, PolicySettings(), SKEWED)
+        memory = decision.memory
+    assert decision.node_keep["node-a"] == pytest.approx(0.6)
