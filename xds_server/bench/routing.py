@@ -285,8 +285,9 @@ class Sampler:
 
 @dataclass
 class ControlSampler:
-    """The control plane's published weights and keep shares every `interval_s` (what the
-    policy did, beside the queues it did it to): /debug/state's pools."""
+    """The control plane's published weights, locality weights and keep shares, and the
+    Envoys' ingress it read, every `interval_s` (what the policy did and from what, beside
+    the queues it did it to): /debug/state."""
 
     admin: str
     interval_s: float = 1.0
@@ -302,7 +303,9 @@ class ControlSampler:
                 self.samples.append({
                     "t": round(tick - started, 2), "xds_version": doc["xds_version"],
                     "keep": {n: v["keep_per_mille"] for n, v in pool["nodes"].items()},
+                    "localities": {n: v["weight"] for n, v in pool["nodes"].items()},
                     "weights": {r["address"]: r["weight"] for r in pool["replicas"]},
+                    "ingress": doc.get("ingress", {}).get(pool["name"], {}),
                 })
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - tick)))
 
