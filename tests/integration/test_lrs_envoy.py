@@ -76,3 +76,20 @@ def test_ingress_falls_back_to_zero_once_traffic_stops(fleet: Fleet) -> None:
         wait_for(lambda: fleet.ingress().get("node-a", 0.0) > 0, 20, "node-a's ingress")
     wait_for(lambda: fleet.ingress().get("node-a") == 0.0, 20,
              "node-a's ingress back to zero (a report of its idle interval)")
+
+
+def test_a_node_envoy_with_all_the_traffic_keeps_only_its_nodes_part(fleet: Fleet) -> None:
+    """The hybrid policy plans from the reports: node-a and node-b hold one replica each, so
+    with every request entering node-a's Envoy, node-a keeps about half of them and the whole
+    pool's locality weights send nothing back to node-a (none of its queues needed for it)."""
+
+    def nodes() -> dict[str, dict[str, int]]:
+        return dict(fleet.cp.state()["pools"][0]["nodes"])
+
+    with Traffic(fleet.envoys["node-a"].url, HEADERS) as to_a:
+        wait_for(lambda: 400 <= nodes()["node-a"]["keep_per_mille"] <= 600, 30,
+                 "node-a's keep share planned at about half")
+        planned = nodes()
+    assert to_a.served and not to_a.failures
+    assert planned["node-b"]["keep_per_mille"] == 1000
+    assert planned["node-a"]["weight"] < 0.1 * planned["node-b"]["weight"]

@@ -112,3 +112,9 @@ def test_the_planned_share_holds_while_the_node_waits_less_than_the_rest() -> No
         decision = decide(POOL, loads, memory, 100.0 + t, PolicySettings(), SKEWED)
         memory = decision.memory
     assert decision.node_keep["node-a"] == pytest.approx(0.6)
+
+
+def test_the_plan_needs_no_load_readings() -> None:
+    """With no metrics at all (`--metrics none`) the reports alone plan the shares."""
+    decision = decide(POOL, {}, Memory(), 100.0, PolicySettings(), SKEWED)
+    assert decision.node_keep["node-a"] == pytest.approx(0.6)

@@ -549,11 +549,11 @@ def _keep(ready: list[Replica], waits: Mapping[str, float], capacity: Mapping[st
         base = planned.get(node, 1.0)
         trim = memory.keep.get(node, 0.0)
         rest_capacity = total_capacity - capacity.get(node, 0.0)
-        if rest_capacity <= 0:  # nowhere else to go
-            keep[node], trims[node] = 1.0, 0.0
-            continue
-        if node in planned:
+        if node in planned:  # the plan counts every ready replica, read or not
             keep[node], trims[node] = planned[node], 0.0
+            continue
+        if rest_capacity <= 0:  # nowhere else to go (that has a reading)
+            keep[node], trims[node] = 1.0, 0.0
             continue
         if node in waits and dt:  # without a fresh reading the trim is held
             rest = (total_wait - waits[node] * capacity[node]) / rest_capacity
