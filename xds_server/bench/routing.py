@@ -127,10 +127,11 @@ def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
                "weights from Prometheus (5 s scrape), global", needs_prometheus=True),
         Policy("hybrid", ("--metrics", "scrape", "--local-first", "true"),
                "the default: Envoy's least-request over weights that carry only lasting "
-               "differences (capacity times measured decode speed; 1 s scrape); node-local "
-               "first while the node's replicas wait no longer than the rest's, locality "
-               "weights steering the rest to where waits are shortest; --max-num-seqs left "
-               "at its default (256): the room is read from vLLM"),
+               "differences (capacity times measured decode speed; 1 s scrape); keep shares "
+               "and locality weights planned from the Envoys' load reports (each node its "
+               "effective capacity's part of the traffic, a hot entry's excess spilled to "
+               "the nodes short of theirs); --max-num-seqs left at its default (256): the "
+               "room is read from vLLM"),
         Policy("hybrid-global", ("--metrics", "scrape", "--local-first", "false"),
                "the default's weights with local-first off: every Envoy over the whole pool"),
         Policy("hybrid-picker", ("--metrics", "scrape", "--local-first", "true",
