@@ -118,3 +118,18 @@ def test_the_plan_needs_no_load_readings() -> None:
     """With no metrics at all (`--metrics none`) the reports alone plan the shares."""
     decision = decide(POOL, {}, Memory(), 100.0, PolicySettings(), SKEWED)
     assert decision.node_keep["node-a"] == pytest.approx(0.6)
+
+
+def test_queues_the_reports_do_not_explain_spill_below_the_plan() -> None:
+    """node-a's replicas queue (traffic that reaches them past the reporting Envoys) while
+    its Envoy brings no more than its part: it spills below the planned share."""
+    memory = Memory()
+    for t in range(30):
+        loads = {r.address: Load(running=8 if r.node == "node-a" else 2,
+                                 waiting=8 if r.node == "node-a" else 0, read_at=100.0 + t,
+                                 decode_speed=20.0)
+                 for r in POOL.replicas}
+        decision = decide(POOL, loads, memory, 100.0 + t, PolicySettings(),
+                          {"node-a": 5.0, "node-b": 5.0, "node-c": 5.0, "": 5.0})
+        memory = decision.memory
+    assert decision.node_keep["node-a"] < 0.5

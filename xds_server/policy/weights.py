@@ -350,9 +350,10 @@ def decide_persistent(
 
     A node keeps a share k of its Envoy's requests: the share planned from the Envoys'
     ingress (spill.py: just the node's fair part of the pool's traffic, by effective
-    capacity). Where no Envoy reports an ingress (nothing enters, or Envoys bootstrapped
-    without load reports), k integrates instead how far the mean wait at its replicas
-    exceeds the mean wait at the rest of the pool's
+    capacity), less an integral, never above the plan, of how far the mean wait at its
+    replicas exceeds the mean wait at the rest of the pool's (traffic the reports do not
+    show); where no Envoy reports an ingress (nothing enters, or Envoys bootstrapped without
+    load reports), 1 plus that integral, free in both directions
     (load.mean_wait: Erlang C per replica, on the slots read from vLLM, at each replica's
     load per slot averaged over load_smoothing_s; node and rest weigh their replicas by
     capacity):
@@ -536,11 +537,12 @@ def _keep(ready: list[Replica], waits: Mapping[str, float], capacity: Mapping[st
           planned: Mapping[str, float], memory: Memory, dt: float | None, s: PolicySettings
           ) -> tuple[dict[str, float], dict[str, float]]:
     """Each node's kept share and the integral behind it (see decide_persistent): the
-    planned share where there is one, else 1 plus the integral, held where the sum is 0 or 1.
+    planned share (1 where none) plus the integral, held where the sum is 0 or 1.
 
-    Not both: a node's replicas wait less than the rest's exactly when the plan steers the
-    gateways' traffic away from it, so an integral on top of a plan wound up to keeping all
-    (+0.3-0.4 in the routing bench) and held a burst at its entry on the node for seconds."""
+    Over a plan the integral only lowers the share: a node's replicas wait less than the
+    rest's exactly when the plan steers the gateways' traffic away from it, so an integral
+    free to rise wound up to keeping all (+0.3-0.4 in the routing bench) and held a burst
+    at its entry on the node for seconds."""
     total_wait = sum(waits[n] * capacity[n] for n in waits)
     total_capacity = sum(capacity.values())
     keep: dict[str, float] = {}
@@ -549,7 +551,8 @@ def _keep(ready: list[Replica], waits: Mapping[str, float], capacity: Mapping[st
         base = planned.get(node, 1.0)
         trim = memory.keep.get(node, 0.0)
         rest_capacity = total_capacity - capacity.get(node, 0.0)
-        if node in planned:  # the plan counts every ready replica, read or not
+        if node in planned and (rest_capacity <= 0 or node not in waits):
+            # The plan counts every ready replica, read or not.
             keep[node], trims[node] = planned[node], 0.0
             continue
         if rest_capacity <= 0:  # nowhere else to go (that has a reading)
@@ -563,7 +566,9 @@ def _keep(ready: list[Replica], waits: Mapping[str, float], capacity: Mapping[st
             # lag (service times and smoothing) made a quicker share swing between all and
             # nothing.
             trim -= dt * rate * excess * (1.0 + 4.0 * excess * excess)
-        trim = min(1.0 - base, max(-base, trim))
+        # Below a plan only: queues the reports do not explain (traffic that reaches the
+        # replicas past the reporting Envoys) spill more, never keep more than planned.
+        trim = min(0.0 if node in planned else 1.0 - base, max(-base, trim))
         keep[node], trims[node] = base + trim, trim
     return keep, trims
 
