@@ -99,18 +99,25 @@ def test_a_slow_replica_lowers_its_nodes_part() -> None:
     assert slow.node_keep["node-a"] < 0.95
 
 
+def run(seconds: int, node_a: Load, others: Load, ingress: dict[str, float]) -> Decision:
+    """The same readings (node-a's replicas at `node_a`, the rest at `others`) and ingress,
+    fresh, once a second."""
+    memory = Memory()
+    for t in range(seconds):
+        loads = {r.address: Load(running=(node_a if r.node == "node-a" else others).running,
+                                 waiting=(node_a if r.node == "node-a" else others).waiting,
+                                 read_at=100.0 + t, decode_speed=20.0)
+                 for r in POOL.replicas}
+        decision = decide(POOL, loads, memory, 100.0 + t, PolicySettings(), ingress)
+        memory = decision.memory
+    return decision
+
+
 def test_the_planned_share_holds_while_the_node_waits_less_than_the_rest() -> None:
     """The plan steers the gateways' traffic away from a hot entry's node, so its replicas
     queue less than the rest's: that must not wind the share back up to keeping all (a
     burst would then stay on the node)."""
-    memory = Memory()
-    for t in range(60):
-        loads = {r.address: Load(running=2 if r.node == "node-a" else 8,
-                                 waiting=0 if r.node == "node-a" else 6, read_at=100.0 + t,
-                                 decode_speed=20.0)
-                 for r in POOL.replicas}
-        decision = decide(POOL, loads, memory, 100.0 + t, PolicySettings(), SKEWED)
-        memory = decision.memory
+    decision = run(60, Load(running=2, waiting=0), Load(running=8, waiting=6), SKEWED)
     assert decision.node_keep["node-a"] == pytest.approx(0.6)
 
 
@@ -123,13 +130,6 @@ def test_the_plan_needs_no_load_readings() -> None:
 def test_queues_the_reports_do_not_explain_spill_below_the_plan() -> None:
     """node-a's replicas queue (traffic that reaches them past the reporting Envoys) while
     its Envoy brings no more than its part: it spills below the planned share."""
-    memory = Memory()
-    for t in range(30):
-        loads = {r.address: Load(running=8 if r.node == "node-a" else 2,
-                                 waiting=8 if r.node == "node-a" else 0, read_at=100.0 + t,
-                                 decode_speed=20.0)
-                 for r in POOL.replicas}
-        decision = decide(POOL, loads, memory, 100.0 + t, PolicySettings(),
-                          {"node-a": 5.0, "node-b": 5.0, "node-c": 5.0, "": 5.0})
-        memory = decision.memory
+    decision = run(30, Load(running=8, waiting=8), Load(running=2, waiting=0),
+                   {"node-a": 5.0, "node-b": 5.0, "node-c": 5.0, "": 5.0})
     assert decision.node_keep["node-a"] < 0.5
