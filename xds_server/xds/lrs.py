@@ -28,7 +28,7 @@ from xds_server.logsafe import LogLimiter, clip
 from xds_server.metrics import Metrics
 from xds_server.model import IngressReport, Pool
 from xds_server.xds import resources
-from xds_server.xds.server import view_from_node
+from xds_server.xds.server import pre_encoded, view_from_node
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ class LoadReportServer:
             "StreamLoadStats": grpc.stream_stream_rpc_method_handler(
                 self.stream,
                 request_deserializer=lrs_pb2.LoadStatsRequest.FromString,
-                response_serializer=_identity,
+                response_serializer=pre_encoded,
             ),
         })
 
@@ -169,6 +169,3 @@ class LoadReportServer:
         self._metrics.lrs_rejected.labels(reason).inc()
         self._logs.log(log, logging.WARNING, f"lrs_{reason}", msg, *args)
 
-
-def _identity(data: bytes) -> bytes:
-    return data

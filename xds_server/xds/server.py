@@ -146,12 +146,12 @@ class AdsServer:
                 "StreamAggregatedResources": grpc.stream_stream_rpc_method_handler(
                     self.stream_sotw,
                     request_deserializer=discovery_pb2.DiscoveryRequest.FromString,
-                    response_serializer=_identity,
+                    response_serializer=pre_encoded,
                 ),
                 "DeltaAggregatedResources": grpc.stream_stream_rpc_method_handler(
                     self.stream_delta,
                     request_deserializer=discovery_pb2.DeltaDiscoveryRequest.FromString,
-                    response_serializer=_identity,
+                    response_serializer=pre_encoded,
                 ),
             },
         )
@@ -542,7 +542,8 @@ async def _read(
     wake.set()
 
 
-def _identity(data: bytes) -> bytes:
+def pre_encoded(data: bytes) -> bytes:
+    """The response serializer of a handler whose responses are already bytes."""
     return data
 
 
