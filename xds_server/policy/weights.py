@@ -173,7 +173,8 @@ class Memory:
     slots: Mapping[str, float] = field(default_factory=dict)
     balance: Mapping[str, float] = field(default_factory=dict)
     #: persistent: each replica's log-weight against its node's other replicas, and each
-    #: node's kept share as integrated from the waits, less 1 (0 while the ingress plans it).
+    #: node's integral of its waits that is added to its kept share (to the planned share,
+    #: which it may only lower, or to 1 where none is planned).
     tilt: Mapping[str, float] = field(default_factory=dict)
     keep: Mapping[str, float] = field(default_factory=dict)
     #: persistent: requests per second entering each node's Envoys (gateways: ""), smoothed.
