@@ -114,7 +114,8 @@ class Metrics:
         )
         self.extproc_requests = Counter(
             "hybridlb_extproc_requests_total",
-            "Requests the endpoint picker saw, by outcome (picked, or why it passed one by)",
+            "Requests the endpoint picker saw, by outcome (picked, or why it passed one by; "
+            "ended: a picked request's stream closed, at the end of its response)",
             ["outcome"], registry=r,
         )
         self.extproc_seconds = Histogram(

@@ -274,7 +274,7 @@ class PickSettings:
     #: Above this wait a replica gets no affinity bonus: a warm cache is not worth a queue.
     room_threshold: float = same_as(HybridSettings, "room_threshold")
     affinity_bonus: float = option(0.15, "score bonus (in units of a replica's room) for the "
-                                   "replica that last took a prompt's leading block",
+                                   "replicas that took a prompt's leading block before",
                                    flag="affinity-bonus")
     #: Characters of the prompt that make up its leading block (about 64 tokens).
     prefix_chars: int = 256

@@ -6,6 +6,8 @@ import concurrent.futures
 import json
 import signal
 import sys
+import threading
+import time
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -140,8 +142,11 @@ def test_same_long_prefix_lands_on_the_same_replica(stack: Stack) -> None:
         wait_for(lambda: all(r["pending"] == 0 for r in stack.picker.view().values()), 20,
                  "the picker's readings to include its picks")
     assert len(same) == 1
-    spread = {complete(stack.envoy.url, f"{i} " * 200).headers["x-hybridlb-replica"]
-              for i in range(30)}
+    # Different prompts at once: each in flight counts against its replica, so they spread
+    # (one after another, each would find every replica idle and go to the first).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=10) as pool:
+        spread = set(pool.map(lambda i: complete(stack.envoy.url, f"{i} " * 200)
+                              .headers["x-hybridlb-replica"], range(30)))
     assert len(spread) > 1
 
 
@@ -258,3 +263,40 @@ def test_a_malformed_message_ends_its_stream_counted_without_a_traceback(stack: 
     log = stack.picker.output()
     assert "Traceback" not in log
     assert log.count("a malformed ext_proc message") == 1
+
+
+
+
+def test_the_picker_counts_a_picked_request_out_when_its_response_ends(stack: Stack) -> None:
+    """The filter asks for the response trailers, so Envoy keeps each request's stream to
+    the picker open until the response ends (the simulator, like vLLM, sends no trailers):
+    a streamed response still running is still counted, and one that ended is not."""
+    slow = stack.sim.addresses
+    for a in slow:
+        stack.sim.fault(a, slowdown=20.0)
+    first_chunk = threading.Event()
+
+    def stream() -> int:
+        with httpx.stream("POST", stack.envoy.url + "/v1/completions", timeout=60, json={
+                "model": MODEL, "prompt": "hello", "max_tokens": 64, "stream": True}) as r:
+            for _ in r.iter_bytes():
+                first_chunk.set()
+            return r.status_code
+
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    try:
+        ended = stack.picker.count("ended")
+        running = pool.submit(stream)
+        assert first_chunk.wait(20), "no streamed chunk came through Envoy"
+        time.sleep(0.5)
+        assert not running.done()
+        assert stack.picker.count("ended") == ended
+    finally:
+        for a in slow:
+            stack.sim.fault(a, slowdown=1.0)
+    assert running.result(timeout=60) == 200
+    wait_for(lambda: stack.picker.count("ended") == ended + 1, 10, "its end counted")
+    for streamed in (False, True):
+        assert complete(stack.envoy.url, stream=streamed).status_code == 200
+    wait_for(lambda: stack.picker.count("ended") == ended + 3, 10, "every end counted")
+    pool.shutdown()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -14,8 +15,11 @@ from xds_server.extproc.pick import (
     ranked,
     read_request,
 )
-from xds_server.extproc.state import PendingPicks, PrefixOwners
+from xds_server.extproc.state import LocalState, PendingPicks, PrefixHolders
+from xds_server.model import Load, Pool, Replica
+from xds_server.policy.load import expected_wait
 from xds_server.settings import PickSettings
+from xds_server.state import State
 
 S = PickSettings(max_num_seqs=10)
 IDLE = Candidate("10.0.0.1:8000", "a", 1, 0, 0)
@@ -24,34 +28,34 @@ BIG = Candidate("10.0.0.3:8000", "b", 2, 5, 1)
 
 
 def test_least_expected_wait_wins() -> None:
-    assert pick([BUSY, IDLE], prefix_owner=None, settings=S) == IDLE
+    assert pick([BUSY, IDLE], prefix_holders=(), settings=S) == IDLE
 
 
 def test_capacity_divides_the_wait() -> None:
     # 5 running + 1 waiting over two ranks is less load per slot than over one.
-    assert pick([BUSY, BIG], prefix_owner=None, settings=S) == BIG
+    assert pick([BUSY, BIG], prefix_holders=(), settings=S) == BIG
 
 
 def test_pending_picks_count_against_a_replica() -> None:
     crowded = Candidate("10.0.0.1:8000", "a", 1, 0, 0, pending=10)
-    assert pick([crowded, BUSY], prefix_owner=None, settings=S) == BUSY
+    assert pick([crowded, BUSY], prefix_holders=(), settings=S) == BUSY
 
 
 def test_prefix_affinity_breaks_near_ties_but_not_a_queue() -> None:
     slightly_busy = Candidate("10.0.0.4:8000", "a", 1, 1, 0)
-    assert pick([IDLE, slightly_busy], prefix_owner=slightly_busy.address,
+    assert pick([IDLE, slightly_busy], prefix_holders={slightly_busy.address},
                 settings=S) == slightly_busy
     full = Candidate("10.0.0.5:8000", "a", 1, 10, 8)  # a queue past the room threshold
-    assert pick([IDLE, full], prefix_owner=full.address, settings=S) == IDLE
+    assert pick([IDLE, full], prefix_holders={full.address}, settings=S) == IDLE
 
 
 def test_ties_go_to_the_lexically_first_address() -> None:
     twin = Candidate("10.0.0.9:8000", "b", 1, 0, 0)
-    assert pick([twin, IDLE], prefix_owner=None, settings=S) == IDLE
+    assert pick([twin, IDLE], prefix_holders=(), settings=S) == IDLE
 
 
 def test_no_candidates_no_pick() -> None:
-    assert pick([], prefix_owner=None, settings=S) is None
+    assert pick([], prefix_holders=(), settings=S) is None
 
 
 def body(**doc: object) -> bytes:
@@ -86,11 +90,28 @@ def test_unreadable_bodies_name_their_reason(raw: bytes, content_type: str, reas
     assert caught.value.reason == reason
 
 
-def test_prefix_owners_are_bounded() -> None:
-    owners = PrefixOwners(capacity=2)
+def test_prefix_holders_are_bounded() -> None:
+    holders = PrefixHolders(capacity=2)
     for i in range(3):
-        owners.set(f"p{i}", f"r{i}")
-    assert owners.get("p0") is None and owners.get("p2") == "r2"
+        holders.add(f"p{i}", f"r{i}")
+    assert holders.get("p0") == frozenset() and holders.get("p2") == {"r2"}
+
+
+def test_every_replica_a_prefix_went_to_holds_it() -> None:
+    holders = PrefixHolders()
+    for address in ("r1", "r2", "r1"):
+        holders.add("system prompt", address)
+    assert holders.get("system prompt") == {"r1", "r2"}
+    assert holders.get("") == frozenset()
+
+
+def test_a_prefix_every_replica_holds_does_not_pile_requests_on_one() -> None:
+    """A shared system prompt: once every replica has taken it, the least loaded wins again
+    (with the last taker alone favoured, the whole pool's traffic went to one replica)."""
+    a = Candidate("10.0.0.1:8000", "a", 1, 3, 0)
+    b = Candidate("10.0.0.2:8000", "b", 1, 0, 0)
+    assert pick([a, b], prefix_holders={a.address}, settings=S) == a
+    assert pick([a, b], prefix_holders={a.address, b.address}, settings=S) == b
 
 
 def test_pending_counts_only_picks_after_the_reading() -> None:
@@ -102,11 +123,39 @@ def test_pending_counts_only_picks_after_the_reading() -> None:
     assert pending.since("r", read_at=50.0, now=1000.0) == 0  # past the horizon
 
 
+def test_requests_ended_since_the_reading_come_off_its_count() -> None:
+    state = State()
+    state.set_pools("file", [Pool("m", (Replica("10.0.0.1", 8000, "n1"),
+                                        Replica("10.0.0.2", 8000, "n2")))])
+    read_at = time.time() - 5
+    state.set_loads({"10.0.0.1:8000": Load(3, 1, read_at=read_at),
+                     "10.0.0.2:8000": Load(2, 0, read_at=read_at)})
+    local = LocalState(state)
+    for _ in range(2):
+        local.note_pick("10.0.0.2:8000")
+    for _ in range(3):
+        local.note_done("10.0.0.1:8000")  # picked before the reading, ended after it
+    pending = {c.address: c.pending for c in local.candidates("m") or []}
+    assert pending == {"10.0.0.1:8000": -3, "10.0.0.2:8000": 2}
+    # The picker now sees 1 request at the first replica and 4 at the second.
+    chosen = pick(local.candidates("m") or [], prefix_holders=(), settings=S)
+    assert chosen is not None and chosen.address == "10.0.0.1:8000"
+    # A reading taken after them includes them both ways.
+    state.set_loads({"10.0.0.1:8000": Load(1, 0, read_at=time.time() + 1),
+                     "10.0.0.2:8000": Load(4, 0, read_at=time.time() + 1)})
+    assert {c.address: c.pending for c in local.candidates("m") or []} == {
+        "10.0.0.1:8000": 0, "10.0.0.2:8000": 0}
+
+
+def test_more_ended_than_read_counts_as_idle_not_below() -> None:
+    assert expected_wait(1, 0, 1, 4, pending=-3) == expected_wait(0, 0, 1, 4)
+
+
 def test_a_queue_loses_to_a_free_slot_whatever_the_configured_room() -> None:
     # The replicas run 4 per rank (read from the one with requests waiting), not 256.
     queued = Candidate("10.0.0.6:8000", "a", 1, 4, 3)
     roomy = PickSettings(max_num_seqs=256)
-    assert pick([IDLE_B, queued], prefix_owner=None, settings=roomy) == IDLE_B
+    assert pick([IDLE_B, queued], prefix_holders=(), settings=roomy) == IDLE_B
 
 
 IDLE_B = Candidate("10.0.0.7:8000", "b", 1, 1, 0)
@@ -118,20 +167,20 @@ def test_a_full_replica_is_a_wait_for_the_new_request() -> None:
     four = PickSettings(max_num_seqs=4)
     full = Candidate("10.0.0.1:8000", "a", 1, 4, 0)  # 4 of 4 slots busy
     free = Candidate("10.0.0.2:8000", "b", 1, 3, 0)  # one slot free
-    assert pick([full, free], prefix_owner=full.address, settings=four) == free
+    assert pick([full, free], prefix_holders={full.address}, settings=four) == free
     big = Candidate("10.0.0.3:8000", "b", 8, 32, 1)  # 2 ahead of it over 32 slots
-    assert pick([full, big], prefix_owner=None, settings=four) == big
+    assert pick([full, big], prefix_holders=(), settings=four) == big
 
 
 def test_a_held_request_is_picked_on_its_node_and_its_fallbacks_from_the_pool() -> None:
     local = Candidate("10.0.0.6:8000", "c", 1, 8, 0)  # the fullest, alone on node c
-    order = ranked([IDLE, IDLE_B, local], prefix_owner=None, settings=S, held_on="c")
+    order = ranked([IDLE, IDLE_B, local], prefix_holders=(), settings=S, held_on="c")
     assert order == [local, IDLE, IDLE_B]
-    assert ranked([IDLE, IDLE_B, local], prefix_owner=None, settings=S)[0] == IDLE
+    assert ranked([IDLE, IDLE_B, local], prefix_holders=(), settings=S)[0] == IDLE
 
 
 def test_a_held_request_goes_to_the_pool_when_its_node_has_no_candidate() -> None:
-    order = ranked([IDLE_B, IDLE], prefix_owner=None, settings=S, held_on="d")
+    order = ranked([IDLE_B, IDLE], prefix_holders=(), settings=S, held_on="d")
     assert order == [IDLE, IDLE_B]
 
 

@@ -145,6 +145,12 @@ async def test_remote_state_follows_the_feed(
         # Ranks by local index (global rank - dp_rank).
         assert [(k.index, k.running, k.waiting) for k in a.ranks] == [(0, 2, 0), (1, 1, 1)]
         assert b.running == 0
+        # Corrected by what the picker saw since the readings: its picks, its requests' ends.
+        remote.note_pick(B.address)
+        remote.note_done(A.address, 1)
+        [a, b] = remote.candidates("m") or []
+        assert (a.pending, b.pending) == (-1, 1)
+        assert [k.pending for k in a.ranks] == [0, -1]
         state.set_pools("file", [Pool("m", (A, Replica("10.0.0.2", 8000, "n2",
                                                       state=ReplicaState.DRAINING)))])
 

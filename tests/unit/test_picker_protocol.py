@@ -35,6 +35,7 @@ class FakeState:
         self.keeps = keep or {}
         self.picks: list[tuple[str, int | None]] = []
         self.served: list[tuple[str, str]] = []
+        self.done: list[tuple[str, int | None]] = []
 
     def candidates(self, pool: str) -> list[Candidate] | None:
         return list(self.pool) if pool == "m" else None
@@ -50,6 +51,9 @@ class FakeState:
 
     def note_served(self, picked: str, served: str) -> None:
         self.served.append((picked, served))
+
+    def note_done(self, address: str, rank: int | None = None) -> None:
+        self.done.append((address, rank))
 
 
 class FakeContext:
@@ -189,6 +193,43 @@ def test_served_elsewhere_moves_the_pending_pick() -> None:
     assert state.served == [(A.address, B.address)]
 
 
+def test_a_picked_request_ends_once_where_it_was_served() -> None:
+    trailers = ep.ProcessingRequest(response_trailers=ep.HttpTrailers())
+    # Its stream closes at the response's end; trailers, where an upstream sends them,
+    # come first and the close is not counted again.
+    for tail in ([], [trailers]):
+        state = FakeState([A, B])
+        run(picker(state), [headers(), body(), *tail])
+        assert state.done == [(A.address, None)]
+    # Served by a fallback: it ends there.
+    state = FakeState([A, B])
+    served = ep.ProcessingRequest(response_headers=ep.HttpHeaders())
+    lb = struct_pb2.Struct()
+    lb.update({"x-gateway-destination-endpoint-served": B.address})
+    served.metadata_context.filter_metadata["envoy.lb"].CopyFrom(lb)
+    run(picker(state), [headers(), body(), served])
+    assert state.done == [(B.address, None)]
+    # With its rank, when the picker named one.
+    ranked = Candidate("10.0.0.1:8000", "n", 2, 5, 0, ranks=(Rank(0, 4, 0), Rank(1, 1, 0)))
+    state = FakeState([ranked])
+    run(picker(state), [headers(), body()])
+    assert state.done == [(ranked.address, 1)]
+
+
+def test_a_request_the_picker_passed_by_ends_uncounted() -> None:
+    state = FakeState([A, B])
+    run(picker(state), [headers(), body(b"{not json")])
+    run(picker(state), [headers(content_type="text/plain"), body()])
+    assert state.picks == [] and state.done == []
+
+
+def test_the_response_mode_asks_for_the_trailers_that_hold_the_stream_open() -> None:
+    [answer] = run(picker(FakeState([A])), [headers()])
+    mode = answer.mode_override
+    assert mode.request_body_mode == processing_mode_pb2.ProcessingMode.BUFFERED
+    assert mode.response_trailer_mode == processing_mode_pb2.ProcessingMode.SEND
+
+
 def test_rank_header_names_the_least_loaded_local_rank() -> None:
     ranked = Candidate("10.0.0.1:8000", "n", 2, 5, 0, ranks=(Rank(0, 4, 0), Rank(1, 1, 0)))
     state = FakeState([ranked, Candidate("10.0.0.2:8000", "n", 1, 9, 0)])
@@ -271,6 +312,8 @@ def test_a_stream_with_no_message_for_the_idle_time_is_ended(
 
 #: Node n3's only replica, with a queue: never the pool's best.
 QUEUED = Candidate("10.0.0.3:8000", "n3", 1, 4, 3)
+#: Busier than A and B, with a slot free: holding a request here costs it no wait.
+ROOMY = Candidate("10.0.0.3:8000", "n3", 1, 3, 0)
 
 
 def picks_from(node: str, state: FakeState, requests: int,
@@ -282,11 +325,20 @@ def picks_from(node: str, state: FakeState, requests: int,
 
 
 def test_a_keep_share_of_1000_holds_every_request_on_the_envoys_node() -> None:
-    state = FakeState([A, B, QUEUED], keep={"n3": 1000})
-    assert picks_from("n3", state, 8) == [QUEUED.address] * 8
+    state = FakeState([A, B, ROOMY], keep={"n3": 1000})
+    assert picks_from("n3", state, 8) == [ROOMY.address] * 8
     # Its fallbacks still come from the whole pool, best first.
     out = run(picker(state), [headers(), body()], FakeContext("n3"))
-    assert destination(out[1])[0] == f"{QUEUED.address},{A.address},{B.address}"
+    assert destination(out[1])[0] == f"{ROOMY.address},{A.address},{B.address}"
+
+
+def test_a_held_request_leaves_its_node_where_it_would_queue_longer_than_in_the_pool() -> None:
+    state = FakeState([A, B, QUEUED], keep={"n3": 1000})
+    assert picks_from("n3", state, 4) == [A.address] * 4
+    # Where the pool queues longer, its own node is still the shorter wait.
+    longer = Candidate("10.0.0.1:8000", "n1", 1, 4, 5)
+    state = FakeState([longer, QUEUED], keep={"n3": 1000})
+    assert picks_from("n3", state, 4) == [QUEUED.address] * 4
 
 
 def test_a_keep_share_of_0_picks_from_the_pool_even_past_a_local_free_slot() -> None:
@@ -296,14 +348,14 @@ def test_a_keep_share_of_0_picks_from_the_pool_even_past_a_local_free_slot() -> 
 
 
 def test_a_keep_share_of_250_holds_exactly_one_request_in_four() -> None:
-    state = FakeState([A, B, QUEUED], keep={"n3": 250})
-    assert picks_from("n3", state, 8) == [A.address] * 3 + [QUEUED.address] + (
-        [A.address] * 3 + [QUEUED.address])
+    state = FakeState([A, B, ROOMY], keep={"n3": 250})
+    assert picks_from("n3", state, 8) == [A.address] * 3 + [ROOMY.address] + (
+        [A.address] * 3 + [ROOMY.address])
 
 
 def test_a_held_request_goes_to_the_pool_when_its_node_has_no_candidate() -> None:
-    state = FakeState([A, B, QUEUED], keep={"n3": 1000, "n4": 1000})
-    assert picks_from("n3", state, 1) == [QUEUED.address]
+    state = FakeState([A, B, ROOMY], keep={"n3": 1000, "n4": 1000})
+    assert picks_from("n3", state, 1) == [ROOMY.address]
     # The subset hint leaves n3 none; n4 has no replica at all.
     assert picks_from("n3", state, 2, subset=[A.address, B.address]) == [A.address] * 2
     assert picks_from("n4", state, 2) == [A.address] * 2

@@ -8,28 +8,33 @@ from the replicas that have requests waiting (`max_num_seqs` only while none has
 
     wait     = expected_wait(running, waiting, capacity, slots, pending)
     score    = wait
-               - affinity_bonus   if the request's leading block was last sent there and
-                                  that replica's wait is below room_threshold (its KV cache
-                                  likely still holds the prefix)
+               - affinity_bonus   if the request's leading block was sent there before
+                                  (its KV cache likely holds the prefix) and that
+                                  replica's wait is below room_threshold
 
-`pending` counts this picker's own picks that the latest load reading cannot yet include
-(vLLM's internal balancer counts its own picks the same way). Lowest score wins; ties go to
+`pending` corrects the latest load reading by what the picker saw since it was taken: its
+own picks sent there (vLLM's internal balancer counts its own picks the same way) less its
+picked requests that ended there (Envoy hands the picker each response's end). Lowest
+score wins; ties go to
 the lexically first address, so that two pickers with the same state agree.
 
 Locality is the control plane's keep shares, not a score: of the requests from an Envoy on
-node N, exactly keep[N] per mille are picked among N's candidates only (`KeepCredits`; all
+node N, keep[N] per mille are held: picked among N's candidates only (`KeepCredits`; all
 candidates when N has none), the rest among all of them, as Envoy's own route splits them
-when no picker runs. With `--local-first false` every keep share is 0: no request is held
-on its node.
+when no picker runs. A held request still leaves its node when its node's pick would queue
+longer than the pool's (`queue_wait`: the picker sees each request, so keeping one local
+never costs it a wait; a keep share is the most a node keeps). With `--local-first false`
+every keep share is 0: no request is held on its node.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from dataclasses import dataclass
 
-from xds_server.policy.load import expected_wait, slots_now
+from xds_server.policy.load import expected_wait, queue_wait, slots_now
 from xds_server.policy.views import PER_MILLE
 from xds_server.settings import PickSettings
 
@@ -124,6 +129,10 @@ def wait(c: Candidate, slots: float) -> float:
     return expected_wait(c.running, c.waiting, c.capacity, slots, c.pending)
 
 
+def queued(c: Candidate, slots: float) -> float:
+    return queue_wait(c.running, c.waiting, c.capacity, slots, c.pending)
+
+
 class KeepCredits:
     """Which requests from an Envoy's node are held on that node: exactly `keep` per mille
     of them, evenly spread and without randomness. Each request adds `keep` to its (pool,
@@ -153,7 +162,7 @@ def on_node(candidates: list[Candidate], node: str) -> list[Candidate]:
 def pick(
     candidates: list[Candidate],
     *,
-    prefix_owner: str | None,
+    prefix_holders: Collection[str],
     settings: PickSettings,
 ) -> Candidate | None:
     """The candidate with the lowest score (see the module docstring); None if none."""
@@ -164,7 +173,7 @@ def pick(
     for c in candidates:
         w = wait(c, slots)
         score = w
-        if prefix_owner == c.address and w < settings.room_threshold:
+        if c.address in prefix_holders and w < settings.room_threshold:
             score -= settings.affinity_bonus
         key = (score, c.address)
         if best is None or key < best:
@@ -175,7 +184,7 @@ def pick(
 def ranked(
     candidates: list[Candidate],
     *,
-    prefix_owner: str | None,
+    prefix_holders: Collection[str],
     settings: PickSettings,
     held_on: str = "",
 ) -> list[Candidate]:
@@ -185,8 +194,14 @@ def ranked(
     left = list(candidates)
     out: list[Candidate] = []
     while left and len(out) <= settings.fallbacks:
-        among = on_node(left, held_on) if held_on and not out else left
-        chosen = pick(among, prefix_owner=prefix_owner, settings=settings)
+        chosen = pick(left, prefix_holders=prefix_holders, settings=settings)
+        if held_on and not out and chosen is not None:
+            local = pick(on_node(left, held_on), prefix_holders=prefix_holders,
+                         settings=settings)
+            slots = slots_now(((c.running, c.waiting, c.capacity) for c in left),
+                              settings.max_num_seqs)
+            if local is not None and queued(local, slots) <= queued(chosen, slots):
+                chosen = local
         if chosen is None:
             break
         out.append(chosen)

@@ -50,7 +50,7 @@ from xds_server.extproc.pick import (
     ranked,
     read_request,
 )
-from xds_server.extproc.state import PickerState, PrefixOwners
+from xds_server.extproc.state import PickerState, PrefixHolders
 from xds_server.logsafe import clip
 from xds_server.metrics import Metrics
 from xds_server.settings import PickSettings
@@ -129,7 +129,11 @@ class StreamState:
     size: int = 0
     #: Streamed and over the body limit: headers answered, chunks handed straight back.
     gave_up: bool = False
+    #: Where the request went (the pick, or the fallback the proxy reports) and its rank.
     picked: str = ""
+    rank: int | None = None
+    #: The picked request's end was counted (its response trailers, else its stream's end).
+    ended: bool = False
 
 
 class Picker:
@@ -141,7 +145,7 @@ class Picker:
         self._metrics = metrics
         self._settings = settings
         self._model_header = model_header
-        self._prefixes = PrefixOwners()
+        self._prefixes = PrefixHolders()
         self._credits = KeepCredits()
         self._malformed_log = RareLog()
 
@@ -166,6 +170,17 @@ class Picker:
                         yield response
         except TimeoutError:
             self._count("idle_stream")
+        finally:
+            # Envoy closes a request's stream when the request ends (its response complete,
+            # or failed); the filter's config asks for the trailers so that it stays open
+            # that long (see resources._extproc_filter).
+            self._ended(stream)
+
+    def _ended(self, s: StreamState) -> None:
+        if s.picked and not s.ended:
+            s.ended = True
+            self._state.note_done(s.picked, s.rank)
+            self._count("ended")
 
     def _on_message(
         self, request: ep.ProcessingRequest, s: StreamState
@@ -202,6 +217,8 @@ class Picker:
                 # Trailers end a streamed body: decide on what came.
                 out = self._decide(b"".join(s.chunks), s, end_of_stream=False)
             return [*out, ep.ProcessingResponse(request_trailers=ep.TrailersResponse())]
+        if kind == "response_trailers":  # from an upstream that sends them: the end
+            self._ended(s)
         return [ep.ProcessingResponse(response_trailers=ep.TrailersResponse())]
 
     def _body_mode(self, content_length: str) -> processing_mode_pb2.ProcessingMode | None:
@@ -221,6 +238,7 @@ class Picker:
             return processing_mode_pb2.ProcessingMode(
                 request_header_mode=processing_mode_pb2.ProcessingMode.SEND,
                 request_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED,
+                response_trailer_mode=processing_mode_pb2.ProcessingMode.SEND,
             )
         return None
 
@@ -301,7 +319,7 @@ class Picker:
                                  "every endpoint's queue is full"), None
         # After the 429 check: a full node is no reason to refuse while the pool has room.
         held = self._credits.hold(pool, s.node, self._state.keep(pool, s.node))
-        order = ranked(candidates, prefix_owner=self._prefixes.get(info.prefix),
+        order = ranked(candidates, prefix_holders=self._prefixes.get(info.prefix),
                        settings=self._settings, held_on=s.node if held else "")
         if not order:
             self._count("no_candidate")
@@ -312,8 +330,8 @@ class Picker:
             # The rank index must exist on every endpoint the proxy may fall back to.
             order = [c for c in order if c is chosen or c.capacity > rank]
         self._state.note_pick(chosen.address, rank)
-        self._prefixes.set(info.prefix, chosen.address)
-        s.picked = chosen.address
+        self._prefixes.add(info.prefix, chosen.address)
+        s.picked, s.rank = chosen.address, rank
         self._count("picked")
         return _pick_mutation(order, rank, pool, self._model_header), None, _lb_metadata(order)
 
@@ -327,6 +345,7 @@ class Picker:
         if address and address != s.picked:
             # The proxy went down the fallback list: the request waits there, not at the pick.
             self._state.note_served(s.picked, address)
+            s.picked = address
             self._count("served_by_fallback")
 
     def _count(self, outcome: str) -> None:

@@ -2,9 +2,11 @@
 runs inside `hybridlb serve`, or the control plane's /picker/state when it runs in its own
 process.
 
-Both count the picker's own recent picks that the latest load reading cannot include yet,
-and both give the keep shares the control plane published (pick.KeepCredits holds that
-share of a node's requests on the node).
+Both correct the latest load reading by what the picker itself saw since it was taken: its
+own picks sent there (not yet counted) less its picked requests that ended there (still
+counted), so that a reading a second old does not make every pick herd on the replica it
+shows emptiest. Both give the keep shares the control plane published (pick.KeepCredits
+holds that share of a node's requests on the node).
 """
 
 from __future__ import annotations
@@ -44,9 +46,14 @@ class PickerState(Protocol):
     def note_served(self, picked: str, served: str) -> None:
         """The proxy reports that `served` took the request picked for `picked`."""
 
+    def note_done(self, address: str, rank: int | None = None) -> None:
+        """A request picked for `address` (and `rank`) ended: its response is complete, or
+        its stream closed."""
+
 
 class PendingPicks:
-    """Picks per replica with their times; a load read at time t already counts earlier ones."""
+    """Events per replica (picks, or ends of picked requests) with their times; a load read
+    at time t already counts earlier ones."""
 
     def __init__(self, horizon_s: float = 30.0) -> None:
         self._picks: dict[str, deque[float]] = {}
@@ -86,6 +93,7 @@ class LocalState:
         self._state = state
         self._keep = keep
         self._pending = PendingPicks()
+        self._done = PendingPicks()
 
     def candidates(self, pool: str) -> list[Candidate] | None:
         for p in self._state.pools:
@@ -102,10 +110,10 @@ class LocalState:
                     address=r.address, node=r.node, capacity=r.capacity,
                     running=load.running if load else 0.0,
                     waiting=load.waiting if load else 0.0,
-                    pending=self._pending.since(r.address, read_at),
+                    pending=_unread(r.address, self._pending, self._done, read_at),
                     ranks=_with_pending(r.address, _local_ranks(
                         r.capacity, r.dp_rank, load.ranks if load else ()),
-                        self._pending, read_at) if r.capacity > 1 else (),
+                        self._pending, self._done, read_at) if r.capacity > 1 else (),
                 ))
             return out
         return None
@@ -123,11 +131,20 @@ class LocalState:
     def note_served(self, picked: str, served: str) -> None:
         self._pending.move(picked, served)
 
+    def note_done(self, address: str, rank: int | None = None) -> None:
+        _note(self._done, address, rank)
 
-def _note(pending: PendingPicks, address: str, rank: int | None) -> None:
-    pending.add(address)
+
+def _note(events: PendingPicks, address: str, rank: int | None) -> None:
+    events.add(address)
     if rank is not None:
-        pending.add(_rank_key(address, rank))
+        events.add(_rank_key(address, rank))
+
+
+def _unread(key: str, picks: PendingPicks, done: PendingPicks, read_at: float) -> int:
+    """What the reading taken at `read_at` misses: picks sent since, less picked requests
+    ended since (negative when more ended than were sent)."""
+    return picks.since(key, read_at) - done.since(key, read_at)
 
 
 def _rank_key(address: str, rank: int) -> str:
@@ -152,9 +169,10 @@ def _local_ranks(capacity: int, dp_rank: int, engines: Iterable[RankLoad]) -> tu
 
 
 def _with_pending(address: str, ranks: tuple[Rank, ...], pending: PendingPicks,
-                  read_at: float) -> tuple[Rank, ...]:
+                  done: PendingPicks, read_at: float) -> tuple[Rank, ...]:
     return tuple(Rank(k.index, k.running, k.waiting,
-                      pending.since(_rank_key(address, k.index), read_at)) for k in ranks)
+                      _unread(_rank_key(address, k.index), pending, done, read_at))
+                 for k in ranks)
 
 
 class RemoteState:
@@ -177,6 +195,7 @@ class RemoteState:
         self._skew = 0.0
         self._pools: dict[str, list[tuple[Candidate, float]]] = {}
         self._pending = PendingPicks()
+        self._done = PendingPicks()
         self._failing = False
         self._read_at = 0.0
         self._etag = ""
@@ -234,8 +253,9 @@ class RemoteState:
                 members = self._pools[pool] = []
         return [
             Candidate(c.address, c.node, c.capacity, c.running, c.waiting,
-                      self._pending.since(c.address, read_at),
-                      _with_pending(c.address, c.ranks, self._pending, read_at) if c.ranks else ())
+                      _unread(c.address, self._pending, self._done, read_at),
+                      _with_pending(c.address, c.ranks, self._pending, self._done, read_at)
+                      if c.ranks else ())
             for c, read_at in members
         ]
 
@@ -267,6 +287,9 @@ class RemoteState:
     def note_served(self, picked: str, served: str) -> None:
         self._pending.move(picked, served)
 
+    def note_done(self, address: str, rank: int | None = None) -> None:
+        _note(self._done, address, rank)
+
 
 def _keep_shares(doc: object) -> dict[str, int]:
     """A pool's `keep` object, node -> per mille, each clamped to 0..1000."""
@@ -292,25 +315,26 @@ def _parse(rows: list[list[Any]], skew: float) -> list[tuple[Candidate, float]]:
     return members
 
 
-class PrefixOwners:
-    """Which replica last took each leading block: a bounded LRU map."""
+class PrefixHolders:
+    """Which replicas took each leading block: every one of them, not the last only (a
+    system prompt that all requests share is soon in every replica's cache, and favouring
+    one replica for it would pile all traffic there). A bounded LRU map of prefixes."""
 
     def __init__(self, capacity: int = 100_000) -> None:
-        self._owners: OrderedDict[str, str] = OrderedDict()
+        self._holders: OrderedDict[str, set[str]] = OrderedDict()
         self._capacity = capacity
 
-    def get(self, prefix: str) -> str | None:
-        if not prefix:
-            return None
-        owner = self._owners.get(prefix)
-        if owner is not None:
-            self._owners.move_to_end(prefix)
-        return owner
+    def get(self, prefix: str) -> frozenset[str]:
+        holders = self._holders.get(prefix) if prefix else None
+        if holders is None:
+            return frozenset()
+        self._holders.move_to_end(prefix)
+        return frozenset(holders)
 
-    def set(self, prefix: str, address: str) -> None:
+    def add(self, prefix: str, address: str) -> None:
         if not prefix:
             return
-        self._owners[prefix] = address
-        self._owners.move_to_end(prefix)
-        while len(self._owners) > self._capacity:
-            self._owners.popitem(last=False)
+        self._holders.setdefault(prefix, set()).add(address)
+        self._holders.move_to_end(prefix)
+        while len(self._holders) > self._capacity:
+            self._holders.popitem(last=False)

@@ -5,8 +5,10 @@ A replica of `capacity` ranks runs `slots` sequences per rank at once (vLLM's
 
     per_slot = (running + waiting + pending) / (capacity * slots)
 
-is below 1 while some slot is free and past 1 when requests queue. `pending` counts
-requests sent there that no reading includes yet. A NEW request waits behind the requests
+is below 1 while some slot is free and past 1 when requests queue. `pending` corrects the
+reading by what its sender saw since it was taken: requests sent there that no reading
+includes yet, less (for the picker, which sees requests end) those that ended since; the
+sum is never below 0. A NEW request waits behind the requests
 that have no slot once it is counted too:
 
     ahead = running + waiting + pending + 1 - capacity * slots
@@ -38,8 +40,11 @@ _LEARN = 0.5
 def per_slot(running: float, waiting: float, capacity: int, slots: float,
              pending: float = 0.0) -> float:
     """Load per slot: < 1 while a slot is free; past 1, the queue per slot (see above)."""
-    busy = max(0.0, running) + max(0.0, waiting) + max(0.0, pending)
-    return busy / (max(1, capacity) * max(1.0, slots))
+    return _busy(running, waiting, pending) / (max(1, capacity) * max(1.0, slots))
+
+
+def _busy(running: float, waiting: float, pending: float) -> float:
+    return max(0.0, max(0.0, running) + max(0.0, waiting) + pending)
 
 
 def expected_wait(running: float, waiting: float, capacity: int, slots: float,
@@ -47,11 +52,16 @@ def expected_wait(running: float, waiting: float, capacity: int, slots: float,
     """What a request sent now waits, in service times, counting itself (see above: 0 while
     a slot is free for it), plus a hundredth of the load per slot so that among replicas
     with room the emptier wins."""
-    load = per_slot(running, waiting, capacity, slots, pending)
+    return (queue_wait(running, waiting, capacity, slots, pending)
+            + 0.01 * per_slot(running, waiting, capacity, slots, pending))
+
+
+def queue_wait(running: float, waiting: float, capacity: int, slots: float,
+               pending: float = 0.0) -> float:
+    """`expected_wait` without the tie-break: 0 while a slot is free for a new request."""
     room = max(1, capacity) * max(1.0, slots)
-    # From the counts, not `load`: a last free slot must read exactly 0 (ties by address).
-    ahead = max(0.0, running) + max(0.0, waiting) + max(0.0, pending) + 1.0 - room
-    return max(0.0, ahead) / room + 0.01 * load
+    # From the counts, not the load per slot: a last free slot must read exactly 0.
+    return max(0.0, _busy(running, waiting, pending) + 1.0 - room) / room
 
 
 def observed_slots(load: Load, capacity: int) -> float | None:

@@ -651,7 +651,11 @@ def _extproc_filter(view: View, settings: EnvoySettings) -> hcm_pb2.HttpFilter:
             request_body_mode=processing_mode_pb2.ProcessingMode.BUFFERED_PARTIAL,
             response_body_mode=processing_mode_pb2.ProcessingMode.NONE,
             request_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
-            response_trailer_mode=processing_mode_pb2.ProcessingMode.SKIP,
+            # The picker counts a picked request out of its replica's load when the request's
+            # stream closes, which must be at the response's end: Envoy 1.40 holds it that
+            # long anyway, and asking for the trailers holds it where an Envoy would close it
+            # at the response headers when the response path asks for nothing.
+            response_trailer_mode=processing_mode_pb2.ProcessingMode.SEND,
         ),
     )
     return hcm_pb2.HttpFilter(name="envoy.filters.http.ext_proc", typed_config=_any(config))
