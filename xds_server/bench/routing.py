@@ -132,6 +132,10 @@ def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
                "effective capacity's part of the traffic, a hot entry's excess spilled to "
                "the nodes short of theirs); --max-num-seqs left at its default (256): the "
                "room is read from vLLM"),
+        Policy("hybrid-rr", ("--metrics", "scrape", "--local-first", "true",
+                             "--lb-policy", "round_robin"),
+               "the default's weights, keep shares and locality weights with Envoy's "
+               "weighted round robin inside each cluster instead of least-request"),
         Policy("hybrid-global", ("--metrics", "scrape", "--local-first", "false"),
                "the default's weights with local-first off: every Envoy over the whole pool"),
         Policy("hybrid-picker", ("--metrics", "scrape", "--local-first", "true",
@@ -139,6 +143,10 @@ def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
                "the default with the ext_proc endpoint picker hosted by the control plane: "
                "each request to the replica with the shortest expected wait, held on the "
                "asking Envoy's node as the keep shares say"),
+        Policy("hybrid-picker-global", ("--metrics", "scrape", "--local-first", "false",
+                                        "--extproc-port", "EXTPROC_PORT"),
+               "the default's weights with the ext_proc picker and local-first off: each "
+               "request to the replica with the shortest expected wait in the whole pool"),
         Policy("hybrid-prometheus", (*prom, "--local-first", "true"),
                "the default fed by Prometheus (5 s scrape)", needs_prometheus=True),
         Policy("hybrid-queue", ("--metrics", "scrape", "--local-first", "true", *room,
