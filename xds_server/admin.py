@@ -126,14 +126,17 @@ class Rendered:
 #: The columns of a replica's row in /picker/state; a row per replica, as arrays: at 10,000
 #: replicas, objects with named fields took twice as long to render and to parse.
 PICKER_STATE_FIELDS = ("address", "node", "capacity", "dp_rank", "state", "running", "waiting",
-                       "read_at", "ranks")
+                       "read_at", "ranks", "speed")
 
 
 def picker_state(state: State,
-                 keep: Mapping[str, Mapping[str, int]] | None = None) -> dict[str, Any]:
+                 keep: Mapping[str, Mapping[str, int]] | None = None,
+                 speed: Callable[[str, str], float] | None = None) -> dict[str, Any]:
     """The JSON document of /picker/state: what an endpoint picker reads, nothing more.
     A replica without a load reading has null running, waiting and read_at; `ranks` are
-    [engine, running, waiting] per engine. Load times are this host's wall clock; the reply's
+    [engine, running, waiting] per engine; `speed` is the replica's decode speed against
+    its pool's typical (`speed(pool, address)`, 1 without). Load times are this host's wall
+    clock; the reply's
     `X-Hybridlb-Time` lets a reader on another host correct for clock skew. A pool's `keep`
     holds the keep shares per mille by node, the nodes with none left out (an absent `keep`,
     as older control planes send, holds nothing on any node)."""
@@ -144,13 +147,14 @@ def picker_state(state: State,
         rows: list[list[Any]] = []
         for r in pool.replicas:
             load = loads.get(r.address)
+            relative = speed(pool.name, r.address) if speed is not None else 1.0
             if load is None:
                 rows.append([r.address, r.node, r.capacity, r.dp_rank, r.state.value,
-                             None, None, None, []])
+                             None, None, None, [], relative])
             else:
                 rows.append([r.address, r.node, r.capacity, r.dp_rank, r.state.value,
                              load.running, load.waiting, load.read_at,
-                             [[k.engine, k.running, k.waiting] for k in load.ranks]])
+                             [[k.engine, k.running, k.waiting] for k in load.ranks], relative])
         shares = {node: share for node, share in keep.get(pool.name, {}).items() if share}
         pools.append({"name": pool.name, "keep": shares, "replicas": rows})
     return {"version": state.version, "fields": PICKER_STATE_FIELDS, "pools": pools}
@@ -201,8 +205,10 @@ class PickerFeed:
         etag = self._current_etag()
         now = self._clock()
         if etag != self._etag and now - self._at >= self._interval_s():
-            keep = self._keep.published.keep if self._keep is not None else None
-            self._body = json.dumps(picker_state(self._state, keep)).encode()
+            published = self._keep.published if self._keep is not None else None
+            self._body = json.dumps(picker_state(
+                self._state, published.keep if published else None,
+                published.speed if published else None)).encode()
             self._etag, self._at = etag, now
             self._cost_s = self._clock() - now
             self.renders += 1

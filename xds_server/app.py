@@ -158,7 +158,9 @@ class App:
     async def _start_extproc(self) -> None:
         """The endpoint picker on its own port, reading this process's state."""
         s = self.settings.extproc
-        picker = Picker(state=LocalState(self.state, keep=lambda: self.publisher.published.keep),
+        picker = Picker(state=LocalState(self.state,
+                                         keep=lambda: self.publisher.published.keep,
+                                         speed=lambda p, a: self.publisher.published.speed(p, a)),
                         metrics=self.metrics, settings=s.pick,
                         model_header=self.settings.envoy.model_header)
         server = new_server()

@@ -43,6 +43,12 @@ class Published:
     node_utilization: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     at: float = 0.0
 
+    def speed(self, pool: str, address: str) -> float:
+        """The replica's decode speed against its pool's typical, as its weight used it (1:
+        typical or unknown): the picker weighs a wait by it too."""
+        explained = self.explain.get(pool, {}).get(address)
+        return explained.relative_speed if explained is not None else 1.0
+
 
 @dataclass(frozen=True)
 class Plan:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -145,6 +146,19 @@ def test_requests_ended_since_the_reading_come_off_its_count() -> None:
                      "10.0.0.2:8000": Load(4, 0, read_at=time.time() + 1)})
     assert {c.address: c.pending for c in local.candidates("m") or []} == {
         "10.0.0.1:8000": 0, "10.0.0.2:8000": 0}
+    # The control plane's relative speeds come with them.
+    slow = LocalState(state, speed=lambda pool, address: 0.5 if address.startswith(
+        "10.0.0.2") else 1.0)
+    assert [c.speed for c in slow.candidates("m") or []] == [1.0, 0.5]
+
+
+def test_a_slow_replica_waits_longer_for_the_same_queue() -> None:
+    """Its decode speed stretches its wait: a third of the speed, three times the wait."""
+    four = PickSettings(max_num_seqs=4)
+    slow = Candidate("10.0.0.1:8000", "a", 1, 4, 1, speed=1 / 3)  # 2 ahead, at a third
+    fast = Candidate("10.0.0.2:8000", "b", 1, 4, 3)  # 4 ahead at full speed
+    assert pick([slow, fast], prefix_holders=(), settings=four) == fast
+    assert pick([slow, replace(fast, speed=1 / 3)], prefix_holders=(), settings=four) == slow
 
 
 def test_more_ended_than_read_counts_as_idle_not_below() -> None:

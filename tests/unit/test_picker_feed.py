@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from xds_server import admin
-from xds_server.extproc.state import RemoteState
+from xds_server.extproc.state import RemoteState, _parse
 from xds_server.metrics import Metrics
 from xds_server.model import Load, Pool, RankLoad, Replica, ReplicaState
 from xds_server.policy.weights import PolicySettings
@@ -68,9 +68,21 @@ async def test_feed_holds_what_the_picker_reads(
     assert rows[0] == {
         "address": "10.0.0.1:8000", "node": "n1", "capacity": 2, "dp_rank": 4,
         "state": "ready", "running": 3, "waiting": 1, "read_at": 100.0,
-        "ranks": [["4", 2, 0], ["5", 1, 1]]}
+        "ranks": [["4", 2, 0], ["5", 1, 1]], "speed": 1.0}
     assert (rows[1]["address"], rows[1]["running"], rows[1]["read_at"]) == (
         B.address, None, None)
+
+
+def test_rows_carry_each_replicas_relative_speed_and_old_rows_read_as_typical() -> None:
+    speeds = {B.address: 0.25}
+    doc = admin.picker_state(_hub(), speed=lambda pool, address: speeds.get(address, 1.0))
+    [pool] = doc["pools"]
+    assert [row[-1] for row in pool["replicas"]] == [1.0, 0.25]
+    assert doc["fields"][-1] == "speed"
+    parsed = _parse(pool["replicas"], skew=0.0)
+    assert [c.speed for c, _ in parsed] == [1.0, 0.25]
+    # Nine columns, as a control plane from before speeds sends them.
+    assert [c.speed for c, _ in _parse([row[:9] for row in pool["replicas"]], 0.0)] == [1.0, 1.0]
 
 
 async def test_unchanged_state_answers_304_without_rendering_again(

@@ -4,9 +4,11 @@ What a request tells the picker (`read_request`) and which replica it goes to (`
 The score of a replica is its expected wait in service times, from the load model the
 weight policy uses too (policy/load.py: the requests queued ahead of this one per slot, 0
 while a slot is free, plus a hundredth of the load per slot), with the room per rank read
-from the replicas that have requests waiting (`max_num_seqs` only while none has):
+from the replicas that have requests waiting (`max_num_seqs` only while none has), and the
+wait stretched by the replica's decode speed against the pool's typical (the control plane's
+reading, which its weights use too):
 
-    wait     = expected_wait(running, waiting, capacity, slots, pending)
+    wait     = expected_wait(running, waiting, capacity, slots, pending) / speed
     score    = wait
                - affinity_bonus   if the request's leading block was sent there before
                                   (its KV cache likely holds the prefix) and that
@@ -50,6 +52,9 @@ class Candidate:
     #: Per-rank loads behind a hybrid-mode server, by LOCAL rank index (0..capacity-1);
     #: empty where the server's engines are not known one by one.
     ranks: tuple[Rank, ...] = ()
+    #: Its decode speed against the pool's typical (the control plane's, as in its weight):
+    #: a wait at a third of the speed lasts three times as long.
+    speed: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -126,11 +131,15 @@ def _prompt_text(doc: dict[str, object]) -> str:
 
 
 def wait(c: Candidate, slots: float) -> float:
-    return expected_wait(c.running, c.waiting, c.capacity, slots, c.pending)
+    return expected_wait(c.running, c.waiting, c.capacity, slots, c.pending) / _speed(c)
 
 
 def queued(c: Candidate, slots: float) -> float:
-    return queue_wait(c.running, c.waiting, c.capacity, slots, c.pending)
+    return queue_wait(c.running, c.waiting, c.capacity, slots, c.pending) / _speed(c)
+
+
+def _speed(c: Candidate) -> float:
+    return c.speed if c.speed > 0 else 1.0
 
 
 class KeepCredits:

@@ -87,11 +87,13 @@ KeepShares = Mapping[str, Mapping[str, int]]
 
 class LocalState:
     """The control plane's hub, read in the same process; `keep` gives the keep shares
-    published last."""
+    published last, `speed(pool, address)` a replica's relative decode speed (1: typical)."""
 
-    def __init__(self, state: State, keep: Callable[[], KeepShares] = dict) -> None:
+    def __init__(self, state: State, keep: Callable[[], KeepShares] = dict,
+                 speed: Callable[[str, str], float] = lambda pool, address: 1.0) -> None:
         self._state = state
         self._keep = keep
+        self._speed = speed
         self._pending = PendingPicks()
         self._done = PendingPicks()
 
@@ -114,6 +116,7 @@ class LocalState:
                     ranks=_with_pending(r.address, _local_ranks(
                         r.capacity, r.dp_rank, load.ranks if load else ()),
                         self._pending, self._done, read_at) if r.capacity > 1 else (),
+                    speed=self._speed(pool, r.address),
                 ))
             return out
         return None
@@ -252,10 +255,10 @@ class RemoteState:
                             pool, self._url, str(exc)[:200])
                 members = self._pools[pool] = []
         return [
-            Candidate(c.address, c.node, c.capacity, c.running, c.waiting,
-                      _unread(c.address, self._pending, self._done, read_at),
-                      _with_pending(c.address, c.ranks, self._pending, self._done, read_at)
-                      if c.ranks else ())
+            dataclasses.replace(
+                c, pending=_unread(c.address, self._pending, self._done, read_at),
+                ranks=_with_pending(c.address, c.ranks, self._pending, self._done, read_at)
+                if c.ranks else ())
             for c, read_at in members
         ]
 
@@ -275,7 +278,7 @@ class RemoteState:
                 {"name": name, "keep_per_mille": self._keep.get(name, {}), "replicas": [
                     {"address": c.address, "node": c.node, "capacity": c.capacity,
                      "running": c.running, "waiting": c.waiting, "pending": c.pending,
-                     "ranks": [dataclasses.asdict(k) for k in c.ranks]}
+                     "speed": c.speed, "ranks": [dataclasses.asdict(k) for k in c.ranks]}
                     for c in self.candidates(name) or ()]}
                 for name in self._rows
             ],
@@ -302,7 +305,10 @@ def _parse(rows: list[list[Any]], skew: float) -> list[tuple[Candidate, float]]:
     """A pool's /picker/state rows into its ready candidates, each with its load's read time
     on this host's clock."""
     members = []
-    for address, node, capacity, dp_rank, state, running, waiting, read_at, ranks in rows:
+    for row in rows:
+        address, node, capacity, dp_rank, state, running, waiting, read_at, ranks = row[:9]
+        # A control plane from before speeds sends nine columns: every replica typical.
+        speed = float(row[9]) if len(row) > 9 else 1.0
         if state != ReplicaState.READY.value:
             continue
         capacity = int(capacity)
@@ -311,6 +317,7 @@ def _parse(rows: list[list[Any]], skew: float) -> list[tuple[Candidate, float]]:
             address=str(address), node=str(node), capacity=capacity,
             running=float(running or 0.0), waiting=float(waiting or 0.0),
             ranks=_local_ranks(capacity, int(dp_rank), engines),
+            speed=speed if speed > 0 else 1.0,
         ), float(read_at) + skew if read_at is not None else 0.0))
     return members
 
