@@ -201,7 +201,8 @@ CASE_POLICIES = {
     "hybrid": ("round-robin", "weights-scrape", "hybrid", "oracle"),
 }
 CASE_POLICIES["prefix"] = CASE_POLICIES["main"]
-CASE_POLICIES["extproc"] = ("weights-scrape", EXTPROC_SLOT, "oracle")
+CASE_POLICIES["extproc"] = ("round-robin", "least-request", "hybrid", "hybrid-picker",
+                            "hybrid-picker-global", "oracle")
 CASE_POLICIES["ranks"] = ("round-robin", "picker-rank", "picker-no-rank", "oracle")
 SWEEP = (Point("50%", 0.5), Point("70%", 0.7), Point("85%", 0.85), Point("95%", 0.95))
 CASE_POINTS = {
@@ -210,7 +211,8 @@ CASE_POINTS = {
     # Not in `main` to keep the default run near 20 minutes on 2 cores; the simulator has
     # no prefix cache, so this only exercises routing of long prompts with one prefix.
     "prefix": (Point("shared-prefix", 0.7, "prefix"),),
-    "extproc": (Point("85%", 0.85), Point("95%", 0.95)),
+    "extproc": (Point("85%", 0.85), Point("95%", 0.95), Point("bursty", 0.7, "bursty"),
+                Point("slow-replica", 0.85, "hetero"), Point("skewed-entry", 0.85, "skewed")),
     "herding": (Point("85%", 0.85), Point("95%", 0.95)),
     "ranks": (Point("85%", 0.85), Point("slow-rank", 0.85, "slow-rank")),
     "hybrid": SWEEP,
