@@ -183,13 +183,18 @@ def test_streamed_body_over_the_limit_goes_through_unpicked() -> None:
     assert state.picks == []
 
 
-def test_served_elsewhere_moves_the_pending_pick() -> None:
-    state = FakeState([A, B])
+def served_by(address: str) -> ep.ProcessingRequest:
+    """The response headers of a request the proxy reports `address` served."""
     served = ep.ProcessingRequest(response_headers=ep.HttpHeaders())
     lb = struct_pb2.Struct()
-    lb.update({"x-gateway-destination-endpoint-served": B.address})
+    lb.update({"x-gateway-destination-endpoint-served": address})
     served.metadata_context.filter_metadata["envoy.lb"].CopyFrom(lb)
-    run(picker(state), [headers(), body(), served])
+    return served
+
+
+def test_served_elsewhere_moves_the_pending_pick() -> None:
+    state = FakeState([A, B])
+    run(picker(state), [headers(), body(), served_by(B.address)])
     assert state.served == [(A.address, B.address)]
 
 
@@ -203,11 +208,7 @@ def test_a_picked_request_ends_once_where_it_was_served() -> None:
         assert state.done == [(A.address, None)]
     # Served by a fallback: it ends there.
     state = FakeState([A, B])
-    served = ep.ProcessingRequest(response_headers=ep.HttpHeaders())
-    lb = struct_pb2.Struct()
-    lb.update({"x-gateway-destination-endpoint-served": B.address})
-    served.metadata_context.filter_metadata["envoy.lb"].CopyFrom(lb)
-    run(picker(state), [headers(), body(), served])
+    run(picker(state), [headers(), body(), served_by(B.address)])
     assert state.done == [(B.address, None)]
     # With its rank, when the picker named one.
     ranked = Candidate("10.0.0.1:8000", "n", 2, 5, 0, ranks=(Rank(0, 4, 0), Rank(1, 1, 0)))
