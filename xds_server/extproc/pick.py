@@ -17,8 +17,8 @@ reading, which its weights use too):
 `pending` corrects the latest load reading by what the picker saw since it was taken: its
 own picks sent there (vLLM's internal balancer counts its own picks the same way) less its
 picked requests that ended there (Envoy hands the picker each response's end). Lowest
-score wins; ties go to
-the lexically first address, so that two pickers with the same state agree.
+score wins; ties go to the lexically first address, so that two pickers with the same state
+agree.
 
 Locality is the control plane's keep shares, not a score: of the requests from an Envoy on
 node N, keep[N] per mille are held: picked among N's candidates only (`KeepCredits`; all
