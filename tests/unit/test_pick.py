@@ -98,6 +98,16 @@ def test_prefix_holders_are_bounded() -> None:
     assert holders.get("p0") == frozenset() and holders.get("p2") == {"r2"}
 
 
+def test_a_prefix_holder_is_favoured_by_at_most_one_request_per_rank() -> None:
+    """With the room still at its hint (no queue seen), a holder's wait reads ~0 however
+    many requests it has: the bonus stops one request per rank past the emptiest."""
+    roomy = PickSettings(max_num_seqs=256)
+    holder = Candidate("10.0.0.2:8000", "b", 2, 2, 0)  # one per rank more than IDLE
+    assert pick([IDLE, holder], prefix_holders={holder.address}, settings=roomy) == holder
+    piled = replace(holder, running=3)  # 1.5 per rank more
+    assert pick([IDLE, piled], prefix_holders={piled.address}, settings=roomy) == IDLE
+
+
 def test_every_replica_a_prefix_went_to_holds_it() -> None:
     holders = PrefixHolders()
     for address in ("r1", "r2", "r1"):
@@ -109,7 +119,7 @@ def test_every_replica_a_prefix_went_to_holds_it() -> None:
 def test_a_prefix_every_replica_holds_does_not_pile_requests_on_one() -> None:
     """A shared system prompt: once every replica has taken it, the least loaded wins again
     (with the last taker alone favoured, the whole pool's traffic went to one replica)."""
-    a = Candidate("10.0.0.1:8000", "a", 1, 3, 0)
+    a = Candidate("10.0.0.1:8000", "a", 1, 1, 0)
     b = Candidate("10.0.0.2:8000", "b", 1, 0, 0)
     assert pick([a, b], prefix_holders={a.address}, settings=S) == a
     assert pick([a, b], prefix_holders={a.address, b.address}, settings=S) == b

@@ -11,8 +11,9 @@ reading, which its weights use too):
     wait     = expected_wait(running, waiting, capacity, slots, pending) / speed
     score    = wait
                - affinity_bonus   if the request's leading block was sent there before
-                                  (its KV cache likely holds the prefix) and that
-                                  replica's wait is below room_threshold
+                                  (its KV cache likely holds the prefix), that
+                                  replica's wait is below room_threshold and it has at
+                                  most one request per rank more than the emptiest
 
 `pending` corrects the latest load reading by what the picker saw since it was taken: its
 own picks sent there (vLLM's internal balancer counts its own picks the same way) less its
@@ -142,6 +143,10 @@ def _speed(c: Candidate) -> float:
     return c.speed if c.speed > 0 else 1.0
 
 
+def _per_rank(c: Candidate) -> float:
+    return max(0.0, c.running + c.waiting + c.pending) / max(1, c.capacity)
+
+
 class KeepCredits:
     """Which requests from an Envoy's node are held on that node: exactly `keep` per mille
     of them, evenly spread and without randomness. Each request adds `keep` to its (pool,
@@ -179,10 +184,16 @@ def pick(
     chosen: Candidate | None = None
     slots = slots_now(((c.running, c.waiting, c.capacity) for c in candidates),
                       settings.max_num_seqs)
+    # A warm prefix is worth at most one request per rank more than the emptiest replica
+    # has: the room per rank may still be the configured hint (no reading shows a queue
+    # yet), and a bonus against that let the first holder of a shared prompt take nearly
+    # every request for seconds.
+    emptiest = min((_per_rank(c) for c in candidates), default=0.0)
     for c in candidates:
         w = wait(c, slots)
         score = w
-        if c.address in prefix_holders and w < settings.room_threshold:
+        if (c.address in prefix_holders and w < settings.room_threshold
+                and _per_rank(c) <= emptiest + 1):
             score -= settings.affinity_bonus
         key = (score, c.address)
         if best is None or key < best:
