@@ -37,7 +37,7 @@ import json
 from collections.abc import Collection
 from dataclasses import dataclass
 
-from xds_server.policy.load import expected_wait, queue_wait, slots_now
+from xds_server.policy.load import expected_wait, per_slot, queue_wait, slots_now
 from xds_server.policy.views import PER_MILLE
 from xds_server.settings import PickSettings
 
@@ -144,7 +144,7 @@ def _speed(c: Candidate) -> float:
 
 
 def _per_rank(c: Candidate) -> float:
-    return max(0.0, c.running + c.waiting + c.pending) / max(1, c.capacity)
+    return per_slot(c.running, c.waiting, c.capacity, 1.0, c.pending)
 
 
 class KeepCredits:
