@@ -53,8 +53,9 @@ class Candidate:
     #: Per-rank loads behind a hybrid-mode server, by LOCAL rank index (0..capacity-1);
     #: empty where the server's engines are not known one by one.
     ranks: tuple[Rank, ...] = ()
-    #: Its decode speed against the pool's typical (the control plane's, as in its weight):
-    #: a wait at a third of the speed lasts three times as long.
+    #: Its decode speed against the pool's typical (the control plane's, as in its weight;
+    #: above 0, as the policy clamps it and state._parse checks it): a wait at a third of
+    #: the speed lasts three times as long.
     speed: float = 1.0
 
 
@@ -132,15 +133,11 @@ def _prompt_text(doc: dict[str, object]) -> str:
 
 
 def wait(c: Candidate, slots: float) -> float:
-    return expected_wait(c.running, c.waiting, c.capacity, slots, c.pending) / _speed(c)
+    return expected_wait(c.running, c.waiting, c.capacity, slots, c.pending) / c.speed
 
 
 def queued(c: Candidate, slots: float) -> float:
-    return queue_wait(c.running, c.waiting, c.capacity, slots, c.pending) / _speed(c)
-
-
-def _speed(c: Candidate) -> float:
-    return c.speed if c.speed > 0 else 1.0
+    return queue_wait(c.running, c.waiting, c.capacity, slots, c.pending) / c.speed
 
 
 def _per_rank(c: Candidate) -> float:
