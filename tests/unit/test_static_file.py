@@ -87,3 +87,45 @@ async def test_broken_edit_keeps_last_good_pools_and_counts(tmp_path: Path) -> N
         assert [p.name for p in state.pools] == ["b"]
     finally:
         task.cancel()
+
+
+class HalfWrittenPath(type(Path())):  # type: ignore[misc]
+    """A file an editor rewrites in place: the first read after the edit sees a prefix."""
+
+    prefix = b""
+
+    def read_bytes(self) -> bytes:
+        data, self.prefix = self.prefix, b""
+        return data or super().read_bytes()
+
+
+@pytest.mark.parametrize("cut", [
+    "pools:\n  - {name: b, re",  # not YAML yet: must not count as a broken file
+    "pools:\n  - {name: b, replicas: [{address: '10.0.0.1:80', node: n}]}\n",  # valid, short
+])
+async def test_a_half_written_edit_is_not_judged(tmp_path: Path, cut: str) -> None:
+    path = HalfWrittenPath(tmp_path / "pools.yaml")
+    path.write_text(GOOD)
+    state, metrics = State(), Metrics()
+    source = StaticFileSource(path=path, state=state, metrics=metrics, poll_interval_s=0.01)
+    source.load_once()
+    applied: list[list[str]] = []
+    set_pools = state.set_pools
+    state.set_pools = lambda name, pools: (  # type: ignore[method-assign]
+        applied.append([r.address for p in pools for r in p.replicas]) or set_pools(name, pools))
+    full = cut.rstrip("\n") + "\n  - {name: c, replicas: [{address: '10.0.0.2:80', node: n}]}\n"
+    task = asyncio.create_task(source.run())
+    try:
+        await asyncio.sleep(0.05)  # the source has read GOOD twice: settled
+        path.prefix = cut.encode()
+        path.write_text(full if cut.endswith("\n") else cut + "plicas: []}\n")
+        async with asyncio.timeout(5):
+            while not applied:
+                await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+    assert not metrics.registry.get_sample_value(
+        "hybridlb_source_errors_total", {"source": "static", "reason": "invalid"})
+    assert len(applied) == 1  # only the finished file, never its prefix
+    assert [p.name for p in state.pools] == (["b", "c"] if cut.endswith("\n") else ["b"])

@@ -10,7 +10,9 @@ The format (documented in the README):
             capacity: 2      # DP ranks behind this endpoint; default 1
             zone: zone-1     # optional
 
-A broken edit is logged and counted, and the last good pools stay in force.
+A broken edit is logged and counted, and the last good pools stay in force. A change is
+judged only once two reads in a row agree, so a file caught half-written by an in-place edit
+neither drops the replicas it has not reached yet nor counts as broken.
 """
 
 from __future__ import annotations
@@ -127,7 +129,8 @@ class StaticFileSource:
         self._state = state
         self._metrics = metrics
         self._poll_interval_s = poll_interval_s
-        self._digest = b""
+        self._digest = b""  # of the content last applied or rejected
+        self._read = b""  # of the content the last poll read
         state.expect_source(SOURCE)
 
     def load_once(self) -> None:
@@ -151,6 +154,9 @@ class StaticFileSource:
                     self._metrics.source_errors.labels(SOURCE, "unreadable").inc()
                     self._digest = b"unreadable"
                 continue
+            read, self._read = self._read, _digest(data)
+            if read != self._read:
+                continue  # changed since the last poll: may be mid-write, judge it next time
             try:
                 self._apply(data)
             except PoolFileError as exc:
@@ -159,7 +165,7 @@ class StaticFileSource:
                 self._metrics.source_errors.labels(SOURCE, "invalid").inc()
 
     def _apply(self, data: bytes) -> None:
-        digest = hashlib.blake2b(data, digest_size=16).digest()
+        digest = _digest(data)
         if digest == self._digest:
             return
         self._digest = digest
@@ -167,3 +173,7 @@ class StaticFileSource:
         if self._state.set_pools(SOURCE, pools):
             log.info("pool file %s: %s", self._path, ", ".join(
                 f"{p.name} ({len(p.replicas)} replicas)" for p in pools) or "no pools")
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
