@@ -229,3 +229,11 @@ def test_a_node_that_is_gone_is_forgotten_by_the_locality_weights() -> None:
     # node-b no longer pins the top: node-a, alone, is back at its capacity's share.
     assert set(later.memory.locality) == {"node-a"}
     assert later.memory.locality["node-a"] == 0.0
+
+
+def test_the_room_each_load_is_read_against_is_shown() -> None:
+    hint = PolicySettings(max_num_seqs=16)
+    assert {e.slots for e in run(EVEN, 1, settings=hint).explain.values()} == {16.0}
+    seen = run({**EVEN, A1.address: load(6, waiting=1)}, 1, settings=hint).explain
+    # A1 was full at 3 per rank; the others, never seen full, take the pool's median.
+    assert [seen[r.address].slots for r in POOL.replicas] == [3.0, 3.0, 3.0, 3.0]

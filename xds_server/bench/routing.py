@@ -316,6 +316,13 @@ class ControlSampler:
                     "keep": {n: v["keep_per_mille"] for n, v in pool["nodes"].items()},
                     "localities": {n: v["weight"] for n, v in pool["nodes"].items()},
                     "weights": {r["address"]: r["weight"] for r in pool["replicas"]},
+                    # What the policy read each replica's load against: its load per slot
+                    # (averaged) and the room per rank it believes, and each node's load.
+                    "utilization": {r["address"]: (r["weight_inputs"] or {}).get("utilization")
+                                    for r in pool["replicas"]},
+                    "slots": {r["address"]: (r["weight_inputs"] or {}).get("slots")
+                              for r in pool["replicas"]},
+                    "node_utilization": {n: v["utilization"] for n, v in pool["nodes"].items()},
                     "ingress": doc.get("ingress", {}).get(pool["name"], {}),
                 })
             await asyncio.sleep(max(0.0, self.interval_s - (time.monotonic() - tick)))

@@ -159,6 +159,9 @@ class Explanation:
     smoothed: float
     #: persistent: its decode speed against the pool's typical (1: typical or unknown).
     relative_speed: float = 1.0
+    #: persistent: the room per rank its load is read against (learnt from vLLM, else the
+    #: pool's median, else --max-num-seqs).
+    slots: float | None = None
 
 
 @dataclass(frozen=True)
@@ -447,6 +450,7 @@ def decide_persistent(
             utilization=round(per_slot_average[r.address], 4),
             freshness=round(fresh[r.address], 3), target=round(value, 2),
             smoothed=round(value, 2), relative_speed=round(fast, 3),
+            slots=round(slots[r.address], 2),
         )
     endpoint_weights = dict(published)
     for r in pool.replicas:
