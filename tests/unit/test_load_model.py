@@ -62,10 +62,26 @@ def test_room_is_what_a_rank_runs_when_requests_wait(reading: Load,
     assert observed_slots(reading, capacity=2) == expected
 
 
-def test_room_moves_towards_new_full_readings_and_stays_without_one() -> None:
+def test_room_is_learnt_from_the_first_full_reading_and_rises_to_what_a_rank_runs() -> None:
+    assert learn_slots(None, load(3), 2) is None  # never full: unknown
     assert learn_slots(None, load(8, waiting=1), 2) == 4.0
-    assert learn_slots(4.0, load(12, waiting=1), 2) == 5.0
+    assert learn_slots(4.0, load(12, waiting=1), 2) == 6.0
+    assert learn_slots(4.0, load(10), 2) == 5.0  # a rank runs 5: the room is at least 5
     assert learn_slots(5.0, load(1), 2) == 5.0
+    ranks = Load(running=7, waiting=0, ranks=(RankLoad("0", 6, 0), RankLoad("1", 1, 0)))
+    assert learn_slots(4.0, ranks, 2) == 6.0  # the busiest rank, not the mean
+
+
+def test_a_lagging_admission_barely_moves_the_room_and_a_lasting_limit_does() -> None:
+    # A request that arrived during a step waits beside free slots: one rank runs 1, 1 waits.
+    lag = Load(running=5, waiting=1, ranks=(RankLoad("0", 1, 1), RankLoad("1", 4, 0)))
+    assert learn_slots(4.0, lag, 2) == 4.0  # the other rank runs 4: still the floor
+    alone = load(2, waiting=1)
+    assert 3.8 < learn_slots(4.0, alone, 2) < 4.0  # one reading
+    room = 4.0
+    for _ in range(100):  # the KV cache holds every rank at 3 while requests wait
+        room = learn_slots(room, load(6, waiting=2), 2)
+    assert room == pytest.approx(3.0, abs=0.05)
 
 
 def test_replicas_never_seen_full_take_the_pools_room_else_the_configured_hint() -> None:

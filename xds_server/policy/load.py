@@ -17,9 +17,14 @@ that have no slot once it is counted too:
 in units of one request's service time: 0 while a slot is free for it, and at exactly full
 (`per_slot` = 1) a whole slot's turn, not 0.
 
-`slots` is read from what vLLM reports rather than configured: a rank with requests waiting
-has a full scheduler, so what it runs then is its room (`observed_slots`). A configured
-`--max-num-seqs` only stands in until a pool has been seen full once.
+`slots` is read from what vLLM reports rather than configured. A rank never runs more than
+its room, so the most a rank has run is a floor on it, and the room is learnt as that, at
+once. A rank with requests waiting suggests it is full, but a request that arrived during a
+scheduler step waits for the next one beside free slots: such a reading only pulls the room
+down a little at a time (`_SHRINK`), so that a room the KV cache lowers for good is learnt
+over tens of readings while an admission that lags now and then is not (it made replicas
+read 4x as full as they were). A configured `--max-num-seqs` only stands in until a pool has
+been seen full once.
 
 A replica's lasting speed is its decode speed, output tokens per second per running request
 (read by the sources from vLLM's token counter); `relative_speeds` compares it with the
@@ -33,8 +38,9 @@ from collections.abc import Iterable, Mapping
 
 from xds_server.model import Load
 
-#: Weight of a new observation of a replica's room against what was learnt before.
-_LEARN = 0.5
+#: Weight of a full reading that runs less than the room learnt: a lagging admission looks
+#: like a smaller room for one reading; a KV-cache limit keeps looking like it.
+_SHRINK = 0.05
 
 
 def per_slot(running: float, waiting: float, capacity: int, slots: float,
@@ -99,12 +105,28 @@ def slots_now(readings: Iterable[tuple[float, float, int]], hint: int) -> float:
     return statistics.median(full) if full else float(hint)
 
 
+def busiest_rank(load: Load, capacity: int) -> float:
+    """The most requests one rank runs in this reading (the mean where ranks are not
+    reported): the room is at least this."""
+    if load.ranks:
+        return max(r.running for r in load.ranks)
+    return load.running / max(1, capacity)
+
+
 def learn_slots(previous: float | None, load: Load | None, capacity: int) -> float | None:
-    """A replica's room per rank, moved towards each full reading; None until one is seen."""
-    seen = observed_slots(load, capacity) if load is not None else None
-    if seen is None:
+    """A replica's room per rank: None until a reading shows it full; then at least what its
+    busiest rank runs, and drawn slowly towards a full reading that runs less."""
+    if load is None:
         return previous
-    return seen if previous is None else previous + _LEARN * (seen - previous)
+    seen = observed_slots(load, capacity)
+    if previous is None:
+        return None if seen is None else max(seen, busiest_rank(load, capacity))
+    floor = busiest_rank(load, capacity)
+    if floor > previous:
+        return floor
+    if seen is not None and seen < previous:
+        return max(floor, previous + _SHRINK * (seen - previous))
+    return previous
 
 
 def pool_slots(learned: Mapping[str, float | None], addresses: Iterable[str],
