@@ -21,6 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from xds_server.metrics import Metrics
 from xds_server.model import Load
+from xds_server.policy.weights import Explanation
 from xds_server.publisher import Published
 from xds_server.state import State
 from xds_server.xds.server import StreamInfo
@@ -126,16 +127,18 @@ class Rendered:
 #: The columns of a replica's row in /picker/state; a row per replica, as arrays: at 10,000
 #: replicas, objects with named fields took twice as long to render and to parse.
 PICKER_STATE_FIELDS = ("address", "node", "capacity", "dp_rank", "state", "running", "waiting",
-                       "read_at", "ranks", "speed")
+                       "read_at", "ranks", "speed", "slots")
 
 
 def picker_state(state: State,
                  keep: Mapping[str, Mapping[str, int]] | None = None,
-                 speed: Callable[[str, str], float] | None = None) -> dict[str, Any]:
+                 judged: Callable[[str, str], Explanation | None] | None = None
+                 ) -> dict[str, Any]:
     """The JSON document of /picker/state: what an endpoint picker reads, nothing more.
     A replica without a load reading has null running, waiting and read_at; `ranks` are
     [engine, running, waiting] per engine; `speed` is the replica's decode speed against
-    its pool's typical (`speed(pool, address)`, 1 without). Load times are this host's wall
+    its pool's typical and `slots` the room per rank its load is read against, as the policy
+    judged them (`judged(pool, address)`; 1 and null without). Load times are this host's wall
     clock; the reply's
     `X-Hybridlb-Time` lets a reader on another host correct for clock skew. A pool's `keep`
     holds the keep shares per mille by node, the nodes with none left out (an absent `keep`,
@@ -147,14 +150,15 @@ def picker_state(state: State,
         rows: list[list[Any]] = []
         for r in pool.replicas:
             load = loads.get(r.address)
-            relative = speed(pool.name, r.address) if speed is not None else 1.0
+            view = judged(pool.name, r.address) if judged is not None else None
+            policy = [view.relative_speed, view.slots] if view is not None else [1.0, None]
             if load is None:
                 rows.append([r.address, r.node, r.capacity, r.dp_rank, r.state.value,
-                             None, None, None, [], relative])
+                             None, None, None, [], *policy])
             else:
                 rows.append([r.address, r.node, r.capacity, r.dp_rank, r.state.value,
                              load.running, load.waiting, load.read_at,
-                             [[k.engine, k.running, k.waiting] for k in load.ranks], relative])
+                             [[k.engine, k.running, k.waiting] for k in load.ranks], *policy])
         shares = {node: share for node, share in keep.get(pool.name, {}).items() if share}
         pools.append({"name": pool.name, "keep": shares, "replicas": rows})
     return {"version": state.version, "fields": PICKER_STATE_FIELDS, "pools": pools}
@@ -208,7 +212,7 @@ class PickerFeed:
             published = self._keep.published if self._keep is not None else None
             self._body = json.dumps(picker_state(
                 self._state, published.keep if published else None,
-                published.speed if published else None)).encode()
+                published.judged if published else None)).encode()
             self._etag, self._at = etag, now
             self._cost_s = self._clock() - now
             self.renders += 1

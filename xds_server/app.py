@@ -160,7 +160,7 @@ class App:
         s = self.settings.extproc
         picker = Picker(state=LocalState(self.state,
                                          keep=lambda: self.publisher.published.keep,
-                                         speed=lambda p, a: self.publisher.published.speed(p, a)),
+                                         judged=lambda p, a: self.publisher.published.judged(p, a)),
                         metrics=self.metrics, settings=s.pick,
                         model_header=self.settings.envoy.model_header)
         server = new_server()

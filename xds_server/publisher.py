@@ -43,11 +43,10 @@ class Published:
     node_utilization: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     at: float = 0.0
 
-    def speed(self, pool: str, address: str) -> float:
-        """The replica's decode speed against its pool's typical, as its weight used it (1:
-        typical or unknown): the picker weighs a wait by it too."""
-        explained = self.explain.get(pool, {}).get(address)
-        return explained.relative_speed if explained is not None else 1.0
+    def judged(self, pool: str, address: str) -> Explanation | None:
+        """How the policy judged the replica (its relative speed, the room its load is read
+        against), None if it did not: the picker weighs a wait by the same."""
+        return self.explain.get(pool, {}).get(address)
 
 
 @dataclass(frozen=True)

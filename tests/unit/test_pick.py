@@ -13,12 +13,14 @@ from xds_server.extproc.pick import (
     KeepCredits,
     Unreadable,
     pick,
+    queued,
     ranked,
     read_request,
 )
 from xds_server.extproc.state import LocalState, PendingPicks, PrefixHolders
 from xds_server.model import Load, Pool, Replica
 from xds_server.policy.load import expected_wait
+from xds_server.policy.weights import Explanation
 from xds_server.settings import PickSettings
 from xds_server.state import State
 
@@ -156,10 +158,11 @@ def test_requests_ended_since_the_reading_come_off_its_count() -> None:
                      "10.0.0.2:8000": Load(4, 0, read_at=time.time() + 1)})
     assert {c.address: c.pending for c in local.candidates("m") or []} == {
         "10.0.0.1:8000": 0, "10.0.0.2:8000": 0}
-    # The control plane's relative speeds come with them.
-    slow = LocalState(state, speed=lambda pool, address: 0.5 if address.startswith(
-        "10.0.0.2") else 1.0)
-    assert [c.speed for c in slow.candidates("m") or []] == [1.0, 0.5]
+    # The control plane's relative speeds and learnt rooms come with them.
+    judged = {"10.0.0.2:8000": Explanation(0.5, 1.0, 100.0, 100.0, relative_speed=0.5,
+                                           slots=4.0)}
+    slow = LocalState(state, judged=lambda pool, address: judged.get(address))
+    assert [(c.speed, c.slots) for c in slow.candidates("m") or []] == [(1.0, None), (0.5, 4.0)]
 
 
 def test_a_slow_replica_waits_longer_for_the_same_queue() -> None:
@@ -169,6 +172,18 @@ def test_a_slow_replica_waits_longer_for_the_same_queue() -> None:
     fast = Candidate("10.0.0.2:8000", "b", 1, 4, 3)  # 4 ahead at full speed
     assert pick([slow, fast], prefix_holders=(), settings=four) == fast
     assert pick([slow, replace(fast, speed=1 / 3)], prefix_holders=(), settings=four) == slow
+
+
+def test_a_learnt_room_outweighs_the_configured_hint() -> None:
+    """With no reading of a queue, the hint (256) reads every replica as free; the room the
+    control plane learnt from vLLM does not: 3 running at a room of 3 is full."""
+    full = Candidate("10.0.0.1:8000", "a", 1, 3, 0, slots=3.0)
+    half = Candidate("10.0.0.2:8000", "b", 1, 2, 0, slots=3.0)
+    assert queued(full, 256) > 0 == queued(half, 256)
+    assert pick([full, half], prefix_holders={full.address}, settings=S) == half
+    # Without it, both read free and the prefix holder wins.
+    assert pick([replace(full, slots=None), replace(half, slots=None)],
+                prefix_holders={full.address}, settings=S).address == full.address
 
 
 def test_more_ended_than_read_counts_as_idle_not_below() -> None:

@@ -18,7 +18,7 @@ from xds_server import admin
 from xds_server.extproc.state import RemoteState, _parse
 from xds_server.metrics import Metrics
 from xds_server.model import Load, Pool, RankLoad, Replica, ReplicaState
-from xds_server.policy.weights import PolicySettings
+from xds_server.policy.weights import Explanation, PolicySettings
 from xds_server.publisher import Publisher
 from xds_server.settings import (
     EnvoySettings,
@@ -68,21 +68,26 @@ async def test_feed_holds_what_the_picker_reads(
     assert rows[0] == {
         "address": "10.0.0.1:8000", "node": "n1", "capacity": 2, "dp_rank": 4,
         "state": "ready", "running": 3, "waiting": 1, "read_at": 100.0,
-        "ranks": [["4", 2, 0], ["5", 1, 1]], "speed": 1.0}
+        "ranks": [["4", 2, 0], ["5", 1, 1]], "speed": 1.0, "slots": None}
     assert (rows[1]["address"], rows[1]["running"], rows[1]["read_at"]) == (
         B.address, None, None)
 
 
-def test_rows_carry_each_replicas_relative_speed_and_old_rows_read_as_typical() -> None:
-    speeds = {B.address: 0.25}
-    doc = admin.picker_state(_hub(), speed=lambda pool, address: speeds.get(address, 1.0))
+def test_rows_carry_each_replicas_speed_and_room_and_old_rows_read_as_typical() -> None:
+    judged = {B.address: Explanation(0.5, 1.0, 25.0, 25.0, relative_speed=0.25, slots=6.0)}
+    doc = admin.picker_state(_hub(), judged=lambda pool, address: judged.get(address))
     [pool] = doc["pools"]
-    assert [row[-1] for row in pool["replicas"]] == [1.0, 0.25]
-    assert doc["fields"][-1] == "speed"
+    assert [row[-2:] for row in pool["replicas"]] == [[1.0, None], [0.25, 6.0]]
+    assert doc["fields"][-2:] == ("speed", "slots")
     parsed = _parse(pool["replicas"], skew=0.0)
-    assert [c.speed for c, _ in parsed] == [1.0, 0.25]
-    # Nine columns, as a control plane from before speeds sends them.
+    assert [(c.speed, c.slots) for c, _ in parsed] == [(1.0, None), (0.25, 6.0)]
+    # Ten columns, as a control plane from before rooms sends them; nine, from before speeds.
+    assert [(c.speed, c.slots) for c, _ in _parse([row[:10] for row in pool["replicas"]],
+                                                  0.0)] == [(1.0, None), (0.25, None)]
     assert [c.speed for c, _ in _parse([row[:9] for row in pool["replicas"]], 0.0)] == [1.0, 1.0]
+    # A room that cannot be one is left to the picker's own reckoning.
+    bad = [[*pool["replicas"][1][:10], room] for room in (0.5, float("nan"), float("inf"))]
+    assert [c.slots for c, _ in _parse(bad, 0.0)] == [None, None, None]
 
 
 async def test_unchanged_state_answers_304_without_rendering_again(

@@ -57,6 +57,9 @@ class Candidate:
     #: above 0, as the policy clamps it and state._parse checks it): a wait at a third of
     #: the speed lasts three times as long.
     speed: float = 1.0
+    #: The room per rank its load is read against, as the control plane learnt it from
+    #: vLLM (None: not yet learnt, the candidates' own reckoning, `slots_now`, stands in).
+    slots: float | None = None
 
 
 @dataclass(frozen=True)
@@ -133,11 +136,13 @@ def _prompt_text(doc: dict[str, object]) -> str:
 
 
 def wait(c: Candidate, slots: float) -> float:
-    return expected_wait(c.running, c.waiting, c.capacity, slots, c.pending) / c.speed
+    """Expected wait of a new request; `slots` is the room where the control plane has not
+    learnt the candidate's own."""
+    return expected_wait(c.running, c.waiting, c.capacity, c.slots or slots, c.pending) / c.speed
 
 
 def queued(c: Candidate, slots: float) -> float:
-    return queue_wait(c.running, c.waiting, c.capacity, slots, c.pending) / c.speed
+    return queue_wait(c.running, c.waiting, c.capacity, c.slots or slots, c.pending) / c.speed
 
 
 def _per_rank(c: Candidate) -> float:

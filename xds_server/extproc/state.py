@@ -15,6 +15,7 @@ import asyncio
 import bisect
 import dataclasses
 import logging
+import math
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
@@ -25,6 +26,7 @@ import aiohttp
 from xds_server.extproc.pick import Candidate, Rank
 from xds_server.model import RankLoad, ReplicaState
 from xds_server.policy.views import PER_MILLE
+from xds_server.policy.weights import Explanation
 from xds_server.state import State
 
 log = logging.getLogger(__name__)
@@ -87,13 +89,15 @@ KeepShares = Mapping[str, Mapping[str, int]]
 
 class LocalState:
     """The control plane's hub, read in the same process; `keep` gives the keep shares
-    published last, `speed(pool, address)` a replica's relative decode speed (1: typical)."""
+    published last, `judged(pool, address)` how the policy judged a replica (its relative
+    decode speed, the room its load is read against; None: typical, room unknown)."""
 
     def __init__(self, state: State, keep: Callable[[], KeepShares] = dict,
-                 speed: Callable[[str, str], float] = lambda pool, address: 1.0) -> None:
+                 judged: Callable[[str, str], Explanation | None] = lambda pool, address: None
+                 ) -> None:
         self._state = state
         self._keep = keep
-        self._speed = speed
+        self._judged = judged
         self._pending = PendingPicks()
         self._done = PendingPicks()
 
@@ -108,6 +112,7 @@ class LocalState:
                     continue
                 load = loads.get(r.address)
                 read_at = load.read_at if load else 0.0
+                view = self._judged(pool, r.address)
                 out.append(Candidate(
                     address=r.address, node=r.node, capacity=r.capacity,
                     running=load.running if load else 0.0,
@@ -116,7 +121,8 @@ class LocalState:
                     ranks=_with_pending(r.address, _local_ranks(
                         r.capacity, r.dp_rank, load.ranks if load else ()),
                         self._pending, self._done, read_at) if r.capacity > 1 else (),
-                    speed=self._speed(pool, r.address),
+                    speed=view.relative_speed if view is not None else 1.0,
+                    slots=view.slots if view is not None else None,
                 ))
             return out
         return None
@@ -278,7 +284,8 @@ class RemoteState:
                 {"name": name, "keep_per_mille": self._keep.get(name, {}), "replicas": [
                     {"address": c.address, "node": c.node, "capacity": c.capacity,
                      "running": c.running, "waiting": c.waiting, "pending": c.pending,
-                     "speed": c.speed, "ranks": [dataclasses.asdict(k) for k in c.ranks]}
+                     "speed": c.speed, "slots": c.slots,
+                     "ranks": [dataclasses.asdict(k) for k in c.ranks]}
                     for c in self.candidates(name) or ()]}
                 for name in self._rows
             ],
@@ -307,8 +314,12 @@ def _parse(rows: list[list[Any]], skew: float) -> list[tuple[Candidate, float]]:
     members = []
     for row in rows:
         address, node, capacity, dp_rank, state, running, waiting, read_at, ranks = row[:9]
-        # A control plane from before speeds sends nine columns: every replica typical.
+        # A control plane from before speeds sends nine columns (every replica typical), one
+        # from before rooms ten (the room left to the picker's own reckoning).
         speed = float(row[9]) if len(row) > 9 else 1.0
+        slots = float(row[10]) if len(row) > 10 and row[10] is not None else None
+        if slots is not None and not (1 <= slots < math.inf):  # NaN, below one, infinite
+            slots = None
         if state != ReplicaState.READY.value:
             continue
         capacity = int(capacity)
@@ -318,6 +329,7 @@ def _parse(rows: list[list[Any]], skew: float) -> list[tuple[Candidate, float]]:
             running=float(running or 0.0), waiting=float(waiting or 0.0),
             ranks=_local_ranks(capacity, int(dp_rank), engines),
             speed=speed if speed > 0 else 1.0,
+            slots=slots,
         ), float(read_at) + skew if read_at is not None else 0.0))
     return members
 
