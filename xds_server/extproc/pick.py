@@ -3,10 +3,10 @@
 What a request tells the picker (`read_request`) and which replica it goes to (`ranked`).
 The score of a replica is its expected wait in service times, from the load model the
 weight policy uses too (policy/load.py: the requests queued ahead of this one per slot, 0
-while a slot is free, plus a hundredth of the load per slot), with the room per rank read
-from the replicas that have requests waiting (`max_num_seqs` only while none has), and the
-wait stretched by the replica's decode speed against the pool's typical (the control plane's
-reading, which its weights use too):
+while a slot is free, plus a hundredth of the load per slot), with the room per rank and
+the decode speed against the pool's typical that the control plane's weights use for the
+replica (`Candidate.slots`, `Candidate.speed`); where no room is learnt yet, the room is read
+from the candidates that have requests waiting (`max_num_seqs` only while none has):
 
     wait     = expected_wait(running, waiting, capacity, slots, pending) / speed
     score    = wait
