@@ -287,9 +287,10 @@ class PickSettings:
                             "back to", flag="fallbacks")
     max_queue: int = option(0, "the picker answers 429 when every candidate has more waiting "
                             "requests than this (0: never)", flag="max-queue")
-    #: Off, a hybrid-mode server's own balancer (vLLM's, on counts up to 100 ms old) places
-    #: the request on a rank: the bench's baseline for the rank choice.
-    pin_rank: bool = option(True, "name the picked replica's least-loaded DP rank in "
+    #: Off by default: a hybrid-mode server's own balancer (vLLM's, on counts up to 100 ms
+    #: old) places the request on a rank better than the picker's reckoning on readings up to
+    #: a second old (bench/README, issue 15's fourth run: p99 TTFT 2.19 s vs 2.81 s at 85%).
+    pin_rank: bool = option(False, "name the picked replica's least-loaded DP rank in "
                             "X-data-parallel-rank (false: the replica's own balancer "
                             "chooses)", flag="pin-rank")
 

@@ -30,7 +30,8 @@ MODEL = "Qwen/Qwen3-0.6B"
 
 
 class PickerProcess(Process):
-    def __init__(self, workdir: Path, port: int, control_plane: str) -> None:
+    def __init__(self, workdir: Path, port: int, control_plane: str,
+                 extra: tuple[str, ...] = ()) -> None:
         self.port = port
         self.admin_port = free_ports(1)[0]
         super().__init__(
@@ -39,7 +40,7 @@ class PickerProcess(Process):
              "--poll-interval-s", "0.2", "--admin-port", str(self.admin_port),
              # The room the picker reckons with: a replica's realistic concurrency, not the
              # simulator's tiny --max-num-seqs that makes queues form at test rates.
-             "--max-num-seqs", "64"],
+             "--max-num-seqs", "64", *extra],
             workdir / "picker.log",
         )
 

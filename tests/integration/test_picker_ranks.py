@@ -26,7 +26,8 @@ class Stack:
             workdir, self.sim.pools, listener_port=free_ports(1)[0],
             extra=["--metrics", "scrape", "--scrape-interval-s", "0.2", "--max-num-seqs", "2",
                    "--extproc-address", f"127.0.0.1:{picker_port}", "--extproc-timeout-s", "2"])
-        self.picker = PickerProcess(workdir, picker_port, self.cp.admin)
+        self.picker = PickerProcess(workdir, picker_port, self.cp.admin,
+                                    extra=("--pin-rank", "true"))
         self.envoy = Envoy(workdir, xds_port=self.cp.xds_port)
 
 

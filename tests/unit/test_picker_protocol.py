@@ -213,7 +213,7 @@ def test_a_picked_request_ends_once_where_it_was_served() -> None:
     # With its rank, when the picker named one.
     ranked = Candidate("10.0.0.1:8000", "n", 2, 5, 0, ranks=(Rank(0, 4, 0), Rank(1, 1, 0)))
     state = FakeState([ranked])
-    run(picker(state), [headers(), body()])
+    run(picker(state, pin_rank=True), [headers(), body()])
     assert state.done == [(ranked.address, 1)]
 
 
@@ -234,7 +234,7 @@ def test_the_response_mode_asks_for_the_trailers_that_hold_the_stream_open() -> 
 def test_rank_header_names_the_least_loaded_local_rank() -> None:
     ranked = Candidate("10.0.0.1:8000", "n", 2, 5, 0, ranks=(Rank(0, 4, 0), Rank(1, 1, 0)))
     state = FakeState([ranked, Candidate("10.0.0.2:8000", "n", 1, 9, 0)])
-    out = run(picker(state), [headers(), body()])
+    out = run(picker(state, pin_rank=True), [headers(), body()])
     set_headers = {h.header.key: h.header.raw_value.decode()
                    for h in out[1].request_body.response.header_mutation.set_headers}
     assert set_headers["x-data-parallel-rank"] == "1"
@@ -243,10 +243,10 @@ def test_rank_header_names_the_least_loaded_local_rank() -> None:
     assert state.picks == [("10.0.0.1:8000", 1)]
 
 
-def test_with_the_rank_choice_off_no_rank_header_is_set() -> None:
+def test_by_default_no_rank_header_is_set() -> None:
     ranked = Candidate("10.0.0.1:8000", "n", 2, 5, 0, ranks=(Rank(0, 4, 0), Rank(1, 1, 0)))
     state = FakeState([ranked, Candidate("10.0.0.2:8000", "n", 1, 9, 0)])
-    out = run(picker(state, pin_rank=False), [headers(), body()])
+    out = run(picker(state), [headers(), body()])
     set_headers = {h.header.key: h.header.raw_value.decode()
                    for h in out[1].request_body.response.header_mutation.set_headers}
     assert "x-data-parallel-rank" not in set_headers
