@@ -159,8 +159,9 @@ class Explanation:
     smoothed: float
     #: persistent: its decode speed against the pool's typical (1: typical or unknown).
     relative_speed: float = 1.0
-    #: persistent: the room per rank its load is read against (learnt from vLLM, else the
-    #: pool's median, else --max-num-seqs).
+    #: persistent: the room per rank its load is read against, learnt from vLLM (its own,
+    #: else the pool's median); None while only --max-num-seqs stands in, so that the
+    #: picker, which reads it, keeps its own reckoning until a room is learnt.
     slots: float | None = None
 
 
@@ -386,6 +387,7 @@ def decide_persistent(
         for r in ready
     }
     slots = pool_slots(learned, (r.address for r in ready), settings.max_num_seqs)
+    room_learnt = any(v is not None for v in learned.values())
     occupancy: dict[str, float] = {}
     per_rank: dict[str, float] = {}  # requests in the replica per rank: what is averaged
     for r in ready:
@@ -450,7 +452,7 @@ def decide_persistent(
             utilization=round(per_slot_average[r.address], 4),
             freshness=round(fresh[r.address], 3), target=round(value, 2),
             smoothed=round(value, 2), relative_speed=round(fast, 3),
-            slots=round(slots[r.address], 2),
+            slots=round(slots[r.address], 2) if room_learnt else None,
         )
     endpoint_weights = dict(published)
     for r in pool.replicas:
