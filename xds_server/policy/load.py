@@ -119,9 +119,9 @@ def learn_slots(previous: float | None, load: Load | None, capacity: int) -> flo
     if load is None:
         return previous
     seen = observed_slots(load, capacity)
+    floor = busiest_rank(load, capacity)  # never below `seen`: the busiest of the full ranks
     if previous is None:
-        return None if seen is None else max(seen, busiest_rank(load, capacity))
-    floor = busiest_rank(load, capacity)
+        return None if seen is None else floor
     if floor > previous:
         return floor
     if seen is not None and seen < previous:
