@@ -139,7 +139,7 @@ class StaticFileSource:
             data = self._path.read_bytes()
         except OSError as exc:
             raise PoolFileError(f"cannot read {self._path}: {exc.strerror}") from exc
-        self._apply(data)
+        self._apply(data, _digest(data))
 
     async def run(self) -> None:
         # Polling content (not inotify) survives the symlink swaps of a Kubernetes ConfigMap.
@@ -158,14 +158,13 @@ class StaticFileSource:
             if read != self._read:
                 continue  # changed since the last poll: may be mid-write, judge it next time
             try:
-                self._apply(data)
+                self._apply(data, self._read)
             except PoolFileError as exc:
                 log.error("pool file %s rejected, keeping the last good pools: %s",
                           self._path, exc)
                 self._metrics.source_errors.labels(SOURCE, "invalid").inc()
 
-    def _apply(self, data: bytes) -> None:
-        digest = _digest(data)
+    def _apply(self, data: bytes, digest: bytes) -> None:
         if digest == self._digest:
             return
         self._digest = digest
