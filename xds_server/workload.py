@@ -32,6 +32,8 @@ from typing import ClassVar
 
 import aiohttp
 
+from xds_server.xds.resources import PICKED_HEADER
+
 #: Response headers the simulator (and nothing in a real vLLM) sets: who served a request.
 REPLICA_HEADER = "x-hybridlb-replica"
 RANK_HEADER = "x-hybridlb-rank"
@@ -182,6 +184,8 @@ class Result:
     error: str = ""
     #: Request body plus response bytes: what crossed the network between proxy and replica.
     bytes: int = 0
+    #: The endpoint picker chose its replica (Envoy said so); False: the weights did.
+    picked: bool = False
 
     @property
     def ok(self) -> bool:
@@ -294,6 +298,7 @@ class Replayer:
                                     ) as response:
                 result.status = response.status
                 result.replica = response.headers.get(REPLICA_HEADER, "")
+                result.picked = PICKED_HEADER in response.headers
                 rank = response.headers.get(RANK_HEADER)
                 result.rank = int(rank) if rank is not None and rank.isdigit() else None
                 if response.status != 200:

@@ -30,6 +30,7 @@ from xds_server.bench.routing_stats import (
     mean_cv,
     on_node_share,
     per_rank_depths,
+    picked_share,
     ratios,
 )
 from xds_server.commands import serve
@@ -137,6 +138,14 @@ def test_cross_node_counts_requests_and_bytes_served_off_their_entry_node() -> N
         r.bytes = size
     assert cross_node(results, origins, replica_nodes) == {
         "cross_node_requests": 2, "cross_node_bytes": 600}
+
+
+def test_picked_share_is_of_served_requests_the_picker_chose() -> None:
+    results = [result("node-a", "r1"), result("node-a", "r2"), result("central", "r1"),
+               result("node-a", "", status=503)]
+    results[0].picked = results[3].picked = True  # a failed pick has no replica: left out
+    assert picked_share(results) == pytest.approx(1 / 3)
+    assert math.isnan(picked_share(results[3:]))
 
 
 def test_latency_counts_failures_and_throughput_over_the_window() -> None:

@@ -42,6 +42,7 @@ from xds_server.bench.routing_stats import (
     mean_cv,
     on_node_share,
     per_rank_depths,
+    picked_share,
 )
 from xds_server.ports import free_ports
 from xds_server.sim.engine import EngineSettings
@@ -493,6 +494,7 @@ class Bench:
             "imbalance_cv": mean_cv(window),
             "on_node_share": on_node_share(replayer.results, ENVOYS, self.fleet.replica_nodes),
             "served_by_node": _served_by_node(replayer, self.fleet.replica_nodes),
+            "picked_share": picked_share(replayer.results),
             **cross_node(replayer.results, ORIGINS, self.fleet.replica_nodes),
             "client_cpu_s": cpu,
             # Where the machine's time went: a policy that costs CPU slows everything here.

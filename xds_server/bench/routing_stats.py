@@ -66,6 +66,13 @@ def on_node_share(results: Iterable[Result], entry_nodes: Mapping[str, str],
     return local / total if total else math.nan
 
 
+def picked_share(results: Iterable[Result]) -> float:
+    """Share of served requests whose replica the endpoint picker chose (the rest: Envoy's
+    balancer, with no picker or where the picker failed open); NaN when none was served."""
+    served = [r for r in results if r.replica]
+    return sum(r.picked for r in served) / len(served) if served else math.nan
+
+
 def cross_node(results: Iterable[Result], origins: Mapping[str, str],
                replica_nodes: Mapping[str, str]) -> dict[str, int]:
     """Served requests that crossed nodes (entry's node != replica's) and their bytes."""

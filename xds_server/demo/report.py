@@ -89,6 +89,8 @@ def summarize(
         "failed": len(results) - len(ok) - len(cancelled),
         "cancelled": len(cancelled),
         "burst_requests": sum(1 for r in results if r.arrival.burst),
+        # Served requests whose replica the endpoint picker chose (0 with --no-extproc).
+        "picked": sum(1 for r in ok if r.picked),
         "throughput_rps": round(len(ok) / span, 3) if span else 0.0,
         "ttft_s": latency([r.ttft_s for r in ok if r.ttft_s is not None]),
         "e2e_s": latency([r.e2e_s for r in ok if r.e2e_s is not None]),

@@ -70,6 +70,8 @@ ROUTE_CONFIG_NAME = "hybridlb_routes"
 LB_NS = "envoy.lb"
 #: The Gateway API Inference Extension's name for the picked endpoint (header and metadata).
 DESTINATION_HEADER = "x-gateway-destination-endpoint"
+#: Our response header naming the endpoints the picker named (absent: the weights routed it).
+PICKED_HEADER = "x-hybridlb-picked"
 #: The protocol's report of the endpoint that served (`envoy.lb` metadata on the response).
 SERVED_KEY = "x-gateway-destination-endpoint-served"
 #: The protocol's subset hint: filter metadata namespace and key (a list of `ip:port`).
@@ -521,7 +523,7 @@ def _routes_for(
                                                    timeout=timeout),
             # Say which endpoint was picked, so a client can see whether Envoy honoured it.
             response_headers_to_add=[base_pb2.HeaderValueOption(
-                header=base_pb2.HeaderValue(key="x-hybridlb-picked",
+                header=base_pb2.HeaderValue(key=PICKED_HEADER,
                                             value=f"%REQ({DESTINATION_HEADER})%"),
                 append_action=base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS_OR_ADD,
             )],
