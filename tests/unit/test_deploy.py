@@ -219,7 +219,7 @@ def test_the_configmap_is_a_config_serve_accepts(tmp_path: Path) -> None:
     namespace = docs(DEPLOY / "base/kustomization.yaml")[0]["namespace"]
     assert {ns for p in settings.kubernetes.pools for ns in p.namespaces} == {namespace}
     # The kubelet's probes, the Envoys and Prometheus reach the pod IP; nothing else binds.
-    assert settings.admin.host == settings.xds.host == "$(POD_IP)"
+    assert settings.admin.host == settings.xds.host == settings.extproc.host == "$(POD_IP)"
     container = find("Deployment", "hybridlb")["spec"]["template"]["spec"]["containers"][0]
     assert env_of(container)["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
 
@@ -230,12 +230,18 @@ def test_probes_and_services_point_at_the_ports_serve_binds(tmp_path: Path) -> N
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert port_named(container, "admin") == settings.admin.port
     assert port_named(container, "grpc-xds") == settings.xds.port
+    # The picker runs by default, and Envoys reach it through its Service in this namespace.
+    assert port_named(container, "grpc-extproc") == settings.extproc.port > 0
+    namespace = docs(DEPLOY / "base/kustomization.yaml")[0]["namespace"]
+    assert settings.envoy.extproc_address == (
+        f"hybridlb-extproc.{namespace}.svc.cluster.local:{settings.extproc.port}")
     assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     assert deployment["spec"]["replicas"] == 2
     labels = deployment["spec"]["template"]["metadata"]["labels"]
-    for name, port in (("hybridlb-xds", settings.xds.port), ("hybridlb-admin",
-                                                              settings.admin.port)):
+    for name, port in (("hybridlb-xds", settings.xds.port),
+                       ("hybridlb-admin", settings.admin.port),
+                       ("hybridlb-extproc", settings.extproc.port)):
         service = find("Service", name)
         assert service["spec"]["selector"].items() <= labels.items()
         assert [p["port"] for p in service["spec"]["ports"]] == [port]
@@ -265,8 +271,8 @@ def test_network_policies_admit_only_envoys_to_ads_and_only_prometheus_to_metric
     assert policies and all(p["spec"]["policyTypes"] == ["Ingress"] for p in policies)
     envoy_labels = find("Deployment", "hybridlb-gateway")["spec"]["template"]["metadata"][
         "labels"]
-    # ADS (and the picker's port, when serve hosts it): Envoys of this namespace only.
-    for port in ("grpc-xds", 9002):
+    # ADS and the picker serve hosts: Envoys of this namespace only.
+    for port in ("grpc-xds", "grpc-extproc"):
         (sources,) = _admitted(policies, port)
         assert len(sources) == 1 and set(sources[0]) == {"podSelector"}, sources
         assert sources[0]["podSelector"]["matchLabels"].items() <= envoy_labels.items()
