@@ -84,7 +84,9 @@ def test_demo_serves_every_request_and_leaves_nothing_behind(tmp_path: Path) -> 
     for name, e in envoys.items():
         assert e["sent"] == e["succeeded"] > 0, (name, e)
     assert sum(e["sent"] for e in envoys.values()) == summary["sent"]
-    # Node Envoys keep most of their traffic on their own node.
+    # The picker (on by default) chose the replicas; node Envoys keep most of their traffic
+    # on their own node (the picker holds it there).
+    assert summary["picked"] > summary["succeeded"] / 2
     assert summary["local_share"] > 0.5
     assert (tmp_path / "demo.png").stat().st_size > 10_000
     assert "failed 0" in output
@@ -94,8 +96,8 @@ def test_demo_serves_every_request_and_leaves_nothing_behind(tmp_path: Path) -> 
 def test_ctrl_c_twice_abandons_requests_in_flight_and_still_stops_everything(
     tmp_path: Path,
 ) -> None:
-    # With the endpoint picker too: its port must be closed at the end like the others'.
-    proc = demo(tmp_path, "--duration", "120", "--extproc")
+    # The default run has the endpoint picker; this one routes by the weights alone.
+    proc = demo(tmp_path, "--duration", "120", "--no-extproc")
     assert proc.stdout is not None
     for line in proc.stdout:  # the start-up's progress lines; the load begins after the last
         if "waiting for the first loads" in line:
@@ -117,4 +119,5 @@ def test_ctrl_c_twice_abandons_requests_in_flight_and_still_stops_everything(
     assert summary["failed"] == 0, summary["errors"]
     assert summary["sent"] == summary["succeeded"] + summary["cancelled"] > 0
     assert summary["sent"] < summary["planned"]
+    assert summary["picked"] == 0  # --no-extproc: Envoy's balancer over the weights
     assert_nothing_left(summary)

@@ -28,7 +28,8 @@ def test_help_lists_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
 def test_defaults_need_no_flag() -> None:
     args = build_parser().parse_args(["demo"])
     assert (args.duration, args.nodes, args.replicas_per_node, args.envoys) == (60.0, 3, 2, 1)
-    assert args.rate is None and not args.extproc
+    assert args.rate is None and args.extproc
+    assert not build_parser().parse_args(["demo", "--no-extproc"]).extproc
 
 
 def test_capacity_grows_with_ranks_and_shrinks_with_time_scale() -> None:

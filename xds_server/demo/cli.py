@@ -11,8 +11,9 @@ to --out. Exit status: 0 when every request it sent succeeded, 1 otherwise.
 
 The simulated GPUs run 10 times slower than the H100 they model (--time-scale of
 `hybridlb sim`) with --max-num-seqs 8, so that a load two CPU cores can stream fills their
-queues. --extproc also routes every request through the ext_proc endpoint picker (hosted in
-the control plane), which picks a replica per request; without it, the weights decide.
+queues. Every request goes through the ext_proc endpoint picker (hosted in the control
+plane, as the deployment runs it), which picks a replica per request; with --no-extproc the
+weights alone decide.
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="seed of the arrivals and lengths (default 1)")
     parser.add_argument("--scrape", action="store_true",
                         help="read loads by the direct scrape even when prometheus is installed")
-    parser.add_argument("--extproc", action="store_true",
-                        help="also ask the ext_proc endpoint picker (in the control plane) for "
-                        "each request's replica")
+    parser.add_argument("--extproc", action=argparse.BooleanOptionalAction, default=True,
+                        help="ask the ext_proc endpoint picker (in the control plane) for each "
+                        "request's replica, as the deployment does (default: on; "
+                        "--no-extproc: the weights alone decide)")
 
 
 def estimated_capacity_rps(fleet: FleetSettings, lengths: LengthMix) -> float:

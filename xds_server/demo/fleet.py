@@ -61,7 +61,7 @@ class FleetSettings:
     #: How often loads are read (Prometheus scrape and query, or the direct scrape).
     load_interval_s: float = 0.5
     #: Route through the ext_proc endpoint picker, hosted in the control plane.
-    extproc: bool = False
+    extproc: bool = True
 
     def __post_init__(self) -> None:
         if self.nodes < 1 or self.replicas_per_node < 1 or self.ranks < 1:
