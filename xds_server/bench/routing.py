@@ -127,8 +127,9 @@ def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
         Policy("weights-prometheus", (*prom, "--local-first", "false", *room),
                "weights from Prometheus (5 s scrape), global", needs_prometheus=True),
         Policy("hybrid", ("--metrics", "scrape", "--local-first", "true"),
-               "the default: Envoy's least-request over weights that carry only lasting "
-               "differences (capacity times measured decode speed; 1 s scrape); keep shares "
+               "serve's defaults, no picker: Envoy's least-request over weights that carry "
+               "only lasting differences (capacity times measured decode speed; 1 s "
+               "scrape); keep shares "
                "and locality weights planned from the Envoys' load reports (each node its "
                "effective capacity's part of the traffic, a hot entry's excess spilled to "
                "the nodes short of theirs); --max-num-seqs left at its default (256): the "
@@ -141,9 +142,10 @@ def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
                "the default's weights with local-first off: every Envoy over the whole pool"),
         Policy("hybrid-picker", ("--metrics", "scrape", "--local-first", "true",
                                  "--extproc-port", "EXTPROC_PORT"),
-               "the default with the ext_proc endpoint picker hosted by the control plane: "
-               "each request to the replica with the shortest expected wait, held on the "
-               "asking Envoy's node as the keep shares say"),
+               "the default deployment (deploy/, the demo): `hybrid` with the ext_proc "
+               "endpoint picker hosted by the control plane: each request to the replica "
+               "with the shortest expected wait, held on the asking Envoy's node as the keep "
+               "shares say"),
         Policy("hybrid-picker-global", ("--metrics", "scrape", "--local-first", "false",
                                         "--extproc-port", "EXTPROC_PORT"),
                "the default's weights with the ext_proc picker and local-first off: each "
@@ -197,7 +199,7 @@ def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
 #: Policies each case compares, in the order they take turns.
 CASE_POLICIES = {
     "main": ("round-robin", "least-request", "envoy-orca-wrr", "envoy-load-aware-locality",
-             "hybrid-queue", "hybrid", "hybrid-prometheus", "oracle"),
+             "hybrid", "hybrid-picker", "hybrid-prometheus", "oracle"),
     "herding": ("fresh-damped", "fresh-undamped", "stale-damped", "stale-undamped", "oracle"),
     "hybrid": ("round-robin", "weights-scrape", "hybrid", "oracle"),
 }
