@@ -184,7 +184,8 @@ class Result:
     error: str = ""
     #: Request body plus response bytes: what crossed the network between proxy and replica.
     bytes: int = 0
-    #: The endpoint picker chose its replica (Envoy said so); False: the weights did.
+    #: It went by the endpoint picker's pick (Envoy's picked route set PICKED_HEADER);
+    #: False: by Envoy's balancer over the weights (no picker, or the picker failed open).
     picked: bool = False
 
     @property
