@@ -17,7 +17,7 @@ from xds_server.extproc.pick import (
     ranked,
     read_request,
 )
-from xds_server.extproc.state import LocalState, PendingPicks, PrefixHolders
+from xds_server.extproc.state import LocalState, PendingPicks, PickLedger, PrefixHolders
 from xds_server.model import Load, Pool, Replica
 from xds_server.policy.load import expected_wait
 from xds_server.policy.weights import Explanation
@@ -134,6 +134,64 @@ def test_pending_counts_only_picks_after_the_reading() -> None:
     assert pending.since("r", read_at=150.0, now=201.0) == 1
     assert pending.since("r", read_at=50.0, now=201.0) == 2
     assert pending.since("r", read_at=50.0, now=1000.0) == 0  # past the horizon
+
+
+def test_own_requests_a_reading_does_not_show_yet_still_count() -> None:
+    """vLLM counts a request once its front end hands it to the engine: a reading taken
+    just after three picks shows none of them, and the picks made since it are none."""
+    ledger = PickLedger()
+    for _ in range(3):
+        ledger.pick("r")
+    read_at = time.time() + 1  # taken after the picks
+    assert ledger.unread("r", read_at, shown=0) == 3
+    assert ledger.unread("r", read_at, shown=2) == 1  # two of them are in it now
+    assert ledger.unread("r", read_at, shown=5) == 0  # others' requests: the picks since
+    ledger.done("r")
+    assert ledger.unread("r", read_at, shown=0) == 2
+    # An end with no pick seen (the picker restarted) makes nothing negative.
+    for _ in range(4):
+        ledger.done("r")
+    ledger.pick("r")
+    assert ledger.unread("r", time.time() + 1, shown=0) == 1
+
+
+def test_a_fallback_moves_the_own_request_with_its_rank() -> None:
+    ledger = PickLedger()
+    ledger.pick("a", rank=1)
+    ledger.served("a", "b", rank=1)
+    later = time.time() + 1
+    assert [ledger.unread(k, later, shown=0) for k in ("a", "a#1", "b", "b#1")] == [0, 0, 1, 1]
+    ledger.done("b", rank=1)
+    assert [ledger.unread(k, later, shown=0) for k in ("b", "b#1")] == [0, 0]
+
+
+def test_a_reading_that_misses_the_own_requests_reads_full() -> None:
+    """Both replicas read 3 of 4 slots busy; the first also has two picks of the picker's
+    own that its reading does not show yet: it is full, the second is not."""
+    state = State()
+    state.set_pools("file", [Pool("m", (Replica("10.0.0.1", 8000, "n1"),
+                                        Replica("10.0.0.2", 8000, "n2")))])
+    local = LocalState(state)
+    local.note_pick("10.0.0.1:8000")
+    local.note_pick("10.0.0.1:8000")
+    now = time.time() + 1
+    state.set_loads({"10.0.0.1:8000": Load(3, 0, read_at=now),
+                     "10.0.0.2:8000": Load(3, 0, read_at=now)})
+    four = PickSettings(max_num_seqs=4)
+    candidates = local.candidates("m") or []
+    assert [c.pending for c in candidates] == [0.0, 0.0]  # the reading shows 3 >= 2 own
+    state.set_loads({"10.0.0.1:8000": Load(0, 0, read_at=now),
+                     "10.0.0.2:8000": Load(3, 0, read_at=now)})
+    candidates = local.candidates("m") or []
+    assert [c.pending for c in candidates] == [2.0, 0.0]
+    chosen = pick(candidates, prefix_holders=(), settings=four)
+    assert chosen is not None and chosen.address == "10.0.0.1:8000"  # 2 of 4 < 3 of 4
+    state.set_loads({"10.0.0.1:8000": Load(3, 0, read_at=now),
+                     "10.0.0.2:8000": Load(2, 0, read_at=now)})
+    local.note_pick("10.0.0.1:8000")
+    local.note_pick("10.0.0.1:8000")
+    chosen = pick(local.candidates("m") or [], prefix_holders=(), settings=four)
+    assert chosen is not None and chosen.address == "10.0.0.2:8000"  # 4 own: full
 
 
 def test_requests_ended_since_the_reading_come_off_its_count() -> None:

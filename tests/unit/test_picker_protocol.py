@@ -49,8 +49,8 @@ class FakeState:
     def note_pick(self, address: str, rank: int | None = None) -> None:
         self.picks.append((address, rank))
 
-    def note_served(self, picked: str, served: str) -> None:
-        self.served.append((picked, served))
+    def note_served(self, picked: str, served: str, rank: int | None = None) -> None:
+        self.served.append((picked, served, rank))
 
     def note_done(self, address: str, rank: int | None = None) -> None:
         self.done.append((address, rank))
@@ -195,7 +195,7 @@ def served_by(address: str) -> ep.ProcessingRequest:
 def test_served_elsewhere_moves_the_pending_pick() -> None:
     state = FakeState([A, B])
     run(picker(state), [headers(), body(), served_by(B.address)])
-    assert state.served == [(A.address, B.address)]
+    assert state.served == [(A.address, B.address, None)]
 
 
 def test_a_picked_request_ends_once_where_it_was_served() -> None:

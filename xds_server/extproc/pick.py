@@ -17,7 +17,8 @@ from the candidates that have requests waiting (`max_num_seqs` only while none h
 
 `pending` corrects the latest load reading by what the picker saw since it was taken: its
 own picks sent there (vLLM's internal balancer counts its own picks the same way) less its
-picked requests that ended there (Envoy hands the picker each response's end). Lowest
+picked requests that ended there (Envoy hands the picker each response's end), and at least
+its own requests there that the reading does not show (extproc/state.py's `PickLedger`). Lowest
 score wins; ties go to the lexically first address, so that two pickers with the same state
 agree.
 
@@ -49,7 +50,8 @@ class Candidate:
     capacity: int
     running: float
     waiting: float
-    pending: int = 0
+    #: What the load reading misses (extproc/state.py's PickLedger.unread).
+    pending: float = 0.0
     #: Per-rank loads behind a hybrid-mode server, by LOCAL rank index (0..capacity-1);
     #: empty where the server's engines are not known one by one.
     ranks: tuple[Rank, ...] = ()
@@ -69,7 +71,7 @@ class Rank:
     index: int
     running: float
     waiting: float
-    pending: int = 0
+    pending: float = 0.0
 
 
 @dataclass(frozen=True)

@@ -344,7 +344,7 @@ class Picker:
         self._count("served")
         if address and address != s.picked:
             # The proxy went down the fallback list: the request waits there, not at the pick.
-            self._state.note_served(s.picked, address)
+            self._state.note_served(s.picked, address, s.rank)
             s.picked = address
             self._count("served_by_fallback")
 

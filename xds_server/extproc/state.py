@@ -2,11 +2,12 @@
 runs inside `hybridlb serve`, or the control plane's /picker/state when it runs in its own
 process.
 
-Both correct the latest load reading by what the picker itself saw since it was taken: its
-own picks sent there (not yet counted) less its picked requests that ended there (still
-counted), so that a reading a second old does not make every pick herd on the replica it
-shows emptiest. Both give the keep shares the control plane published (pick.KeepCredits
-holds that share of a node's requests on the node).
+Both correct the latest load reading by what the picker itself saw (`PickLedger`): its own
+picks sent there since the reading was taken (not yet counted) less its picked requests that
+ended there since (still counted), so that a reading a second old does not make every pick
+herd on the replica it shows emptiest; and at least its own requests there now. Both give the
+keep shares the control plane published (pick.KeepCredits holds that share of a node's
+requests on the node).
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ class PickerState(Protocol):
 
     def note_pick(self, address: str, rank: int | None = None) -> None: ...
 
-    def note_served(self, picked: str, served: str) -> None:
-        """The proxy reports that `served` took the request picked for `picked`."""
+    def note_served(self, picked: str, served: str, rank: int | None = None) -> None:
+        """The proxy reports that `served` took the request picked for `picked` (and
+        `rank`, the same index there)."""
 
     def note_done(self, address: str, rank: int | None = None) -> None:
         """A request picked for `address` (and `rank`) ended: its response is complete, or
@@ -83,6 +85,65 @@ class PendingPicks:
         return len(picks) - bisect.bisect_right(picks, read_at)
 
 
+class PickLedger:
+    """What the picker sent to each replica (and to each rank, when it names one) and saw end.
+
+    A reading misses more than the picks made since it was taken: vLLM counts a request only
+    once its front end has handed it to the engine (HTTP, tokenization: tens of milliseconds,
+    more under load), so the picks of that time before the reading are in neither. On a
+    fleet that runs at its room those were one request per replica, which read as a free
+    slot: about one request in ten went to a full rank. The picker's own requests there now
+    (picked, not yet ended) are exact for its own traffic, so a replica's load is read as at
+    least those.
+    """
+
+    def __init__(self, horizon_s: float = 30.0) -> None:
+        self._picks = PendingPicks(horizon_s)
+        self._ends = PendingPicks(horizon_s)
+        #: Picked and not ended, by key; a key leaves at 0. An end with no pick seen (the
+        #: picker restarted) counts nothing, rather than going below 0.
+        self._open: dict[str, int] = {}
+
+    def pick(self, address: str, rank: int | None = None) -> None:
+        for key in _keys(address, rank):
+            self._picks.add(key)
+            self._shift(key, 1)
+
+    def served(self, picked: str, served: str, rank: int | None = None) -> None:
+        """The proxy reports that `served` took the request picked for `picked`."""
+        for src, dst in zip(_keys(picked, rank), _keys(served, rank), strict=True):
+            self._picks.move(src, dst)
+            self._shift(src, -1)
+            self._shift(dst, 1)
+
+    def done(self, address: str, rank: int | None = None) -> None:
+        for key in _keys(address, rank):
+            self._ends.add(key)
+            self._shift(key, -1)
+
+    def unread(self, key: str, read_at: float, shown: float) -> float:
+        """What the reading taken at `read_at`, which shows `shown` requests there, misses:
+        the picks since less the ends since (below 0 when more ended than were sent), and at
+        least the picker's own requests there that it does not show."""
+        since = self._picks.since(key, read_at) - self._ends.since(key, read_at)
+        return max(float(since), self._open.get(key, 0) - shown)
+
+    def _shift(self, key: str, delta: int) -> None:
+        n = self._open.get(key, 0) + delta
+        if n > 0:
+            self._open[key] = n
+        else:
+            self._open.pop(key, None)
+
+
+def _keys(address: str, rank: int | None) -> tuple[str, ...]:
+    return (address,) if rank is None else (address, _rank_key(address, rank))
+
+
+def _rank_key(address: str, rank: int) -> str:
+    return f"{address}#{rank}"
+
+
 #: pool -> node -> keep share per mille, as the publisher decided them.
 KeepShares = Mapping[str, Mapping[str, int]]
 
@@ -98,8 +159,7 @@ class LocalState:
         self._state = state
         self._keep = keep
         self._judged = judged
-        self._pending = PendingPicks()
-        self._done = PendingPicks()
+        self._ledger = PickLedger()
 
     def candidates(self, pool: str) -> list[Candidate] | None:
         for p in self._state.pools:
@@ -113,17 +173,14 @@ class LocalState:
                 load = loads.get(r.address)
                 read_at = load.read_at if load else 0.0
                 view = self._judged(pool, r.address)
-                out.append(Candidate(
+                out.append(_with_pending(Candidate(
                     address=r.address, node=r.node, capacity=r.capacity,
                     running=load.running if load else 0.0,
                     waiting=load.waiting if load else 0.0,
-                    pending=_unread(r.address, self._pending, self._done, read_at),
-                    ranks=_with_pending(r.address, _local_ranks(
-                        r.capacity, r.dp_rank, load.ranks if load else ()),
-                        self._pending, self._done, read_at) if r.capacity > 1 else (),
+                    ranks=_local_ranks(r.capacity, r.dp_rank, load.ranks if load else ()),
                     speed=view.relative_speed if view is not None else 1.0,
                     slots=view.slots if view is not None else None,
-                ))
+                ), self._ledger, read_at))
             return out
         return None
 
@@ -135,29 +192,13 @@ class LocalState:
         return self._keep().get(pool, {}).get(node, 0)
 
     def note_pick(self, address: str, rank: int | None = None) -> None:
-        _note(self._pending, address, rank)
+        self._ledger.pick(address, rank)
 
-    def note_served(self, picked: str, served: str) -> None:
-        self._pending.move(picked, served)
+    def note_served(self, picked: str, served: str, rank: int | None = None) -> None:
+        self._ledger.served(picked, served, rank)
 
     def note_done(self, address: str, rank: int | None = None) -> None:
-        _note(self._done, address, rank)
-
-
-def _note(events: PendingPicks, address: str, rank: int | None) -> None:
-    events.add(address)
-    if rank is not None:
-        events.add(_rank_key(address, rank))
-
-
-def _unread(key: str, picks: PendingPicks, done: PendingPicks, read_at: float) -> int:
-    """What the reading taken at `read_at` misses: picks sent since, less picked requests
-    ended since (negative when more ended than were sent)."""
-    return picks.since(key, read_at) - done.since(key, read_at)
-
-
-def _rank_key(address: str, rank: int) -> str:
-    return f"{address}#{rank}"
+        self._ledger.done(address, rank)
 
 
 def _local_ranks(capacity: int, dp_rank: int, engines: Iterable[RankLoad]) -> tuple[Rank, ...]:
@@ -177,11 +218,12 @@ def _local_ranks(capacity: int, dp_rank: int, engines: Iterable[RankLoad]) -> tu
     return tuple(sorted(out, key=lambda k: k.index)) if len(out) == capacity else ()
 
 
-def _with_pending(address: str, ranks: tuple[Rank, ...], pending: PendingPicks,
-                  done: PendingPicks, read_at: float) -> tuple[Rank, ...]:
-    return tuple(Rank(k.index, k.running, k.waiting,
-                      _unread(_rank_key(address, k.index), pending, done, read_at))
-                 for k in ranks)
+def _with_pending(c: Candidate, ledger: PickLedger, read_at: float) -> Candidate:
+    """The candidate, and its ranks, with what its reading taken at `read_at` misses."""
+    return dataclasses.replace(
+        c, pending=ledger.unread(c.address, read_at, c.running + c.waiting),
+        ranks=tuple(dataclasses.replace(k, pending=ledger.unread(
+            _rank_key(c.address, k.index), read_at, k.running + k.waiting)) for k in c.ranks))
 
 
 class RemoteState:
@@ -203,8 +245,7 @@ class RemoteState:
         self._keep: dict[str, dict[str, int]] = {}
         self._skew = 0.0
         self._pools: dict[str, list[tuple[Candidate, float]]] = {}
-        self._pending = PendingPicks()
-        self._done = PendingPicks()
+        self._ledger = PickLedger()
         self._failing = False
         self._read_at = 0.0
         self._etag = ""
@@ -260,13 +301,7 @@ class RemoteState:
                 log.warning("pool %.100r from %s does not parse (%s); no picks for it",
                             pool, self._url, str(exc)[:200])
                 members = self._pools[pool] = []
-        return [
-            dataclasses.replace(
-                c, pending=_unread(c.address, self._pending, self._done, read_at),
-                ranks=_with_pending(c.address, c.ranks, self._pending, self._done, read_at)
-                if c.ranks else ())
-            for c, read_at in members
-        ]
+        return [_with_pending(c, self._ledger, read_at) for c, read_at in members]
 
     def default_pool(self) -> str:
         return next(iter(self._rows), "")
@@ -292,13 +327,13 @@ class RemoteState:
         }
 
     def note_pick(self, address: str, rank: int | None = None) -> None:
-        _note(self._pending, address, rank)
+        self._ledger.pick(address, rank)
 
-    def note_served(self, picked: str, served: str) -> None:
-        self._pending.move(picked, served)
+    def note_served(self, picked: str, served: str, rank: int | None = None) -> None:
+        self._ledger.served(picked, served, rank)
 
     def note_done(self, address: str, rank: int | None = None) -> None:
-        _note(self._done, address, rank)
+        self._ledger.done(address, rank)
 
 
 def _keep_shares(doc: object) -> dict[str, int]:
