@@ -25,6 +25,7 @@ from xds_server.bench.routing_report import summarize
 from xds_server.bench.routing_stats import (
     cross_node,
     cv,
+    full_rank_share,
     is_noise,
     latency,
     mean_cv,
@@ -138,6 +139,25 @@ def test_cross_node_counts_requests_and_bytes_served_off_their_entry_node() -> N
         r.bytes = size
     assert cross_node(results, origins, replica_nodes) == {
         "cross_node_requests": 2, "cross_node_bytes": 600}
+
+
+def sent(replica: str, rank: int, at: float, e2e: float, status: int = 200) -> Result:
+    r = result("node-a", replica, e2e=e2e, status=status)
+    r.sent_s, r.rank = at, rank
+    return r
+
+
+def test_full_rank_share_counts_requests_that_found_every_slot_of_their_rank_busy() -> None:
+    # Rank r1#0 with room 2: the third request arrives while both earlier ones run, the
+    # fourth after one of them ended. The same times on another rank or replica do not add.
+    results = [sent("r1", 0, 0.0, 5.0), sent("r1", 0, 1.0, 1.5), sent("r1", 0, 2.0, 1.0),
+               sent("r1", 0, 3.0, 1.0), sent("r1", 1, 2.0, 1.0), sent("r2", 0, 2.0, 1.0)]
+    assert full_rank_share(results, room=2) == pytest.approx(1 / 6)
+    assert full_rank_share(results, room=1) == pytest.approx(3 / 6)
+    # A failed request is neither counted nor occupies a slot; no served rank: NaN.
+    assert full_rank_share([*results, sent("r1", 0, 2.5, 9.0, status=503)],
+                           room=2) == pytest.approx(1 / 6)
+    assert math.isnan(full_rank_share([result("node-a", "r1")], room=2))
 
 
 def test_picked_share_is_of_served_requests_the_picker_chose() -> None:

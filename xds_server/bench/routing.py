@@ -38,6 +38,7 @@ from xds_server.bench.report import progress
 from xds_server.bench.routing_report import write_outputs
 from xds_server.bench.routing_stats import (
     cross_node,
+    full_rank_share,
     latency,
     mean_cv,
     on_node_share,
@@ -497,6 +498,7 @@ class Bench:
             "on_node_share": on_node_share(replayer.results, ENVOYS, self.fleet.replica_nodes),
             "served_by_node": _served_by_node(replayer, self.fleet.replica_nodes),
             "picked_share": picked_share(replayer.results),
+            "full_rank_share": full_rank_share(replayer.results, plan.max_num_seqs),
             **cross_node(replayer.results, ORIGINS, self.fleet.replica_nodes),
             "client_cpu_s": cpu,
             # Where the machine's time went: a policy that costs CPU slows everything here.

@@ -17,7 +17,7 @@ from xds_server.bench.routing_stats import is_noise, ratios
 
 METRICS = ("ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "e2e_p50_s", "e2e_p90_s", "e2e_p99_s",
            "throughput_rps", "output_tokens_per_s", "failed", "imbalance_cv", "on_node_share",
-           "client_cpu_s", "cp_cpu_s", "cross_node_requests", "cross_node_bytes")
+           "full_rank_share", "client_cpu_s", "cp_cpu_s", "cross_node_requests", "cross_node_bytes")
 RATIOS = ("ttft_p50_s", "ttft_p99_s", "e2e_p99_s")
 BASELINE = "oracle"
 
@@ -75,7 +75,7 @@ def _cross(e: Mapping[str, Any]) -> str:
 
 def table(summary: Mapping[str, Any], point: str, order: Sequence[str]) -> str:
     header = ["policy", "TTFT p50", "TTFT p99", "e2e p99", "req/s", "failed", "queue CV",
-              "on-node", "cross-node req (MB)", "CP CPU s",
+              "to a full rank", "on-node", "cross-node req (MB)", "CP CPU s",
               "TTFT p50 / oracle", "TTFT p99 / oracle", "e2e p99 / oracle"]
     rows = []
     for policy in order:
@@ -87,7 +87,8 @@ def table(summary: Mapping[str, Any], point: str, order: Sequence[str]) -> str:
             report.with_spread(e["e2e_p99_s"]),
             report.with_spread(e["throughput_rps"], lambda v: f"{v:.1f}"),
             report.with_spread(e["failed"], lambda v: f"{v:.0f}"),
-            _share(e["imbalance_cv"]), _share(e["on_node_share"]), _cross(e),
+            _share(e["imbalance_cv"]), _share(e["full_rank_share"]), _share(e["on_node_share"]),
+            _cross(e),
             _share(e["cp_cpu_s"]),
             _ratio(e, "ttft_p50_s"), _ratio(e, "ttft_p99_s"), _ratio(e, "e2e_p99_s"),
         ])

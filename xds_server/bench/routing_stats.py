@@ -73,6 +73,24 @@ def picked_share(results: Iterable[Result]) -> float:
     return sum(r.picked for r in served) / len(served) if served else math.nan
 
 
+def full_rank_share(results: Iterable[Result], room: int) -> float:
+    """Share of served requests sent to a rank that already had `room` requests in flight,
+    by the client's own send-to-end times of the others on that rank: the requests that met
+    no free slot there, the queueing a router avoids while another rank has one. Only served
+    requests with a known rank count; NaN when there are none."""
+    spans: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    for r in results:
+        if r.ok and r.rank is not None and r.e2e_s is not None:
+            spans.setdefault((r.replica, r.rank), []).append((r.sent_s, r.sent_s + r.e2e_s))
+    full = total = 0
+    for rank in spans.values():
+        rank.sort()
+        for i, (sent, _end) in enumerate(rank):
+            total += 1
+            full += sum(1 for _s, end in rank[:i] if end > sent) >= room
+    return full / total if total else math.nan
+
+
 def cross_node(results: Iterable[Result], origins: Mapping[str, str],
                replica_nodes: Mapping[str, str]) -> dict[str, int]:
     """Served requests that crossed nodes (entry's node != replica's) and their bytes."""
