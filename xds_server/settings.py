@@ -287,10 +287,12 @@ class PickSettings:
                             "back to", flag="fallbacks")
     max_queue: int = option(0, "the picker answers 429 when every candidate has more waiting "
                             "requests than this (0: never)", flag="max-queue")
-    #: Off by default: a hybrid-mode server's own balancer (vLLM's, on counts up to 100 ms
-    #: old) places the request on a rank better than the picker's reckoning on readings up to
-    #: a second old (bench/README, issue 15's fourth run: p99 TTFT 2.19 s vs 2.81 s at 85%).
-    pin_rank: bool = option(False, "name the picked replica's least-loaded DP rank in "
+    #: On by default: with its own requests counted to the rank (extproc/state.py's
+    #: PickLedger), the picker knows a rank is full sooner than a hybrid-mode server's own
+    #: balancer, which scores ranks on counts up to 100 ms old and sent 4-17% of requests to
+    #: a full rank while the replica's other rank had a free slot (bench/README, issue 15's
+    #: sixth run). Ranks are named only where the replica's per-engine loads are read.
+    pin_rank: bool = option(True, "name the picked replica's least-loaded DP rank in "
                             "X-data-parallel-rank (false: the replica's own balancer "
                             "chooses)", flag="pin-rank")
 

@@ -10,7 +10,6 @@ import pytest
 
 from xds_server.extproc.pick import (
     Candidate,
-    KeepCredits,
     Unreadable,
     pick,
     queued,
@@ -279,23 +278,3 @@ def test_a_held_request_is_picked_on_its_node_and_its_fallbacks_from_the_pool() 
 def test_a_held_request_goes_to_the_pool_when_its_node_has_no_candidate() -> None:
     order = ranked([IDLE_B, IDLE], prefix_holders=(), settings=S, held_on="d")
     assert order == [IDLE, IDLE_B]
-
-
-def credits_held(keep: int, requests: int) -> list[bool]:
-    credits = KeepCredits()
-    return [credits.hold("m", "a", keep) for _ in range(requests)]
-
-
-def test_keep_credits_hold_exactly_the_keep_share_evenly() -> None:
-    assert credits_held(1000, 8) == [True] * 8
-    assert credits_held(0, 8) == [False] * 8
-    assert credits_held(250, 8) == [False, False, False, True] * 2
-    assert sum(credits_held(700, 1000)) == 700
-
-
-def test_keep_credits_count_each_pool_and_node_apart() -> None:
-    credits = KeepCredits()
-    held = [(credits.hold("m", "a", 500), credits.hold("m", "b", 500),
-             credits.hold("n", "a", 500)) for _ in range(2)]
-    assert held == [(False, False, False), (True, True, True)]
-    assert not any(credits.hold("m", "", 1000) for _ in range(3))  # no node: nothing held

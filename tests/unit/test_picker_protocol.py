@@ -231,10 +231,10 @@ def test_the_response_mode_asks_for_the_trailers_that_hold_the_stream_open() -> 
     assert mode.response_trailer_mode == processing_mode_pb2.ProcessingMode.SEND
 
 
-def test_rank_header_names_the_least_loaded_local_rank() -> None:
+def test_rank_header_names_the_least_loaded_local_rank_by_default() -> None:
     ranked = Candidate("10.0.0.1:8000", "n", 2, 5, 0, ranks=(Rank(0, 4, 0), Rank(1, 1, 0)))
     state = FakeState([ranked, Candidate("10.0.0.2:8000", "n", 1, 9, 0)])
-    out = run(picker(state, pin_rank=True), [headers(), body()])
+    out = run(picker(state), [headers(), body()])
     set_headers = {h.header.key: h.header.raw_value.decode()
                    for h in out[1].request_body.response.header_mutation.set_headers}
     assert set_headers["x-data-parallel-rank"] == "1"
@@ -243,10 +243,10 @@ def test_rank_header_names_the_least_loaded_local_rank() -> None:
     assert state.picks == [("10.0.0.1:8000", 1)]
 
 
-def test_by_default_no_rank_header_is_set() -> None:
+def test_with_the_rank_choice_off_no_rank_header_is_set() -> None:
     ranked = Candidate("10.0.0.1:8000", "n", 2, 5, 0, ranks=(Rank(0, 4, 0), Rank(1, 1, 0)))
     state = FakeState([ranked, Candidate("10.0.0.2:8000", "n", 1, 9, 0)])
-    out = run(picker(state), [headers(), body()])
+    out = run(picker(state, pin_rank=False), [headers(), body()])
     set_headers = {h.header.key: h.header.raw_value.decode()
                    for h in out[1].request_body.response.header_mutation.set_headers}
     assert "x-data-parallel-rank" not in set_headers
@@ -348,10 +348,12 @@ def test_a_keep_share_of_0_picks_from_the_pool_even_past_a_local_free_slot() -> 
     assert picks_from("n2", state, 4) == [A.address] * 4
 
 
-def test_a_keep_share_of_250_holds_exactly_one_request_in_four() -> None:
+def test_any_keep_share_above_0_holds_every_request_while_the_node_has_room() -> None:
+    """The fraction is for Envoy's route split: the picker sees when the node is full."""
     state = FakeState([A, B, ROOMY], keep={"n3": 250})
-    assert picks_from("n3", state, 8) == [A.address] * 3 + [ROOMY.address] + (
-        [A.address] * 3 + [ROOMY.address])
+    assert picks_from("n3", state, 8) == [ROOMY.address] * 8
+    state = FakeState([A, B, QUEUED], keep={"n3": 250})
+    assert picks_from("n3", state, 4) == [A.address] * 4
 
 
 def test_a_held_request_goes_to_the_pool_when_its_node_has_no_candidate() -> None:

@@ -145,8 +145,9 @@ def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
                                  "--extproc-port", "EXTPROC_PORT"),
                "the default deployment (deploy/, the demo): `hybrid` with the ext_proc "
                "endpoint picker hosted by the control plane: each request to the replica "
-               "with the shortest expected wait, held on the asking Envoy's node as the keep "
-               "shares say"),
+               "with the shortest expected wait and its least-loaded rank, counting the "
+               "picker's own requests not yet ended; held on the asking Envoy's node while "
+               "that node's pick queues no longer than the pool's"),
         Policy("hybrid-picker-global", ("--metrics", "scrape", "--local-first", "false",
                                         "--extproc-port", "EXTPROC_PORT"),
                "the default's weights with the ext_proc picker and local-first off: each "

@@ -22,13 +22,14 @@ its own requests there that the reading does not show (extproc/state.py's `PickL
 score wins; ties go to the lexically first address, so that two pickers with the same state
 agree.
 
-Locality is the control plane's keep shares, not a score: of the requests from an Envoy on
-node N, keep[N] per mille are held: picked among N's candidates only (`KeepCredits`; all
-candidates when N has none), the rest among all of them, as Envoy's own route splits them
-when no picker runs. A held request still leaves its node when its node's pick would queue
-longer than the pool's (`queue_wait`: the picker sees each request, so keeping one local
-never costs it a wait; a keep share is the most a node keeps). With `--local-first false`
-every keep share is 0: no request is held on its node.
+Locality is a rule, not a score: a request from an Envoy on node N is held on N (picked
+among N's candidates only; all candidates when N has none) while N's pick queues no longer
+than the pool's (`queue_wait`): the picker sees each request, so keeping one local costs it
+no wait, and a node spills exactly when and as much as its replicas are full. The keep share
+says only whether N holds at all (above 0); its fraction is for Envoy's own route split when
+no picker runs, which cannot see when a node is full (a fraction applied here sent requests
+off a node with free slots). With `--local-first false` every keep share is 0: nothing is
+held on its node.
 """
 
 from __future__ import annotations
@@ -39,7 +40,6 @@ from collections.abc import Collection
 from dataclasses import dataclass
 
 from xds_server.policy.load import expected_wait, per_slot, queue_wait, slots_now
-from xds_server.policy.views import PER_MILLE
 from xds_server.settings import PickSettings
 
 
@@ -151,26 +151,6 @@ def _per_rank(c: Candidate) -> float:
     return per_slot(c.running, c.waiting, c.capacity, 1.0, c.pending)
 
 
-class KeepCredits:
-    """Which requests from an Envoy's node are held on that node: exactly `keep` per mille
-    of them, evenly spread and without randomness. Each request adds `keep` to its (pool,
-    node) credit; one that brings it to 1000 is held and takes 1000 off."""
-
-    def __init__(self) -> None:
-        #: Only for shares strictly between 0 and 1000: bounded by the pools' nodes.
-        self._credit: dict[tuple[str, str], int] = {}
-
-    def hold(self, pool: str, node: str, keep: int) -> bool:
-        if not node or keep <= 0:
-            return False
-        if keep >= PER_MILLE:
-            return True
-        credit = self._credit.get((pool, node), 0) + keep
-        held = credit >= PER_MILLE
-        self._credit[pool, node] = credit - PER_MILLE if held else credit
-        return held
-
-
 def on_node(candidates: list[Candidate], node: str) -> list[Candidate]:
     """The candidates on `node`; all of them when none is there."""
     local = [c for c in candidates if c.node == node]
@@ -213,8 +193,9 @@ def ranked(
     held_on: str = "",
 ) -> list[Candidate]:
     """The pick first, then up to `settings.fallbacks` more, each the pick among the rest.
-    `held_on` names the node a held request is picked on (see `KeepCredits`); its fallbacks
-    come from the whole pool, for a retry to find a replica where the node has none left."""
+    `held_on` names the node a held request is picked on (see the module docstring); its
+    fallbacks come from the whole pool, for a retry to find a replica where the node has none
+    left."""
     left = list(candidates)
     out: list[Candidate] = []
     while left and len(out) <= settings.fallbacks:

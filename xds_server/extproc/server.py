@@ -42,7 +42,6 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from xds_server.extproc.pick import (
     Candidate,
-    KeepCredits,
     Unreadable,
     all_queued,
     in_subset,
@@ -146,7 +145,6 @@ class Picker:
         self._settings = settings
         self._model_header = model_header
         self._prefixes = PrefixHolders()
-        self._credits = KeepCredits()
         self._malformed_log = RareLog()
 
     async def Process(
@@ -318,7 +316,8 @@ class Picker:
             return None, _refuse(http_status_pb2.StatusCode.TooManyRequests,
                                  "every endpoint's queue is full"), None
         # After the 429 check: a full node is no reason to refuse while the pool has room.
-        held = self._credits.hold(pool, s.node, self._state.keep(pool, s.node))
+        # Held while the node's pick queues no longer than the pool's (pick.py's docstring).
+        held = self._state.keep(pool, s.node) > 0
         order = ranked(candidates, prefix_holders=self._prefixes.get(info.prefix),
                        settings=self._settings, held_on=s.node if held else "")
         if not order:

@@ -6,8 +6,8 @@ Both correct the latest load reading by what the picker itself saw (`PickLedger`
 picks sent there since the reading was taken (not yet counted) less its picked requests that
 ended there since (still counted), so that a reading a second old does not make every pick
 herd on the replica it shows emptiest; and at least its own requests there now. Both give the
-keep shares the control plane published (pick.KeepCredits holds that share of a node's
-requests on the node).
+keep shares the control plane published (a node with one above 0 holds its requests while it
+has room: pick.py).
 """
 
 from __future__ import annotations
