@@ -228,8 +228,9 @@ def running(*procs: Process) -> Iterator[None]:
     started: list[Process] = []
     try:
         for p in procs:
-            p.start()
+            # Before start returns: one that was spawned but never got ready is stopped too.
             started.append(p)
+            p.start()
         yield
     finally:
         for p in reversed(started):
