@@ -130,11 +130,10 @@ def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
         Policy("hybrid", ("--metrics", "scrape", "--local-first", "true"),
                "serve's defaults, no picker: Envoy's least-request over weights that carry "
                "only lasting differences (capacity times measured decode speed; 1 s "
-               "scrape); keep shares "
-               "and locality weights planned from the Envoys' load reports (each node its "
-               "effective capacity's part of the traffic, a hot entry's excess spilled to "
-               "the nodes short of theirs); --max-num-seqs left at its default (256): the "
-               "room is read from vLLM"),
+               "scrape); keep shares and locality weights planned from the Envoys' load "
+               "reports (each node its effective capacity's part of the traffic, a hot "
+               "entry's excess spilled to the nodes short of theirs); --max-num-seqs left "
+               "at its default (256): the room is read from vLLM"),
         Policy("hybrid-rr", ("--metrics", "scrape", "--local-first", "true",
                              "--lb-policy", "round_robin"),
                "the default's weights, keep shares and locality weights with Envoy's "
