@@ -72,6 +72,34 @@ def test_room_is_learnt_from_the_first_full_reading_and_rises_to_what_a_rank_run
     assert learn_slots(4.0, ranks, 2) == 6.0  # the busiest rank, not the mean
 
 
+def test_a_first_full_reading_starts_the_room_at_no_less_than_the_pools() -> None:
+    # Load ramps up: a rank's first wait (2 running, 1 waiting) lags beside 2 free slots.
+    assert learn_slots(None, load(4, waiting=1), 2, pool_floor=4.0) == 4.0
+    assert learn_slots(None, load(12, waiting=1), 2, pool_floor=4.0) == 6.0  # its own is more
+    assert learn_slots(None, load(3), 2, pool_floor=4.0) is None  # not full: still unknown
+    # Once learnt, the replica's own readings move it as before: the KV cache's limit of 3.
+    room = learn_slots(None, load(6, waiting=2), 2, pool_floor=4.0)
+    for _ in range(100):
+        room = learn_slots(room, load(6, waiting=2), 2, pool_floor=4.0)
+    assert room == pytest.approx(3.0, abs=0.05)
+
+
+def test_the_policy_starts_a_replica_room_at_what_the_pools_busiest_rank_runs() -> None:
+    a = Replica("10.0.0.1", 8000, "node-a", capacity=2)
+    b = Replica("10.0.0.2", 8000, "node-b", capacity=2)
+    pool = Pool("p", (a, b))
+    lagging = Load(running=3, waiting=1, read_at=0.0,
+                   ranks=(RankLoad("0", 2, 1), RankLoad("1", 1, 0)))
+    busy = Load(running=6, waiting=0, read_at=0.0,
+                ranks=(RankLoad("0", 4, 0), RankLoad("1", 2, 0)))
+    first = decide(pool, {a.address: lagging, b.address: busy}, Memory(), 0.0,
+                   PolicySettings())
+    # a's own busiest rank runs 2, but b's runs 4 of the same configuration.
+    assert first.memory.slots == {a.address: 4.0}
+    alone = decide(pool, {a.address: lagging}, Memory(), 0.0, PolicySettings())
+    assert alone.memory.slots == {a.address: 2.0}  # nothing else seen: its own floor
+
+
 def test_a_lagging_admission_barely_moves_the_room_and_a_lasting_limit_does() -> None:
     # A request that arrived during a step waits beside free slots: one rank runs 1, 1 waits.
     lag = Load(running=5, waiting=1, ranks=(RankLoad("0", 1, 1), RankLoad("1", 4, 0)))

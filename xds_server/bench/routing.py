@@ -152,7 +152,12 @@ def policies(prometheus_url: bool, seqs: int) -> dict[str, Policy]:
                "the default's weights with the ext_proc picker and local-first off: each "
                "request to the replica with the shortest expected wait in the whole pool"),
         Policy("hybrid-prometheus", (*prom, "--local-first", "true"),
-               "the default fed by Prometheus (5 s scrape)", needs_prometheus=True),
+               "`hybrid` fed by Prometheus (5 s scrape)", needs_prometheus=True),
+        Policy("hybrid-picker-prometheus", (*prom, "--local-first", "true",
+                                            "--extproc-port", "EXTPROC_PORT"),
+               "the default deployment with prometheus-url set: `hybrid-picker` with the "
+               "weights and the picker's readings from Prometheus (5 s scrape)",
+               needs_prometheus=True),
         Policy("hybrid-queue", ("--metrics", "scrape", "--local-first", "true", *room,
                                 "--load-model", "queue"),
                "the previous default: weights from each reading's free room (1 s scrape), "

@@ -23,7 +23,9 @@ once. A rank with requests waiting suggests it is full, but a request that arriv
 scheduler step waits for the next one beside free slots: such a reading only pulls the room
 down a little at a time (`_SHRINK`), so that a room the KV cache lowers for good is learnt
 over tens of readings while an admission that lags now and then is not (it made replicas
-read 4x as full as they were). A configured `--max-num-seqs` only stands in until a pool has
+read 4x as full as they were). A replica's first full reading starts its room at no less
+than the most any rank of the pool runs or was learnt to hold, for the same reason: while
+load ramps up, a rank's first wait is mostly such a lag. A configured `--max-num-seqs` only stands in until a pool has
 been seen full once.
 
 A replica's lasting speed is its decode speed, output tokens per second per running request
@@ -113,15 +115,22 @@ def busiest_rank(load: Load, capacity: int) -> float:
     return load.running / max(1, capacity)
 
 
-def learn_slots(previous: float | None, load: Load | None, capacity: int) -> float | None:
+def learn_slots(previous: float | None, load: Load | None, capacity: int,
+                pool_floor: float = 0.0) -> float | None:
     """A replica's room per rank: None until a reading shows it full; then at least what its
-    busiest rank runs, and drawn slowly towards a full reading that runs less."""
+    busiest rank runs, and drawn slowly towards a full reading that runs less.
+
+    The first full reading starts the room at no less than `pool_floor`, the most a rank of
+    the pool runs or was learnt to hold (replicas of a pool run one configuration): while
+    load ramps up, that reading is most often an admission lagging beside free slots, and a
+    room started there reads the replica full at half its load until a rank of its own runs
+    more. A room the KV cache really lowers is still learnt, slowly, from there."""
     if load is None:
         return previous
     seen = observed_slots(load, capacity)
     floor = busiest_rank(load, capacity)  # never below `seen`: the busiest of the full ranks
     if previous is None:
-        return None if seen is None else floor
+        return None if seen is None else max(floor, pool_floor)
     if floor > previous:
         return floor
     if seen is not None and seen < previous:

@@ -44,7 +44,14 @@ from typing import Literal
 
 from xds_server.model import Load, Pool, Replica, ReplicaState, Weights
 from xds_server.options import option
-from xds_server.policy.load import learn_slots, mean_wait, per_slot, pool_slots, relative_speeds
+from xds_server.policy.load import (
+    busiest_rank,
+    learn_slots,
+    mean_wait,
+    per_slot,
+    pool_slots,
+    relative_speeds,
+)
 from xds_server.policy.spill import plan_spill
 
 #: Weight of one idle rank. Envoy needs integers >= 1 and a locality sum below 2**32.
@@ -380,10 +387,13 @@ def decide_persistent(
     ready = [r for r in pool.replicas if r.state is ReplicaState.READY]
     dt = None if memory.at is None else max(0.0, now - memory.at)
     fresh = {r.address: freshness(loads.get(r.address), now, settings) for r in ready}
+    read = {r.address: load for r in ready
+            if fresh[r.address] > 0 and (load := loads.get(r.address)) is not None}
+    floor = max([busiest_rank(read[r.address], r.capacity) for r in ready if r.address in read]
+                + list(memory.slots.values()), default=0.0)
     learned = {
-        r.address: learn_slots(memory.slots.get(r.address),
-                               loads.get(r.address) if fresh[r.address] > 0 else None,
-                               r.capacity)
+        r.address: learn_slots(memory.slots.get(r.address), read.get(r.address), r.capacity,
+                               pool_floor=floor)
         for r in ready
     }
     slots = pool_slots(learned, (r.address for r in ready), settings.max_num_seqs)
