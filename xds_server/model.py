@@ -42,6 +42,10 @@ class Replica:
     #: First global DP rank it fronts (vLLM's `engine` label): --data-parallel-start-rank in
     #: hybrid mode, --data-parallel-rank in external-LB mode.
     dp_rank: int = 0
+    #: Requests one rank runs at once by the server's own `--max-num-seqs` (its pod's args or
+    #: metadata, the pools file); None where nothing says it: the room is then learnt from
+    #: what vLLM reports (policy/load.py).
+    max_num_seqs: int | None = None
 
     @functools.cached_property
     def address(self) -> str:

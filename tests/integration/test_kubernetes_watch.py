@@ -318,7 +318,8 @@ async def test_unannotated_vllm_pods_and_several_pools(
     kube.create(
         make_pod("qwen-0", namespace="ml", ip="10.0.0.1", labels={"app": "qwen"},
                  command=["vllm", "serve", "Qwen/Qwen3-0.6B", "--port=8100", "-dp", "4",
-                          "-dpl", "2", "-dpr", "2", "--data-parallel-hybrid-lb"]),
+                          "-dpl", "2", "-dpr", "2", "--data-parallel-hybrid-lb",
+                          "--max-num-seqs", "64"]),
         make_pod("llama-0", namespace="team", ip="10.0.0.2", labels={"app": "llama"},
                  args=["vllm", "serve", "/models/llama", "--served-model-name", "llama"],
                  ports=[{"name": "http", "containerPort": 8200}]),
@@ -333,8 +334,10 @@ async def test_unannotated_vllm_pods_and_several_pools(
         by_name = {p.name: p for p in d.state.pools}
         assert sorted(by_name) == ["Qwen/Qwen3-0.6B", "llama", "mistral"]
         (qwen,) = by_name["Qwen/Qwen3-0.6B"].replicas
-        assert (qwen.address, qwen.capacity, qwen.dp_rank) == ("10.0.0.1:8100", 2, 2)
-        assert [r.address for r in by_name["llama"].replicas] == ["10.0.0.2:8200"]
+        assert (qwen.address, qwen.capacity, qwen.dp_rank, qwen.max_num_seqs) == (
+            "10.0.0.1:8100", 2, 2, 64)
+        (llama,) = by_name["llama"].replicas
+        assert (llama.address, llama.max_num_seqs) == ("10.0.0.2:8200", None)
         assert by_name["mistral"].replicas == ()
         # Watches reconnect (server-side timeouts, a list between two watches): wait for all.
         await until(lambda: {w.namespace for w in kube.watches()} == {"ml", "team", ""},

@@ -100,6 +100,30 @@ def test_the_policy_starts_a_replica_room_at_what_the_pools_busiest_rank_runs() 
     assert alone.memory.slots == {a.address: 2.0}  # nothing else seen: its own floor
 
 
+def test_a_room_the_server_states_holds_from_the_start_and_the_kv_cache_still_lowers_it(
+) -> None:
+    assert learn_slots(None, None, 2, told=8) == 8.0  # before any reading
+    assert learn_slots(None, load(3), 2, told=8) == 8.0  # never full: still what it says
+    room = learn_slots(None, load(12, waiting=2), 2, told=8)  # a rank runs 6 of 8, 2 wait
+    assert 7.8 < room < 8.0  # once could be an admission lagging: barely moves
+    for _ in range(100):
+        room = learn_slots(room, load(12, waiting=2), 2, told=8)
+    assert room == pytest.approx(6.0, abs=0.05)
+
+
+def test_the_policy_reads_a_replica_against_the_room_its_server_states() -> None:
+    told = Replica("10.0.0.1", 8000, "node-a", capacity=2, max_num_seqs=8)
+    other = Replica("10.0.0.2", 8000, "node-b", capacity=2)
+    pool = Pool("p", (told, other))
+    readings = {told.address: load(8), other.address: load(8)}  # 4 a rank, nobody waits
+    decision = decide(pool, readings, Memory(), 0.0, PolicySettings())
+    assert decision.memory.slots == {told.address: 8.0}
+    assert decision.explain[told.address].slots == 8.0
+    # The other replica's server says nothing: the pool's room stands in for it.
+    assert decision.explain[other.address].slots == 8.0
+    assert decision.explain[told.address].utilization == pytest.approx(0.5)
+
+
 def test_a_lagging_admission_barely_moves_the_room_and_a_lasting_limit_does() -> None:
     # A request that arrived during a step waits beside free slots: one rank runs 1, 1 waits.
     lag = Load(running=5, waiting=1, ranks=(RankLoad("0", 1, 1), RankLoad("1", 4, 0)))

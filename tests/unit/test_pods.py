@@ -87,6 +87,8 @@ def test_unannotated_hybrid_vllm_pod_just_works() -> None:
          VllmArgs(model="m", dp_rank="3", port="2")),  # argparse: the last one wins
         (["vllm", "serve", "m", "--port"], VllmArgs(model="m", port="")),
         (["vllm", "serve", "--enforce-eager", "--model", "m"], VllmArgs(model="m")),
+        (["vllm", "serve", "m", "--max-num-seqs", "64"], VllmArgs(model="m", max_num_seqs="64")),
+        (["vllm", "serve", "m", "--max_num_seqs=32"], VllmArgs(model="m", max_num_seqs="32")),
     ],
 )
 def test_vllm_arguments_in_both_spellings(argv: list[str], expected: VllmArgs) -> None:
@@ -146,6 +148,16 @@ def test_capacity_and_rank_follow_the_dp_mode() -> None:
                                           "hybridlb.io/dp-rank": "6"}) == (2, 6)
 
 
+def test_room_per_rank_from_metadata_else_the_servers_args_else_unknown() -> None:
+    def seqs(args: list[str], annotations: dict[str, str] | None = None) -> int | None:
+        return replica(pod_to_replica(pod(args=["vllm", "serve", "m", *args], annotations={
+            "hybridlb.io/pool": "q", **(annotations or {})}))).max_num_seqs
+
+    assert seqs([]) is None  # vLLM's default depends on its version and GPU: learnt instead
+    assert seqs(["--max-num-seqs", "48"]) == 48
+    assert seqs(["--max-num-seqs", "48"], {"hybridlb.io/max-num-seqs": "16"}) == 16
+
+
 def test_metrics_zone_from_annotations() -> None:
     r = replica(pod_to_replica(pod(annotations={
         "hybridlb.io/pool": "q", "hybridlb.io/metrics-port": "9100",
@@ -164,13 +176,15 @@ def test_metrics_zone_from_annotations() -> None:
         ("metrics-port", "x", "metrics_port", 0),
         ("metrics-path", "metrics", "metrics_path", "/metrics"),
         ("zone", "a zone", "zone", ""),
+        ("max-num-seqs", "0", "max_num_seqs", 12),  # falls back to --max-num-seqs
+        ("max-num-seqs", "lots", "max_num_seqs", 12),
     ],
 )
 def test_bad_value_is_reported_and_the_next_source_wins(
     key: str, value: str, field: str, fallback: Any
 ) -> None:
     p = pod(annotations={"hybridlb.io/pool": "q", f"hybridlb.io/{key}": value},
-            args=["vllm", "serve", "m", "--port", "8100", "-dpl", "2"])
+            args=["vllm", "serve", "m", "--port", "8100", "-dpl", "2", "--max-num-seqs", "12"])
     result = pod_to_replica(p)
     assert getattr(replica(result), field) == fallback
     assert [problem.key for problem in result.problems] == [key]

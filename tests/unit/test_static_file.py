@@ -22,6 +22,7 @@ pools:
       - address: "[::1]:8002"
         node: node-b
         zone: z1
+        max_num_seqs: 64
   - name: Qwen/Qwen3-0.6B
     replicas: []
 """
@@ -32,7 +33,7 @@ def test_documented_format_parses() -> None:
     assert qwen.name == "qwen3"
     assert qwen.replicas == (
         Replica(host="127.0.0.1", port=8001, node="node-a", capacity=2),
-        Replica(host="::1", port=8002, node="node-b", zone="z1"),
+        Replica(host="::1", port=8002, node="node-b", zone="z1", max_num_seqs=64),
     )
     assert qwen.replicas[1].address == "[::1]:8002"
     assert qwen.nodes == ("node-a", "node-b")
@@ -55,6 +56,8 @@ def test_documented_format_parses() -> None:
          "capacity"),
         ("pools:\n  - {name: a, replicas: [{address: '1.2.3.4:1', node: n, capacity: two}]}",
          "capacity"),
+        ("pools:\n  - {name: a, replicas: [{address: '1.2.3.4:1', node: n, max_num_seqs: 0}]}",
+         "max_num_seqs: 0 is not an integer"),
         ("pools:\n  - name: a\n    replicas:\n      - {address: '1.2.3.4:1', node: n}\n"
          "      - {address: '1.2.3.4:1', node: m}", "1.2.3.4:1 appears twice"),
     ],

@@ -25,8 +25,10 @@ down a little at a time (`_SHRINK`), so that a room the KV cache lowers for good
 over tens of readings while an admission that lags now and then is not (it made replicas
 read 4x as full as they were). A replica's first full reading starts its room at no less
 than the most any rank of the pool runs or was learnt to hold, for the same reason: while
-load ramps up, a rank's first wait is mostly such a lag. A configured `--max-num-seqs` only stands in until a pool has
-been seen full once.
+load ramps up, a rank's first wait is mostly such a lag. A server's own `--max-num-seqs`,
+where its pod's args or the pools file say it, is its room from the first reading (and
+lowered the same slow way). The control plane's `--max-num-seqs` only stands in until a
+pool has been seen full once.
 
 A replica's lasting speed is its decode speed, output tokens per second per running request
 (read by the sources from vLLM's token counter); `relative_speeds` compares it with the
@@ -116,7 +118,7 @@ def busiest_rank(load: Load, capacity: int) -> float:
 
 
 def learn_slots(previous: float | None, load: Load | None, capacity: int,
-                pool_floor: float = 0.0) -> float | None:
+                pool_floor: float = 0.0, told: int | None = None) -> float | None:
     """A replica's room per rank: None until a reading shows it full; then at least what its
     busiest rank runs, and drawn slowly towards a full reading that runs less.
 
@@ -124,7 +126,12 @@ def learn_slots(previous: float | None, load: Load | None, capacity: int,
     the pool runs or was learnt to hold (replicas of a pool run one configuration): while
     load ramps up, that reading is most often an admission lagging beside free slots, and a
     room started there reads the replica full at half its load until a rank of its own runs
-    more. A room the KV cache really lowers is still learnt, slowly, from there."""
+    more. A room the KV cache really lowers is still learnt, slowly, from there.
+
+    `told`, the server's own `--max-num-seqs` where its pod or the pools file says it, is the
+    room from the start, lowered the same way where the KV cache holds fewer."""
+    if previous is None and told is not None:
+        previous = float(told)
     if load is None:
         return previous
     seen = observed_slots(load, capacity)

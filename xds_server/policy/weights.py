@@ -393,7 +393,7 @@ def decide_persistent(
                 + list(memory.slots.values()), default=0.0)
     learned = {
         r.address: learn_slots(memory.slots.get(r.address), read.get(r.address), r.capacity,
-                               pool_floor=floor)
+                               pool_floor=floor, told=r.max_num_seqs)
         for r in ready
     }
     slots = pool_slots(learned, (r.address for r in ready), settings.max_num_seqs)

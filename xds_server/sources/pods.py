@@ -40,7 +40,10 @@ _ALIASES = {
 _VALUE_FLAGS = frozenset({
     "--port", "--model", "--served-model-name", "--data-parallel-size",
     "--data-parallel-size-local", "--data-parallel-rank", "--data-parallel-start-rank",
+    "--max-num-seqs",
 })
+#: The most sequences a rank is believed to run at once; vLLM sets no bound.
+MAX_NUM_SEQS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class VllmArgs:
     dp_size_local: str | None = None
     dp_rank: str | None = None
     dp_start_rank: str | None = None
+    max_num_seqs: str | None = None
 
 
 def parse_vllm_args(tokens: Sequence[str]) -> VllmArgs:
@@ -109,6 +113,7 @@ def parse_vllm_args(tokens: Sequence[str]) -> VllmArgs:
         dp_size_local=found.get("--data-parallel-size-local"),
         dp_rank=found.get("--data-parallel-rank"),
         dp_start_rank=found.get("--data-parallel-start-rank"),
+        max_num_seqs=found.get("--max-num-seqs"),
     )
 
 
@@ -182,6 +187,8 @@ def pod_to_replica(pod: Mapping[str, Any], *, default_pool: str = "") -> PodRepl
          ("--data-parallel-rank", args.dp_rank), ("default", "0")],
         _rank,
     )
+    max_num_seqs = reader.pick("max-num-seqs", [("--max-num-seqs", args.max_num_seqs)],
+                               _max_num_seqs)
     metrics_port = reader.pick("metrics-port", [("default", "0")], _metrics_port)
     metrics_path = reader.pick("metrics-path", [("default", "/metrics")], _metrics_path)
     zone = reader.pick("zone", [("default", "")], _zone)
@@ -206,6 +213,7 @@ def pod_to_replica(pod: Mapping[str, Any], *, default_pool: str = "") -> PodRepl
         metrics_port=metrics_port or 0,
         metrics_path=metrics_path or "/metrics",
         dp_rank=dp_rank,
+        max_num_seqs=max_num_seqs,
     )
     return PodReplica(pod=key, pool=pool, replica=replica,
                       problems=_one_per_key(reader.problems))
@@ -276,6 +284,10 @@ def _capacity(text: str) -> int:
 
 def _rank(text: str) -> int:
     return _int_in(text, 0, 1 << 20)
+
+
+def _max_num_seqs(text: str) -> int:
+    return _int_in(text, 1, MAX_NUM_SEQS)
 
 
 def _metrics_path(text: str) -> str:

@@ -9,6 +9,7 @@ The format (documented in the README):
             node: node-a
             capacity: 2      # DP ranks behind this endpoint; default 1
             zone: zone-1     # optional
+            max_num_seqs: 64 # optional: the server's --max-num-seqs (else learnt)
 
 A broken edit is logged and counted, and the last good pools stay in force. A change is
 judged only once two reads in a row agree, so a file caught half-written by an in-place edit
@@ -37,7 +38,7 @@ log = logging.getLogger(__name__)
 SOURCE = "static"
 _NODE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _POOL_KEYS = {"name", "replicas"}
-_REPLICA_KEYS = {"address", "node", "capacity", "zone", "dp_rank"}
+_REPLICA_KEYS = {"address", "node", "capacity", "zone", "dp_rank", "max_num_seqs"}
 
 
 class PoolFileError(ValueError):
@@ -115,8 +116,11 @@ def _parse_replica(raw: Any, where: str, origin: str) -> Replica:
     dp_rank = raw.get("dp_rank", 0)
     if not isinstance(dp_rank, int) or isinstance(dp_rank, bool) or dp_rank < 0:
         raise PoolFileError(f"{where}.dp_rank: {dp_rank!r} is not an integer >= 0")
+    seqs = raw.get("max_num_seqs")
+    if seqs is not None and (not isinstance(seqs, int) or isinstance(seqs, bool) or seqs < 1):
+        raise PoolFileError(f"{where}.max_num_seqs: {seqs!r} is not an integer >= 1")
     return Replica(host=host, port=port, node=node, capacity=capacity, zone=zone, origin=origin,
-                   dp_rank=dp_rank)
+                   dp_rank=dp_rank, max_num_seqs=seqs)
 
 
 class StaticFileSource:
