@@ -42,11 +42,16 @@ def _hub() -> State:
     return state
 
 
+def frozen_clock() -> float:
+    """The feed's clock for tests that read each change at once: no rate limit, and a render
+    takes no time, so its cost (real time on a loaded machine) never holds the next one."""
+    return 0.0
+
+
 @pytest.fixture
 async def served() -> AsyncIterator[tuple[State, admin.PickerFeed, TestClient]]:
     state = _hub()
-    # No rendering rate limit: each change is rendered at the next read.
-    feed = admin.PickerFeed(state, min_interval_s=0)
+    feed = admin.PickerFeed(state, min_interval_s=0, clock=frozen_clock)
     app = admin.build_app(metrics=Metrics(), ready=lambda: True, state=dict,
                           picker_feed=feed)
     async with TestClient(TestServer(app)) as client:
@@ -196,7 +201,7 @@ async def with_keep() -> AsyncIterator[KEEP]:
                               model="queue", max_num_seqs=10, smoothing_s=0, max_step_per_s=0,
                               deadband=0))
     publisher.publish_now()
-    feed = admin.PickerFeed(state, keep=publisher, min_interval_s=0)
+    feed = admin.PickerFeed(state, keep=publisher, min_interval_s=0, clock=frozen_clock)
     app = admin.build_app(metrics=Metrics(), ready=lambda: True, state=dict,
                           picker_feed=feed)
     async with TestClient(TestServer(app)) as client:
