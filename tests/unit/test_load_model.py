@@ -124,6 +124,22 @@ def test_the_policy_reads_a_replica_against_the_room_its_server_states() -> None
     assert decision.explain[told.address].utilization == pytest.approx(0.5)
 
 
+def test_a_reading_that_stays_the_latest_for_several_decisions_counts_once() -> None:
+    pool = Pool("p", (A1,))
+    settings = PolicySettings(stale_after_s=10)
+
+    def room(readings: list[Load]) -> float:
+        memory = Memory()
+        for t, reading in enumerate(readings):
+            memory = decide(pool, {A1.address: reading}, memory, float(t), settings).memory
+        return memory.slots[A1.address]
+
+    full, lagging = load(8, waiting=1, at=0.0), load(6, waiting=1, at=1.0)  # 4, then 3 a rank
+    # A Prometheus scrape every 5 s: the policy decides five times on each reading.
+    assert room([full, *[lagging] * 5]) == room([full, lagging])
+    assert room([full, *[lagging] * 5]) > room([full, lagging, load(6, waiting=1, at=2.0)])
+
+
 def test_a_lagging_admission_barely_moves_the_room_and_a_lasting_limit_does() -> None:
     # A request that arrived during a step waits beside free slots: one rank runs 1, 1 waits.
     lag = Load(running=5, waiting=1, ranks=(RankLoad("0", 1, 1), RankLoad("1", 4, 0)))

@@ -183,6 +183,9 @@ class Memory:
     #: rank, and each node's averaged load per slot.
     slots: Mapping[str, float] = field(default_factory=dict)
     balance: Mapping[str, float] = field(default_factory=dict)
+    #: persistent: when the last reading each room was learnt from was taken: a reading
+    #: counts once however many decisions it stays the latest for (a 5 s Prometheus scrape).
+    slots_at: Mapping[str, float] = field(default_factory=dict)
     #: persistent: each replica's log-weight against its node's other replicas, and each
     #: node's integral of its waits that is added to its kept share (to the planned share,
     #: which it may only lower, or to 1 where none is planned).
@@ -389,10 +392,12 @@ def decide_persistent(
     fresh = {r.address: freshness(loads.get(r.address), now, settings) for r in ready}
     read = {r.address: load for r in ready
             if fresh[r.address] > 0 and (load := loads.get(r.address)) is not None}
+    new = {a: load for a, load in read.items()
+           if load.read_at > memory.slots_at.get(a, -math.inf)}
     floor = max([busiest_rank(read[r.address], r.capacity) for r in ready if r.address in read]
                 + list(memory.slots.values()), default=0.0)
     learned = {
-        r.address: learn_slots(memory.slots.get(r.address), read.get(r.address), r.capacity,
+        r.address: learn_slots(memory.slots.get(r.address), new.get(r.address), r.capacity,
                                pool_floor=floor, told=r.max_num_seqs)
         for r in ready
     }
@@ -489,6 +494,8 @@ def decide_persistent(
         weights=_assemble(pool, endpoint_weights, node_share),
         memory=Memory(at=now, smoothed=smoothed, published=published,
                       slots={a: v for a, v in learned.items() if v is not None},
+                      slots_at={**{a: t for a, t in memory.slots_at.items() if a in learned},
+                                **{a: load.read_at for a, load in new.items()}},
                       balance=average, tilt=tilt, replica_load=replica_load, keep=trim,
                       locality=locality, ingress=entering,
                       speed=speed, speed_at=speed_at),
