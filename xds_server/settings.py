@@ -305,6 +305,12 @@ class ExtprocSettings:
                        "of its own, restarted if it dies (0: none)", flag="extproc-port")
     host: str = option("", "address the hosted picker binds (default: the host of "
                        "--extproc-address, else 127.0.0.1)", flag="extproc-host")
+    #: The child's counters (picks, fail-opens, requests it could not read) live in the
+    #: child: without this port nothing exports them.
+    admin_port: int = option(0, "serve the hosted picker's own /metrics, /healthz and "
+                             "/debug/state on this port of --extproc-host (0: none; its "
+                             "hybridlb_extproc_* metrics are then on serve's /metrics only "
+                             "with --extproc-in-process)", flag="extproc-admin-port")
     pick: PickSettings = group(PickSettings, prefix="extproc-")
     #: On the control plane's own event loop instead of a child process: picks then wait
     #: behind snapshot builds (and fail open during a large publish). For tests, tiny setups.

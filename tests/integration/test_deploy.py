@@ -120,10 +120,14 @@ class Stack:
                        extra=["--time-scale", "0.1", "--max-num-seqs", "2"])
         self.prometheus_port = free_ports(1)[0]
         url = f"http://127.0.0.1:{self.prometheus_port}"
+        # The picker as deploy/ runs it: a child process with its own admin port.
+        self.picker_admin_port, extproc_port = free_ports(2)
         self.cp = ControlPlane(workdir, self.sim.pools, listener_port=free_ports(1)[0],
                                extra=["--metrics", "auto", "--prometheus-url", url,
                                       "--prometheus-max-age-s", "5",
-                                      "--scrape-interval-s", "0.5"])
+                                      "--scrape-interval-s", "0.5",
+                                      "--extproc-port", str(extproc_port),
+                                      "--extproc-admin-port", str(self.picker_admin_port)])
         # A host name in a pool: accepted with a warning, rejected by Envoy's EDS.
         self.broken_pools = workdir / "broken.yaml"
         self.broken_pools.write_text(yaml.safe_dump({"pools": [
@@ -152,10 +156,13 @@ class Stack:
                                 ports={"http": address, "dp-rpc": "127.0.0.1:1"})
         pods += pod_targets(name="vllm-pending", template=vllm, node="node-b",
                             ports={"http": "127.0.0.1:2"}, phase="Pending")
-        for name, control_plane in (("hybridlb-0", self.cp), ("hybridlb-broken", self.broken)):
-            pods += pod_targets(name=name, template=cp, node="node-c", ports={
-                "grpc-xds": f"127.0.0.1:{control_plane.xds_port}",
-                "admin": f"127.0.0.1:{control_plane.admin_port}"})
+        pods += pod_targets(name="hybridlb-0", template=cp, node="node-c", ports={
+            "grpc-xds": f"127.0.0.1:{self.cp.xds_port}",
+            "admin": f"127.0.0.1:{self.cp.admin_port}",
+            "picker-admin": f"127.0.0.1:{self.picker_admin_port}"})
+        pods += pod_targets(name="hybridlb-broken", template=cp, node="node-c", ports={
+            "grpc-xds": f"127.0.0.1:{self.broken.xds_port}",
+            "admin": f"127.0.0.1:{self.broken.admin_port}"})
         for name, envoy, template, on in (("envoy-node-a", self.node_envoy, node, "node-a"),
                                           ("envoy-gateway", self.gateway, gateway, "node-c")):
             pods += pod_targets(name=name, template=template, node=on, ports={
@@ -238,7 +245,7 @@ def test_scrape_config_keeps_pod_ip_and_port_as_instance_and_adds_node_and_pool(
             jobs.setdefault(series["metric"]["job"], []).append(series["metric"])
         return jobs
 
-    wait_for(lambda: sum(map(len, up().values())) == 8, 20, "every target scraped")
+    wait_for(lambda: sum(map(len, up().values())) == 9, 20, "every target scraped")
     jobs = up()
     vllm = {s["instance"]: s for s in jobs["vllm"]}
     assert set(vllm) == set(stack.sim.addresses)  # no rpc port, no Pending pod
@@ -247,7 +254,8 @@ def test_scrape_config_keeps_pod_ip_and_port_as_instance_and_adds_node_and_pool(
         assert labels["pool"] == POOL
         assert labels["namespace"] == NAMESPACE and labels["pod"].startswith("vllm-")
     assert {s["instance"] for s in jobs["hybridlb-control-plane"]} == {
-        f"127.0.0.1:{stack.cp.admin_port}", f"127.0.0.1:{stack.broken.admin_port}"}
+        f"127.0.0.1:{stack.cp.admin_port}", f"127.0.0.1:{stack.picker_admin_port}",
+        f"127.0.0.1:{stack.broken.admin_port}"}
     assert all("node" not in s for s in jobs["hybridlb-control-plane"])
     assert {(s["pod"], s["node"], s["envoy"]) for s in jobs["hybridlb-envoy"]} == {
         ("envoy-node-a", "node-a", "node"), ("envoy-gateway", "node-c", "gateway")}

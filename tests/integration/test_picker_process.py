@@ -29,8 +29,10 @@ class Stack:
         pools = workdir / "pools.yaml"
         write_pools(pools, [(self.addresses[0], "node-a"), (self.addresses[1], "node-b")])
         self.upstreams = Upstreams(workdir, ports)
+        self.picker_admin = free_ports(1)[0]
         self.cp = ControlPlane(workdir, pools, listener_port=free_ports(1)[0], extra=[
             "--metrics", "none", "--extproc-port", str(free_ports(1)[0]),
+            "--extproc-admin-port", str(self.picker_admin),
             # Generous: a late pick fails open (correct, but not what is tested here).
             "--extproc-timeout-s", "2", "--local-first", "false"])
         self.envoy = Envoy(workdir, xds_port=self.cp.xds_port)
@@ -82,6 +84,27 @@ def test_picks_come_from_a_child_process(stack: Stack) -> None:
     assert pid != stack.cp.proc.pid
     assert _parent(pid) == stack.cp.proc.pid
     assert f"endpoint picker process {pid} started" in stack.cp.output()
+
+
+def _picked_total(metrics: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metrics.splitlines()
+               if line.startswith('hybridlb_extproc_requests_total{outcome="picked"}'))
+
+
+def test_the_child_exports_its_own_counters_on_its_admin_port(stack: Stack) -> None:
+    url = f"http://127.0.0.1:{stack.picker_admin}"
+    with httpx.Client(timeout=10) as client:
+        wait_for(lambda: client.get(url + "/readyz").status_code == 200, 30, "the picker ready")
+        before = _picked_total(client.get(url + "/metrics").text)
+        wait_for(lambda: stack.picked(client), 30, "a pick, obeyed")
+        for _ in range(5):
+            stack.pick(client)
+        after = _picked_total(client.get(url + "/metrics").text)
+        # The control plane's own /metrics has no picks: they happen in the child.
+        parent = client.get(f"http://127.0.0.1:{stack.cp.admin_port}/metrics").text
+    assert stack.failures == []
+    assert after >= before + 6
+    assert _picked_total(parent) == 0
 
 
 def test_without_local_first_a_node_envoys_picks_are_not_held_on_its_node(stack: Stack) -> None:

@@ -232,6 +232,8 @@ def test_probes_and_services_point_at_the_ports_serve_binds(tmp_path: Path) -> N
     assert port_named(container, "grpc-xds") == settings.xds.port
     # The picker runs by default, and Envoys reach it through its Service in this namespace.
     assert port_named(container, "grpc-extproc") == settings.extproc.port > 0
+    # Its counters are exported from the child it runs in, on a port of its own.
+    assert port_named(container, "picker-admin") == settings.extproc.admin_port > 0
     namespace = docs(DEPLOY / "base/kustomization.yaml")[0]["namespace"]
     assert settings.envoy.extproc_address == (
         f"hybridlb-extproc.{namespace}.svc.cluster.local:{settings.extproc.port}")
@@ -239,12 +241,12 @@ def test_probes_and_services_point_at_the_ports_serve_binds(tmp_path: Path) -> N
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
     assert deployment["spec"]["replicas"] == 2
     labels = deployment["spec"]["template"]["metadata"]["labels"]
-    for name, port in (("hybridlb-xds", settings.xds.port),
-                       ("hybridlb-admin", settings.admin.port),
-                       ("hybridlb-extproc", settings.extproc.port)):
+    for name, ports in (("hybridlb-xds", [settings.xds.port]),
+                        ("hybridlb-admin", [settings.admin.port, settings.extproc.admin_port]),
+                        ("hybridlb-extproc", [settings.extproc.port])):
         service = find("Service", name)
         assert service["spec"]["selector"].items() <= labels.items()
-        assert [p["port"] for p in service["spec"]["ports"]] == [port]
+        assert [p["port"] for p in service["spec"]["ports"]] == ports
     pdb = find("PodDisruptionBudget", "hybridlb")
     assert pdb["spec"]["selector"]["matchLabels"].items() <= labels.items()
     assert pdb["spec"]["minAvailable"] < deployment["spec"]["replicas"]
@@ -276,7 +278,7 @@ def test_network_policies_admit_only_envoys_to_ads_and_only_prometheus_to_metric
         (sources,) = _admitted(policies, port)
         assert len(sources) == 1 and set(sources[0]) == {"podSelector"}, sources
         assert sources[0]["podSelector"]["matchLabels"].items() <= envoy_labels.items()
-    assert _admitted(policies, "admin") == [[PROMETHEUS]]
+    assert _admitted(policies, "admin") == _admitted(policies, "picker-admin") == [[PROMETHEUS]]
     # Every port of the control plane is covered by some rule: none is open to all.
     for port in control_plane["spec"]["template"]["spec"]["containers"][0]["ports"]:
         assert _admitted(policies, port["name"]), port

@@ -116,6 +116,8 @@ def picker_args(settings: Settings, feed_url: str) -> list[str]:
         "--model-header", settings.envoy.model_header,
         "--parent-pid", str(os.getpid()),
     ]
+    if s.admin_port:
+        args += ["--admin-port", str(s.admin_port), "--admin-host", s.host]
     # Every pick setting, by the flag `hybridlb extproc` declares for it.
     for opt in _PICK_OPTIONS:
         (field,) = (path[-1] for path in opt.paths)

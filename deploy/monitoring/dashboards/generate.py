@@ -212,9 +212,11 @@ def fleet() -> dict[str, Any]:
 
 
 def control_plane() -> dict[str, Any]:
-    """The control plane's own health: streams, pushes, NACKs, snapshots, loads."""
+    """The control plane's own health: streams, pushes, NACKs, snapshots, loads, picks."""
     build = ("histogram_quantile({q}, "
              "sum by (le) (rate(hybridlb_snapshot_build_seconds_bucket[{r}])))")
+    decide = ("histogram_quantile({q}, "
+              "sum by (le) (rate(hybridlb_extproc_decision_seconds_bucket[{r}])))")
     rows = [
         Row("xDS", [
             Panel("Connected Envoys per control plane",
@@ -268,11 +270,24 @@ def control_plane() -> dict[str, Any]:
                   "Sum of the published endpoint weights on each node.",
                   [(f"sum by (node) ({WEIGHT_PER_ENDPOINT})", "{{node}}")], stack=True),
         ]),
+        Row("Endpoint picker", [
+            Panel("Picker requests by outcome",
+                  "What the ext_proc picker did with each request: picked, ended (a picked "
+                  "request's response closed), or why it passed one by to Envoy's weights "
+                  "(no pool, no candidate, a body it could not read, ...).",
+                  [(f"sum by (outcome) (rate(hybridlb_extproc_requests_total[{RATE}]))",
+                    "{{outcome}}")], unit="ops", stack=True),
+            Panel("Picker decision time (p50, p99)",
+                  "Reading a request's body and picking a replica; Envoy fails open to the "
+                  "weights past --extproc-timeout-s.",
+                  [(decide.format(q="0.5", r=RATE), "p50"),
+                   (decide.format(q="0.99", r=RATE), "p99")], unit="s"),
+        ]),
     ]
     return _dashboard(
         "hybridlb-control-plane", "vLLM Hybrid LB: control plane",
-        "Connected Envoys, xDS pushes and NACKs, snapshot builds and the freshness of the "
-        "loads behind the weights.",
+        "Connected Envoys, xDS pushes and NACKs, snapshot builds, the freshness of the "
+        "loads behind the weights, and the endpoint picker's outcomes and decision time.",
         rows,
     )
 
