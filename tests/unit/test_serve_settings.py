@@ -69,6 +69,8 @@ def test_servers_bind_loopback_unless_told_otherwise() -> None:
     (["--tls-node-san", "spiffe://td/ns/x"], "--tls-node-san"),
     (["--xds-max-streams", "0"], "at least 1"),
     (["--xds-max-streams-per-peer", "0"], "at least 1"),
+    (["--extproc-address", "picker"], "--extproc-address: address 'picker' is not HOST:PORT"),
+    (["--extproc-address", "picker:99999"], "--extproc-address: port 99999"),
 ])
 def test_guard_settings_that_cannot_work_end_serve_with_a_message(
     flags: list[str], message: str

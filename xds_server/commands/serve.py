@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 
 from xds_server import options
+from xds_server.addresses import parse_address
 from xds_server.settings import KubernetesPool, KubernetesSettings, Settings
 
 log = logging.getLogger(__name__)
@@ -63,10 +64,16 @@ def _derive(s: Settings, pools: tuple[KubernetesPool, ...]) -> Settings:
     """Values that follow from others: where the picker is, what is watched."""
     address = s.envoy.extproc_address or (
         f"127.0.0.1:{s.extproc.port}" if s.extproc.port else "")
+    host = ""
+    if address:
+        try:
+            host, _ = parse_address(address)
+        except ValueError as exc:
+            raise SystemExit(f"--extproc-address: {exc}") from exc
     return replace(
         s,
         envoy=replace(s.envoy, extproc_address=address),
-        extproc=replace(s.extproc, host=s.extproc.host or _host_of(address) or "127.0.0.1"),
+        extproc=replace(s.extproc, host=s.extproc.host or host or "127.0.0.1"),
         kubernetes=_kubernetes(s.kubernetes, pools),
     )
 
@@ -117,12 +124,6 @@ def _kubernetes(k: KubernetesSettings, pools: tuple[KubernetesPool, ...]) -> Kub
         raise SystemExit("--kubernetes needs --selector or --inference-pools (or "
                          "kubernetes_pools in --config)")
     return replace(k, pools=pools)
-
-
-def _host_of(address: str) -> str:
-    """The host of HOST:PORT (brackets of an IPv6 address dropped), or ""."""
-    host, _, _ = (address or "").rpartition(":")
-    return host.strip("[]")
 
 
 def run(args: argparse.Namespace) -> int:
