@@ -19,6 +19,13 @@ from xds_server.policy.views import HybridSettings
 from xds_server.policy.weights import PolicySettings
 
 
+def _check_ports(ports: dict[str, int]) -> None:
+    """Ports by flag: 0 (any free port, or off where the help says so) to 65535."""
+    for flag, port in ports.items():
+        if not 0 <= port <= 65535:
+            raise ValueError(f"{flag} {port} is not a port (0-65535)")
+
+
 @dataclass(frozen=True)
 class TlsSettings:
     """Files of a gRPC server's TLS; no `cert`: plaintext (the default). Reloaded on change."""
@@ -118,6 +125,7 @@ class XdsSettings:
     tls: TlsSettings = group(TlsSettings, prefix="tls-")
 
     def __post_init__(self) -> None:
+        _check_ports({"--xds-port": self.port})
         if min(self.max_streams, self.max_streams_per_peer, self.max_resource_names) < 1:
             raise ValueError("--xds-max-streams, --xds-max-streams-per-peer and "
                              "--xds-max-resource-names must be at least 1")
@@ -186,6 +194,7 @@ class EnvoySettings:
         flag="upstream-idle-timeout-s")
 
     def __post_init__(self) -> None:
+        _check_ports({"--listener-port": self.listener_port})
         if self.least_request_choices < 2:
             raise ValueError("--least-request-choices must be at least 2 (Envoy's minimum)")
 
@@ -197,6 +206,9 @@ class AdminSettings:
     host: str = option("127.0.0.1", "address the admin HTTP server binds", flag="admin-host")
     port: int = option(18080, "port of the admin server: /healthz /readyz /metrics "
                        "/debug/state /picker/state", flag="admin-port")
+
+    def __post_init__(self) -> None:
+        _check_ports({"--admin-port": self.port})
 
 
 @dataclass(frozen=True)
@@ -321,6 +333,9 @@ class ExtprocSettings:
     #: costs one empty reply per 10 s); the control plane renders it at most every 0.1 s.
     poll_interval_s: float = 0.1
 
+    def __post_init__(self) -> None:
+        _check_ports({"--extproc-port": self.port, "--extproc-admin-port": self.admin_port})
+
 
 LoadMode = Literal["auto", "prometheus", "scrape", "none"]
 
@@ -406,3 +421,6 @@ class PickerSettings:
     parent_pid: int = option(0, "exit when this process is gone (0: never)", flag="parent-pid")
     tls: TlsSettings = group(TlsSettings, prefix="tls-")
     pick: PickSettings = group(PickSettings)
+
+    def __post_init__(self) -> None:
+        _check_ports({"--port": self.port, "--admin-port": self.admin_port})

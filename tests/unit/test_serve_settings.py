@@ -71,6 +71,10 @@ def test_servers_bind_loopback_unless_told_otherwise() -> None:
     (["--xds-max-streams-per-peer", "0"], "at least 1"),
     (["--extproc-address", "picker"], "--extproc-address: address 'picker' is not HOST:PORT"),
     (["--extproc-address", "picker:99999"], "--extproc-address: port 99999"),
+    (["--xds-port", "-1"], "--xds-port -1 is not a port"),
+    (["--admin-port", "65536"], "--admin-port 65536 is not a port"),
+    (["--listener-port", "70000"], "--listener-port 70000 is not a port"),
+    (["--extproc-port", "9002", "--extproc-admin-port", "-1"], "--extproc-admin-port -1 is not"),
 ])
 def test_guard_settings_that_cannot_work_end_serve_with_a_message(
     flags: list[str], message: str
@@ -103,3 +107,12 @@ def test_the_hosted_picker_binds_where_its_pushed_address_says(
     argv: list[str], host: str
 ) -> None:
     assert settings("--static", "pools.yaml", *argv).extproc.host == host
+
+
+def test_the_picker_command_refuses_a_port_out_of_range() -> None:
+    from xds_server import options
+    from xds_server.commands import extproc
+    from xds_server.settings import PickerSettings
+
+    with pytest.raises(SystemExit, match="--admin-port 70000 is not a port"):
+        options.build(PickerSettings, {"admin-port": 70000}, extproc.OPTIONS)
