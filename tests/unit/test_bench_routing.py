@@ -29,6 +29,7 @@ from xds_server.bench.routing_stats import (
     is_noise,
     latency,
     mean_cv,
+    node_depth_ratio,
     on_node_share,
     per_rank_depths,
     picked_share,
@@ -139,6 +140,16 @@ def test_cross_node_counts_requests_and_bytes_served_off_their_entry_node() -> N
         r.bytes = size
     assert cross_node(results, origins, replica_nodes) == {
         "cross_node_requests": 2, "cross_node_bytes": 600}
+
+
+def test_hot_node_depth_ratio_is_its_requests_per_rank_over_the_rest_averaged_in_time() -> None:
+    nodes = {"a1": "node-a", "a2": "node-a", "b1": "node-b", "c1": "node-c"}
+    samples = [{"a1": 3.0, "a2": 1.0, "b1": 1.0, "c1": 1.0},  # node-a 2 a rank, others 1
+               {"a1": 0.0, "a2": 0.0, "b1": 0.0, "c1": 2.0},  # node-a idle, others 1
+               {"a1": 4.0, "b1": 0.0}]                         # a replica not read: left out
+    assert node_depth_ratio(samples, nodes, "node-a") == pytest.approx((2 + 0 + 4) / (1 + 1 + 0))
+    assert math.isnan(node_depth_ratio([{"a1": 1.0, "b1": 0.0}], nodes, "node-a"))
+    assert math.isnan(node_depth_ratio([{"a1": 1.0}], nodes, "node-a"))  # no other node read
 
 
 def sent(replica: str, rank: int, at: float, e2e: float, status: int = 200) -> Result:

@@ -41,6 +41,7 @@ from xds_server.bench.routing_stats import (
     full_rank_share,
     latency,
     mean_cv,
+    node_depth_ratio,
     on_node_share,
     per_rank_depths,
     picked_share,
@@ -513,6 +514,9 @@ class Bench:
             "loadavg_1m": os.getloadavg()[0],
             "errors": sorted({r.error for r in replayer.results if r.error})[:5],
         }
+        if point.kind == "skewed":
+            run["hot_node_depth_ratio"] = node_depth_ratio(
+                (s for _, s in sampler.samples), self.fleet.replica_nodes, plan.burst_entry)
         if isinstance(replayer, OracleReplayer):
             run["oracle_decision_p50_s"] = report.percentile(replayer.decision_s, 50)
             run["oracle_decision_p99_s"] = report.percentile(replayer.decision_s, 99)

@@ -103,6 +103,22 @@ def cross_node(results: Iterable[Result], origins: Mapping[str, str],
     return {"cross_node_requests": requests, "cross_node_bytes": size}
 
 
+def node_depth_ratio(samples: Iterable[Mapping[str, float]], replica_nodes: Mapping[str, str],
+                     node: str) -> float:
+    """`node`'s requests per rank over the other nodes', each the mean over their replicas
+    of the sampler's per-rank depths, summed over the point's samples (a ratio of time
+    averages): how much fuller a hot entry's node runs than the rest. NaN when the others
+    never held a request."""
+    here = there = 0.0
+    for sample in samples:
+        mine = [d for a, d in sample.items() if replica_nodes.get(a) == node]
+        rest = [d for a, d in sample.items() if replica_nodes.get(a, node) != node]
+        if mine and rest:
+            here += sum(mine) / len(mine)
+            there += sum(rest) / len(rest)
+    return here / there if there > 0 else math.nan
+
+
 def latency(results: Sequence[Result], window_s: float) -> dict[str, float]:
     """TTFT and end-to-end p50/p90/p99 of the successful requests, throughput, failures.
 
