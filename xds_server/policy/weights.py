@@ -394,11 +394,11 @@ def decide_persistent(
             if fresh[r.address] > 0 and (load := loads.get(r.address)) is not None}
     new = {a: load for a, load in read.items()
            if load.read_at > memory.slots_at.get(a, -math.inf)}
-    floor = max([busiest_rank(read[r.address], r.capacity) for r in ready if r.address in read]
-                + list(memory.slots.values()), default=0.0)
+    room_floor = max([busiest_rank(read[r.address], r.capacity) for r in ready
+                      if r.address in read] + list(memory.slots.values()), default=0.0)
     learned = {
         r.address: learn_slots(memory.slots.get(r.address), new.get(r.address), r.capacity,
-                               pool_floor=floor, told=r.max_num_seqs)
+                               pool_floor=room_floor, told=r.max_num_seqs)
         for r in ready
     }
     slots = pool_slots(learned, (r.address for r in ready), settings.max_num_seqs)
@@ -406,8 +406,7 @@ def decide_persistent(
     occupancy: dict[str, float] = {}
     per_rank: dict[str, float] = {}  # requests in the replica per rank: what is averaged
     for r in ready:
-        load = loads.get(r.address)
-        if load is None or fresh[r.address] <= 0:
+        if (load := read.get(r.address)) is None:
             continue
         occupancy[r.address] = per_slot(load.running, load.waiting, r.capacity, slots[r.address])
         per_rank[r.address] = occupancy[r.address] * slots[r.address]
