@@ -10,7 +10,9 @@ import pytest
 
 from xds_server.extproc.pick import (
     Candidate,
+    Rank,
     Unreadable,
+    least_loaded_rank,
     pick,
     queued,
     ranked,
@@ -236,7 +238,7 @@ def test_a_learnt_room_outweighs_the_configured_hint() -> None:
     control plane learnt from vLLM does not: 3 running at a room of 3 is full."""
     full = Candidate("10.0.0.1:8000", "a", 1, 3, 0, slots=3.0)
     half = Candidate("10.0.0.2:8000", "b", 1, 2, 0, slots=3.0)
-    assert queued(full, 256) > 0 == queued(half, 256)
+    assert queued(full, 256, S) > 0 == queued(half, 256, S)
     assert pick([full, half], prefix_holders={full.address}, settings=S) == half
     # Without it, both read free and the prefix holder wins.
     assert pick([replace(full, slots=None), replace(half, slots=None)],
@@ -278,3 +280,50 @@ def test_a_held_request_is_picked_on_its_node_and_its_fallbacks_from_the_pool() 
 def test_a_held_request_goes_to_the_pool_when_its_node_has_no_candidate() -> None:
     order = ranked([IDLE_B, IDLE], prefix_holders=(), settings=S, held_on="d")
     assert order == [IDLE, IDLE_B]
+
+
+FOUR = PickSettings(max_num_seqs=4)
+#: Two servers of two ranks at a room of 4 per rank, 8 requests each: the first has both
+#: ranks full, the second one rank with a queue and one with a free slot.
+BOTH_FULL = Candidate("10.0.0.1:8000", "a", 2, 8, 0, slots=4.0,
+                      ranks=(Rank(0, 4, 0), Rank(1, 4, 0)))
+ONE_FREE = Candidate("10.0.0.2:8000", "b", 2, 5, 1, pending=2, slots=4.0,
+                     ranks=(Rank(0, 4, 1), Rank(1, 1, 0, pending=2)))
+
+
+def test_a_pinned_request_waits_in_its_rank_not_in_the_server_sum() -> None:
+    """Summed over the server both read full (8 of 8) and the tie went to the first
+    address, a full rank; the picker names the rank, so the second server's free slot is
+    what the request gets."""
+    assert pick([BOTH_FULL, ONE_FREE], prefix_holders=(), settings=FOUR) == ONE_FREE
+    assert least_loaded_rank(ONE_FREE, FOUR) == 1
+    assert queued(ONE_FREE, 4, FOUR) == 0 < queued(BOTH_FULL, 4, FOUR)
+    # Without the rank choice, the server's own balancer spreads: its sum is the queue.
+    no_pin = replace(FOUR, pin_rank=False)
+    assert queued(ONE_FREE, 4, no_pin) == queued(BOTH_FULL, 4, no_pin) > 0
+    assert pick([BOTH_FULL, ONE_FREE], prefix_holders=(), settings=no_pin) == BOTH_FULL
+
+
+def test_a_node_whose_ranks_are_all_full_does_not_hold_a_request_beside_a_free_rank() -> None:
+    """Four full ranks read, summed, as a queue of a sixteenth against the other server's
+    eighth: the node held the request on a full rank. Rank by rank it queues, and the
+    request goes to the free slot."""
+    big_full = Candidate("10.0.0.3:8000", "c", 4, 16, 0, slots=4.0,
+                         ranks=tuple(Rank(i, 4, 0) for i in range(4)))
+    assert ranked([big_full, ONE_FREE], prefix_holders=(), settings=FOUR,
+                  held_on="c")[0] == ONE_FREE
+    # With a free slot of its own the node still holds it.
+    roomy = replace(big_full, running=15, ranks=(*big_full.ranks[:3], Rank(3, 3, 0)))
+    assert ranked([roomy, ONE_FREE], prefix_holders=(), settings=FOUR,
+                  held_on="c")[0] == roomy
+
+
+def test_the_rank_named_has_a_free_slot_before_one_with_fewer_waiting() -> None:
+    """vLLM's weighting of a waiting request (4x) named a full rank (4 running) over one
+    with 3 requests, 2 of them waiting for the next scheduler step."""
+    lagging = Candidate("10.0.0.4:8000", "a", 2, 5, 2, slots=4.0,
+                        ranks=(Rank(0, 1, 2), Rank(1, 4, 0)))
+    assert least_loaded_rank(lagging, FOUR) == 0
+    # Among ranks with as many requests, the one with fewer waiting.
+    even = replace(lagging, ranks=(Rank(0, 1, 2), Rank(1, 3, 0)))
+    assert least_loaded_rank(even, FOUR) == 1

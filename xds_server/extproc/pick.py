@@ -15,6 +15,11 @@ from the candidates that have requests waiting (`max_num_seqs` only while none h
                                   replica's wait is below room_threshold and it has at
                                   most one request per rank more than the emptiest
 
+The counts are those of the rank the picker names there, where it names one
+(`least_loaded_rank`): a pinned request queues for that rank's slots alone, and summed over
+the server a full rank beside a free one read as room, a server with one rank free as full
+as one with none. Else (ranks unknown, or `--extproc-pin-rank false`) the whole server's.
+
 `pending` corrects the latest load reading by what the picker saw since it was taken: its
 own picks sent there (vLLM's internal balancer counts its own picks the same way) less its
 picked requests that ended there (Envoy hands the picker each response's end), and at least
@@ -137,14 +142,27 @@ def _prompt_text(doc: dict[str, object]) -> str:
     return ""
 
 
-def wait(c: Candidate, slots: float) -> float:
+def wait(c: Candidate, slots: float, settings: PickSettings) -> float:
     """Expected wait of a new request; `slots` is the room where the control plane has not
     learnt the candidate's own."""
-    return expected_wait(c.running, c.waiting, c.capacity, c.slots or slots, c.pending) / c.speed
+    running, waiting, ranks, pending = _queue(c, settings)
+    return expected_wait(running, waiting, ranks, c.slots or slots, pending) / c.speed
 
 
-def queued(c: Candidate, slots: float) -> float:
-    return queue_wait(c.running, c.waiting, c.capacity, c.slots or slots, c.pending) / c.speed
+def queued(c: Candidate, slots: float, settings: PickSettings) -> float:
+    running, waiting, ranks, pending = _queue(c, settings)
+    return queue_wait(running, waiting, ranks, c.slots or slots, pending) / c.speed
+
+
+def _queue(c: Candidate, settings: PickSettings) -> tuple[float, float, int, float]:
+    """(running, waiting, ranks, pending) of the queue a new request joins there: the rank
+    the picker would name, where it names one (a pinned request waits for that rank's slots
+    alone: summed over the server, a full rank beside a half-empty one read as room, and a
+    server with one rank free read as full as one with none), else the whole server's."""
+    k = _least_loaded(c, settings)
+    if k is None:
+        return c.running, c.waiting, c.capacity, c.pending
+    return k.running, k.waiting, 1, k.pending
 
 
 def _per_rank(c: Candidate) -> float:
@@ -174,7 +192,7 @@ def pick(
     # every request for seconds.
     emptiest = min((_per_rank(c) for c in candidates), default=0.0)
     for c in candidates:
-        w = wait(c, slots)
+        w = wait(c, slots, settings)
         score = w
         if (c.address in prefix_holders and w < settings.room_threshold
                 and _per_rank(c) <= emptiest + 1):
@@ -205,7 +223,8 @@ def ranked(
                          settings=settings)
             slots = slots_now(((c.running, c.waiting, c.capacity) for c in left),
                               settings.max_num_seqs)
-            if local is not None and queued(local, slots) <= queued(chosen, slots):
+            if (local is not None
+                    and queued(local, slots, settings) <= queued(chosen, slots, settings)):
                 chosen = local
         if chosen is None:
             break
@@ -225,10 +244,17 @@ def all_queued(candidates: list[Candidate], settings: PickSettings) -> bool:
 
 
 def least_loaded_rank(c: Candidate, settings: PickSettings) -> int | None:
-    """The local index of the replica's least-loaded rank (ties: the lowest index); None
-    when its ranks are not known one by one or the rank choice is off."""
+    """The local index of the replica's rank with the fewest requests (the one with a free
+    slot, if any has), among equals the one with fewer waiting (vLLM's balancer weighs a
+    waiting request more), then the lowest index; None when its ranks are not known one by
+    one or the rank choice is off."""
+    best = _least_loaded(c, settings)
+    return None if best is None else best.index
+
+
+def _least_loaded(c: Candidate, settings: PickSettings) -> Rank | None:
     if not c.ranks or not settings.pin_rank:
         return None
-    best = min(c.ranks, key=lambda r: (
+    return min(c.ranks, key=lambda r: (
+        per_slot(r.running, r.waiting, 1, 1.0, r.pending),
         r.running + settings.waiting_factor * r.waiting + r.pending, r.index))
-    return best.index
