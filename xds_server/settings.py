@@ -281,7 +281,8 @@ class PickSettings:
     #: The weight policy's own: the room per rank until a replica with requests waiting
     #: shows the real one (policy/load.py), for both deciders.
     max_num_seqs: int = same_as(PolicySettings, "max_num_seqs")
-    #: Ranks behind one server are compared as vLLM's own balancer does (waiting weighs more).
+    #: Among a server's ranks with as many requests, the one named is the one vLLM's own
+    #: balancer would prefer (waiting weighs more).
     waiting_factor: float = same_as(PolicySettings, "waiting_factor")
     #: Above this wait a replica gets no affinity bonus: a warm cache is not worth a queue.
     room_threshold: float = same_as(HybridSettings, "room_threshold")

@@ -14,6 +14,7 @@ from xds_server.extproc.pick import (
     Unreadable,
     least_loaded_rank,
     pick,
+    queue_of,
     queued,
     ranked,
     read_request,
@@ -238,7 +239,7 @@ def test_a_learnt_room_outweighs_the_configured_hint() -> None:
     control plane learnt from vLLM does not: 3 running at a room of 3 is full."""
     full = Candidate("10.0.0.1:8000", "a", 1, 3, 0, slots=3.0)
     half = Candidate("10.0.0.2:8000", "b", 1, 2, 0, slots=3.0)
-    assert queued(full, 256, S) > 0 == queued(half, 256, S)
+    assert queued(full, queue_of(full, S), 256) > 0 == queued(half, queue_of(half, S), 256)
     assert pick([full, half], prefix_holders={full.address}, settings=S) == half
     # Without it, both read free and the prefix holder wins.
     assert pick([replace(full, slots=None), replace(half, slots=None)],
@@ -297,10 +298,12 @@ def test_a_pinned_request_waits_in_its_rank_not_in_the_server_sum() -> None:
     what the request gets."""
     assert pick([BOTH_FULL, ONE_FREE], prefix_holders=(), settings=FOUR) == ONE_FREE
     assert least_loaded_rank(ONE_FREE, FOUR) == 1
-    assert queued(ONE_FREE, 4, FOUR) == 0 < queued(BOTH_FULL, 4, FOUR)
+    assert queued(ONE_FREE, queue_of(ONE_FREE, FOUR), 4) == 0 < queued(
+        BOTH_FULL, queue_of(BOTH_FULL, FOUR), 4)
     # Without the rank choice, the server's own balancer spreads: its sum is the queue.
     no_pin = replace(FOUR, pin_rank=False)
-    assert queued(ONE_FREE, 4, no_pin) == queued(BOTH_FULL, 4, no_pin) > 0
+    assert queued(ONE_FREE, queue_of(ONE_FREE, no_pin), 4) == queued(
+        BOTH_FULL, queue_of(BOTH_FULL, no_pin), 4) > 0
     assert pick([BOTH_FULL, ONE_FREE], prefix_holders=(), settings=no_pin) == BOTH_FULL
 
 

@@ -142,27 +142,31 @@ def _prompt_text(doc: dict[str, object]) -> str:
     return ""
 
 
-def wait(c: Candidate, slots: float, settings: PickSettings) -> float:
-    """Expected wait of a new request; `slots` is the room where the control plane has not
-    learnt the candidate's own."""
-    running, waiting, ranks, pending = _queue(c, settings)
-    return expected_wait(running, waiting, ranks, c.slots or slots, pending) / c.speed
+#: (running, waiting, ranks, pending) of the queue a new request joins at a candidate.
+Queue = tuple[float, float, int, float]
 
 
-def queued(c: Candidate, slots: float, settings: PickSettings) -> float:
-    running, waiting, ranks, pending = _queue(c, settings)
-    return queue_wait(running, waiting, ranks, c.slots or slots, pending) / c.speed
-
-
-def _queue(c: Candidate, settings: PickSettings) -> tuple[float, float, int, float]:
-    """(running, waiting, ranks, pending) of the queue a new request joins there: the rank
-    the picker would name, where it names one (a pinned request waits for that rank's slots
-    alone: summed over the server, a full rank beside a half-empty one read as room, and a
-    server with one rank free read as full as one with none), else the whole server's."""
+def queue_of(c: Candidate, settings: PickSettings) -> Queue:
+    """The queue a new request joins there: the rank the picker would name, where it names
+    one (a pinned request waits for that rank's slots alone: summed over the server, a full
+    rank beside a half-empty one read as room, and a server with one rank free read as full
+    as one with none), else the whole server's."""
     k = _least_loaded(c, settings)
     if k is None:
         return c.running, c.waiting, c.capacity, c.pending
     return k.running, k.waiting, 1, k.pending
+
+
+def queued(c: Candidate, q: Queue, slots: float) -> float:
+    """The wait of a new request in queue `q` at `c`, without the tie-break; `slots` is the
+    room where the control plane has not learnt the candidate's own."""
+    running, waiting, ranks, pending = q
+    return queue_wait(running, waiting, ranks, c.slots or slots, pending) / c.speed
+
+
+def _wait(c: Candidate, q: Queue, slots: float) -> float:
+    running, waiting, ranks, pending = q
+    return expected_wait(running, waiting, ranks, c.slots or slots, pending) / c.speed
 
 
 def _per_rank(c: Candidate) -> float:
@@ -182,6 +186,12 @@ def pick(
     settings: PickSettings,
 ) -> Candidate | None:
     """The candidate with the lowest score (see the module docstring); None if none."""
+    return _pick(candidates, {c.address: queue_of(c, settings) for c in candidates},
+                 prefix_holders, settings)
+
+
+def _pick(candidates: list[Candidate], queues: dict[str, Queue],
+          prefix_holders: Collection[str], settings: PickSettings) -> Candidate | None:
     best: tuple[float, str] | None = None
     chosen: Candidate | None = None
     slots = slots_now(((c.running, c.waiting, c.capacity) for c in candidates),
@@ -192,7 +202,7 @@ def pick(
     # every request for seconds.
     emptiest = min((_per_rank(c) for c in candidates), default=0.0)
     for c in candidates:
-        w = wait(c, slots, settings)
+        w = _wait(c, queues[c.address], slots)
         score = w
         if (c.address in prefix_holders and w < settings.room_threshold
                 and _per_rank(c) <= emptiest + 1):
@@ -214,17 +224,18 @@ def ranked(
     `held_on` names the node a held request is picked on (see the module docstring); its
     fallbacks come from the whole pool, for a retry to find a replica where the node has none
     left."""
+    # Once per request, not per pass: naming the rank costs a scan of each server's ranks.
+    queues = {c.address: queue_of(c, settings) for c in candidates}
     left = list(candidates)
     out: list[Candidate] = []
     while left and len(out) <= settings.fallbacks:
-        chosen = pick(left, prefix_holders=prefix_holders, settings=settings)
+        chosen = _pick(left, queues, prefix_holders, settings)
         if held_on and not out and chosen is not None:
-            local = pick(on_node(left, held_on), prefix_holders=prefix_holders,
-                         settings=settings)
+            local = _pick(on_node(left, held_on), queues, prefix_holders, settings)
             slots = slots_now(((c.running, c.waiting, c.capacity) for c in left),
                               settings.max_num_seqs)
-            if (local is not None
-                    and queued(local, slots, settings) <= queued(chosen, slots, settings)):
+            if (local is not None and queued(local, queues[local.address], slots)
+                    <= queued(chosen, queues[chosen.address], slots)):
                 chosen = local
         if chosen is None:
             break
@@ -255,6 +266,7 @@ def least_loaded_rank(c: Candidate, settings: PickSettings) -> int | None:
 def _least_loaded(c: Candidate, settings: PickSettings) -> Rank | None:
     if not c.ranks or not settings.pin_rank:
         return None
-    return min(c.ranks, key=lambda r: (
-        per_slot(r.running, r.waiting, 1, 1.0, r.pending),
-        r.running + settings.waiting_factor * r.waiting + r.pending, r.index))
+    factor = settings.waiting_factor
+    # Readings are never below 0 (the sources drop such); the ledger's pending may be.
+    return min(c.ranks, key=lambda r: (max(0.0, r.running + r.waiting + r.pending),
+                                       r.running + factor * r.waiting + r.pending, r.index))
