@@ -148,9 +148,7 @@ Queue = tuple[float, float, int, float]
 
 def queue_of(c: Candidate, settings: PickSettings) -> Queue:
     """The queue a new request joins there: the rank the picker would name, where it names
-    one (a pinned request waits for that rank's slots alone: summed over the server, a full
-    rank beside a half-empty one read as room, and a server with one rank free read as full
-    as one with none), else the whole server's."""
+    one, else the whole server's (the module docstring says why)."""
     k = _least_loaded(c, settings)
     if k is None:
         return c.running, c.waiting, c.capacity, c.pending
