@@ -18,6 +18,7 @@ from xds_server.extproc.pick import (
     queued,
     ranked,
     read_request,
+    room_now,
 )
 from xds_server.extproc.state import LocalState, PendingPicks, PickLedger, PrefixHolders
 from xds_server.model import Load, Pool, Replica
@@ -330,3 +331,16 @@ def test_the_rank_named_has_a_free_slot_before_one_with_fewer_waiting() -> None:
     # Among ranks with as many requests, the one with fewer waiting.
     even = replace(lagging, ranks=(Rank(0, 1, 2), Rank(1, 3, 0)))
     assert least_loaded_rank(even, FOUR) == 1
+
+
+def test_a_room_not_yet_learnt_is_what_the_busiest_rank_runs() -> None:
+    """Before the control plane has learnt a room, the picker reads one from the ranks now.
+    Averaged over a server, one full rank (4 running, 1 waiting) beside an idle one read 2
+    per rank, so the node's own rank with 3 requests read full and the request left a node
+    with a free slot."""
+    lopsided = Candidate("10.0.0.1:8000", "b", 2, 4, 1, ranks=(Rank(0, 4, 1), Rank(1, 0, 0)))
+    local = Candidate("10.0.0.2:8000", "a", 1, 3, 0, ranks=(Rank(0, 3, 0),))
+    assert room_now([lopsided, local], S) == 4
+    assert ranked([lopsided, local], prefix_holders=(), settings=S, held_on="a")[0] == local
+    # With no rank full anywhere, nothing is read and the configured hint stands in.
+    assert room_now([local], S) == S.max_num_seqs

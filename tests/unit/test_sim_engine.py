@@ -224,3 +224,28 @@ def test_default_settings_reproduce_the_published_qwen3_figures() -> None:
     per_request_s = 512 * settings.prefill_token_s + 128 * settings.decode_token_s
     assert 1 / per_request_s == pytest.approx(95, rel=0.02)
     assert settings.step_base_s / (1 - 16 * per_request_s) == pytest.approx(0.0024, rel=0.02)
+
+
+def test_stats_are_the_last_steps_as_vllm_publishes_them() -> None:
+    settings = EngineSettings(**{**SETTINGS.__dict__, "max_num_seqs": 2})
+    engine = Engine(settings)
+    for index in range(3):
+        engine.add(request(str(index), prompt=4, output=2), 0.0)
+    assert (engine.stats.running, engine.stats.waiting) == (0, 0)  # no step has run yet
+    plan = engine.plan_step(0.0)
+    assert plan is not None
+    # A request that arrives while the step runs is in no count the step publishes: vLLM
+    # adds it to its scheduler only between steps.
+    engine.add(request("late", prompt=4, output=2), 0.5)
+    engine.complete_step(plan, plan.duration_s)
+    assert (engine.num_running, engine.num_waiting) == (2, 2)
+    # The one the full rank's schedule left waiting is reported; the late one is not.
+    assert (engine.stats.running, engine.stats.waiting) == (2, 1)
+    now = plan.duration_s
+    plan = engine.plan_step(now)
+    assert plan is not None
+    engine.complete_step(plan, now + plan.duration_s)
+    # Both first requests finished in that step and have left `running`; the two waiting
+    # ones are admitted only by the next schedule, so the step reports them waiting beside
+    # free slots, as vLLM does.
+    assert (engine.stats.running, engine.stats.waiting) == (0, 2)

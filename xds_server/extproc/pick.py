@@ -5,8 +5,9 @@ The score of a replica is its expected wait in service times, from the load mode
 weight policy uses too (policy/load.py: the requests queued ahead of this one per slot, 0
 while a slot is free, plus a hundredth of the load per slot), with the room per rank and
 the decode speed against the pool's typical that the control plane's weights use for the
-replica (`Candidate.slots`, `Candidate.speed`); where no room is learnt yet, the room is read
-from the candidates that have requests waiting (`max_num_seqs` only while none has):
+replica (`Candidate.slots`, `Candidate.speed`); where no room is learnt yet, the room is what
+the busiest rank runs once some candidate has requests waiting (`max_num_seqs` only while
+none has; `room_now`):
 
     wait     = expected_wait(running, waiting, capacity, slots, pending) / speed
     score    = wait
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Collection
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 
 from xds_server.policy.load import expected_wait, per_slot, queue_wait, slots_now
@@ -185,15 +186,26 @@ def pick(
 ) -> Candidate | None:
     """The candidate with the lowest score (see the module docstring); None if none."""
     return _pick(candidates, {c.address: queue_of(c, settings) for c in candidates},
-                 prefix_holders, settings)
+                 room_now(candidates, settings), prefix_holders, settings)
 
 
-def _pick(candidates: list[Candidate], queues: dict[str, Queue],
+def room_now(candidates: list[Candidate], settings: PickSettings) -> float:
+    """The room per rank of the candidates the control plane has learnt none for, from
+    their readings now, rank by rank where they are known (a server's mean over its ranks
+    reads a full rank beside an idle one as half full)."""
+    def readings() -> Iterator[tuple[float, float, int]]:
+        for c in candidates:
+            if c.ranks:
+                yield from ((r.running, r.waiting, 1) for r in c.ranks)
+            else:
+                yield c.running, c.waiting, c.capacity
+    return slots_now(readings(), settings.max_num_seqs)
+
+
+def _pick(candidates: list[Candidate], queues: dict[str, Queue], slots: float,
           prefix_holders: Collection[str], settings: PickSettings) -> Candidate | None:
     best: tuple[float, str] | None = None
     chosen: Candidate | None = None
-    slots = slots_now(((c.running, c.waiting, c.capacity) for c in candidates),
-                      settings.max_num_seqs)
     # A warm prefix is worth at most one request per rank more than the emptiest replica
     # has: the room per rank may still be the configured hint (no reading shows a queue
     # yet), and a bonus against that let the first holder of a shared prompt take nearly
@@ -224,14 +236,13 @@ def ranked(
     left."""
     # Once per request, not per pass: naming the rank costs a scan of each server's ranks.
     queues = {c.address: queue_of(c, settings) for c in candidates}
+    slots = room_now(candidates, settings)
     left = list(candidates)
     out: list[Candidate] = []
     while left and len(out) <= settings.fallbacks:
-        chosen = _pick(left, queues, prefix_holders, settings)
+        chosen = _pick(left, queues, slots, prefix_holders, settings)
         if held_on and not out and chosen is not None:
-            local = _pick(on_node(left, held_on), queues, prefix_holders, settings)
-            slots = slots_now(((c.running, c.waiting, c.capacity) for c in left),
-                              settings.max_num_seqs)
+            local = _pick(on_node(left, held_on), queues, slots, prefix_holders, settings)
             if (local is not None and queued(local, queues[local.address], slots)
                     <= queued(chosen, queues[chosen.address], slots)):
                 chosen = local

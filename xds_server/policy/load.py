@@ -102,11 +102,16 @@ def mean_wait(load: float, slots: float) -> float:
 
 
 def slots_now(readings: Iterable[tuple[float, float, int]], hint: int) -> float:
-    """Room per rank from one moment's (running, waiting, capacity) readings, for a decider
-    that keeps no history (the picker): the median over the full replicas, else `hint`."""
-    full = [running / max(1, capacity) for running, waiting, capacity in readings
-            if waiting > 0 and running > 0]
-    return statistics.median(full) if full else float(hint)
+    """Room per rank from one moment's (running, waiting, ranks) readings, for a decider
+    that keeps no history (the picker), read as `learn_slots` reads a pool's first full
+    reading: once some reading has requests waiting, the most one rank runs (a rank never
+    runs more than its room, and a full one runs less for a moment after requests finished
+    in a step: their slots are filled by the next one); else `hint`."""
+    busiest, full = 0.0, False
+    for running, waiting, ranks in readings:
+        busiest = max(busiest, running / max(1, ranks))
+        full = full or (waiting > 0 and running > 0)
+    return busiest if full else float(hint)
 
 
 def busiest_rank(load: Load, capacity: int) -> float:

@@ -145,6 +145,20 @@ class EngineCounters:
     preemptions: int = 0
 
 
+@dataclass(frozen=True)
+class SchedulerStats:
+    """What the rank reports (its gauges, its load reports, its counts to the balancer): the
+    scheduler's state as of its last step, as vLLM V1 publishes it. vLLM adds a new request
+    to its scheduler between steps and takes the stats after a step's schedule: a request
+    that arrived during a step is in neither count until the next step has scheduled it, and
+    a request counts as waiting only where a schedule left it so (a full rank, the token
+    budget, the KV cache), while the requests that finished in the step have already left
+    `running`."""
+
+    running: int = 0
+    waiting: int = 0
+
+
 class Engine:
     """One rank's scheduler. Call `add`, then alternate `plan_step` and `complete_step`."""
 
@@ -154,6 +168,9 @@ class Engine:
         self.running: list[SimRequest] = []
         self.used_blocks = 0
         self.counters = EngineCounters()
+        self.stats = SchedulerStats()
+        #: Requests added since the last schedule: no published stats count them yet.
+        self._unscheduled = 0
         self.on_first_token: Callable[[SimRequest], None] = lambda _r: None
         self.on_finished: Callable[[SimRequest], None] = lambda _r: None
 
@@ -163,6 +180,7 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
+    # The true state now (the bench's truth, /sim/state); what the rank reports is `stats`.
     @property
     def num_running(self) -> int:
         return len(self.running)
@@ -200,6 +218,7 @@ class Engine:
     def add(self, request: SimRequest, now_s: float) -> None:
         request.queued_s = now_s
         self.waiting.append(request)
+        self._unscheduled += 1
 
     def abort(self, request: SimRequest, now_s: float) -> None:
         """Drop a request (client went away); it counts as finished with reason abort."""
@@ -214,6 +233,7 @@ class Engine:
     def plan_step(self, now_s: float, *, slowdown: float = 1.0) -> StepPlan | None:
         """Choose the next batch (admitting and preempting as vLLM would), or None if idle."""
         budget = self.settings.max_num_batched_tokens
+        self._unscheduled = 0
         batch: list[tuple[SimRequest, int]] = []
         preempted = False
         index = 0
@@ -248,6 +268,7 @@ class Engine:
             batch.append((request, tokens))
             budget -= tokens
         if not batch:
+            self.stats = SchedulerStats(len(self.running), len(self.waiting))
             return None
         decode = sum(tokens for request, tokens in batch if request.decoding)
         prefill = sum(tokens for _request, tokens in batch) - decode
@@ -277,6 +298,8 @@ class Engine:
                 request.on_progress(request)
         if any_finished:
             self.running = [request for request in self.running if not request.finished]
+        self.stats = SchedulerStats(len(self.running),
+                                    max(0, len(self.waiting) - self._unscheduled))
 
     # -- internals ------------------------------------------------------------------------
 

@@ -88,8 +88,8 @@ class _EngineStateCollector:
         for runner in self._runners:
             engine = runner.engine
             labels = [self._model_name, str(runner.global_rank)]
-            running.add_metric(labels, engine.num_running)
-            waiting.add_metric(labels, engine.num_waiting)
+            running.add_metric(labels, engine.stats.running)
+            waiting.add_metric(labels, engine.stats.waiting)
             kv_usage.add_metric(labels, engine.kv_cache_usage)
             preemptions.add_metric(labels, engine.counters.preemptions)
             prompt.add_metric(labels, engine.counters.prompt_tokens)

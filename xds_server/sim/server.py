@@ -122,7 +122,7 @@ class SimServer:
         ]
         self.balancer = DPBalancer(
             num_engines=settings.num_ranks,
-            read_counts=lambda: [(r.engine.num_waiting, r.engine.num_running)
+            read_counts=lambda: [(r.engine.stats.waiting, r.engine.stats.running)
                                  for r in self.runners],
             stats_interval_s=settings.lb_stats_interval_s,
         )
@@ -418,7 +418,7 @@ class SimServer:
         # vLLM reads each gauge's first sample: the first engine's, not the server's sum.
         first = self.runners[0].engine
         return orca_header(request.headers.get(FORMAT_HEADER, ""),
-                           num_requests_waiting=first.num_waiting,
+                           num_requests_waiting=first.stats.waiting,
                            kv_cache_usage_perc=first.kv_cache_usage)
 
     def _slowdown_of(self, local: int) -> float:
