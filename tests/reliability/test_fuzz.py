@@ -416,7 +416,7 @@ def test_picker_answers_every_message_of_any_sequence(
     picker: _PickerServer, sequence: list[ep.ProcessingRequest], node: str
 ) -> None:
     """Envoy's side of the stream, in any order: one answer per message, status OK, and a
-    pick (when there is one) names a replica of the pool."""
+    pick (when there is one) names replicas of the pool."""
     with grpc.insecure_channel(f"127.0.0.1:{picker.port}") as channel:
         stub = ep_grpc.ExternalProcessorStub(channel)
         responses = list(stub.Process(iter(sequence), metadata=(("x-hybridlb-node", node),),
@@ -426,4 +426,7 @@ def test_picker_answers_every_message_of_any_sequence(
         mutation = response.request_body.response.header_mutation
         for option in mutation.set_headers:
             if option.header.key == "x-gateway-destination-endpoint":
-                assert option.header.raw_value in (b"10.0.0.1:8000", b"10.0.0.2:8000")
+                # The protocol's value: the pick, then its fallbacks, comma-separated.
+                named = option.header.raw_value.split(b",")
+                assert len(set(named)) == len(named)
+                assert set(named) <= {b"10.0.0.1:8000", b"10.0.0.2:8000"}
