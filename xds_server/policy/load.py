@@ -19,13 +19,14 @@ in units of one request's service time: 0 while a slot is free for it, and at ex
 
 `slots` is read from what vLLM reports rather than configured. A rank never runs more than
 its room, so the most a rank has run is a floor on it, and the room is learnt as that, at
-once. A rank with requests waiting suggests it is full, but a request that arrived during a
-scheduler step waits for the next one beside free slots: such a reading only pulls the room
-down a little at a time (`_SHRINK`), so that a room the KV cache lowers for good is learnt
-over tens of readings while an admission that lags now and then is not (it made replicas
-read 4x as full as they were). A replica's first full reading starts its room at no less
-than the most any rank of the pool runs or was learnt to hold, for the same reason: while
-load ramps up, a rank's first wait is mostly such a lag. A server's own `--max-num-seqs`,
+once. A rank with requests waiting suggests it is full, but vLLM takes its counts after a
+step, when the requests that finished in it have left `running` and the waiting ones get
+their slots only at the next schedule (and a server that counts a request arriving during a
+step as waiting shows it beside free slots): such a reading only pulls the room down a
+little at a time (`_SHRINK`), so that a room the KV cache lowers for good is learnt over
+tens of readings while such a moment is not (it made replicas read 4x as full as they
+were). A replica's first full reading starts its room at no less than the most any rank of
+the pool runs or was learnt to hold, for the same reason. A server's own `--max-num-seqs`,
 where its pod's args or the pools file say it, is its room from the first reading (and
 lowered the same slow way). The control plane's `--max-num-seqs` only stands in until a
 pool has been seen full once.
@@ -42,8 +43,8 @@ from collections.abc import Iterable, Mapping
 
 from xds_server.model import Load
 
-#: Weight of a full reading that runs less than the room learnt: a lagging admission looks
-#: like a smaller room for one reading; a KV-cache limit keeps looking like it.
+#: Weight of a full reading that runs less than the room learnt: slots freed in the step just
+#: taken look like a smaller room for one reading; a KV-cache limit keeps looking like it.
 _SHRINK = 0.05
 
 
@@ -128,9 +129,9 @@ def learn_slots(previous: float | None, load: Load | None, capacity: int,
     busiest rank runs, and drawn slowly towards a full reading that runs less.
 
     The first full reading starts the room at no less than `pool_floor`, the most a rank of
-    the pool runs or was learnt to hold (replicas of a pool run one configuration): while
-    load ramps up, that reading is most often an admission lagging beside free slots, and a
-    room started there reads the replica full at half its load until a rank of its own runs
+    the pool runs or was learnt to hold (replicas of a pool run one configuration): that
+    reading may show a full rank whose finished requests have just left it (see above), and
+    a room started there reads the replica full below its load until a rank of its own runs
     more. A room the KV cache really lowers is still learnt, slowly, from there.
 
     `told`, the server's own `--max-num-seqs` where its pod or the pools file says it, is the
