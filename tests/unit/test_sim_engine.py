@@ -5,8 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from xds_server.sim.engine import Engine, EngineSettings, FinishReason, SimRequest
+from xds_server.sim.metrics import ServerMetrics
+from xds_server.sim.runner import RankRunner, ScaledClock
 
 # Costs that are exact in binary floating point, so step times can be compared exactly.
 SETTINGS = EngineSettings(
@@ -249,3 +253,26 @@ def test_stats_are_the_last_steps_as_vllm_publishes_them() -> None:
     # ones are admitted only by the next schedule, so the step reports them waiting beside
     # free slots, as vLLM does.
     assert (engine.stats.running, engine.stats.waiting) == (0, 2)
+
+
+def test_the_gauges_show_the_last_steps_counts_not_the_queue_now() -> None:
+    engine = Engine(EngineSettings(**{**SETTINGS.__dict__, "max_num_seqs": 1}))
+    runner = RankRunner(engine=engine, clock=ScaledClock(1.0), global_rank=3,
+                        slowdown=lambda: 1.0)
+    metrics = ServerMetrics(model_name="m", runners=[runner], max_model_len=4096)
+    engine.add(request("a", prompt=4, output=3), 0.0)
+    plan = engine.plan_step(0.0)
+    assert plan is not None
+    engine.add(request("b", prompt=4, output=3), 0.5)  # arrives during the step
+    engine.complete_step(plan, plan.duration_s)
+
+    def gauge(name: str) -> float:
+        text = generate_latest(metrics.registry).decode()
+        return next(s.value for f in text_string_to_metric_families(text)
+                    for s in f.samples if s.name == name and s.labels["engine"] == "3")
+
+    assert (gauge("vllm:num_requests_running"), gauge("vllm:num_requests_waiting")) == (1, 0)
+    plan = engine.plan_step(plan.duration_s)  # the full rank's schedule leaves "b" waiting
+    assert plan is not None
+    engine.complete_step(plan, 2 * plan.duration_s)
+    assert (gauge("vllm:num_requests_running"), gauge("vllm:num_requests_waiting")) == (1, 1)
