@@ -173,19 +173,21 @@ PICKER_STATE_MAX_WAIT_S = 30.0
 
 
 class KeepSource(Protocol):
-    """The publisher as the feed reads it: the keep shares it published, and their changes."""
+    """The publisher as the feed reads it: the keep shares and judgements it published, and
+    their changes."""
 
     published: Published
-    keep_version: int
+    feed_version: int
 
-    async def wait_keep_change(self, seen_version: int) -> int: ...
+    async def wait_feed_change(self, seen_version: int) -> int: ...
 
 
 class PickerFeed:
-    """/picker/state, versioned: the ETag names the hub's version and that of the published
-    keep shares, so a reader that has it gets an empty 304 (optionally after waiting up to
-    `wait_s` for a change) instead of the whole fleet again. The ETag carries this process's
-    instance id: a restarted control plane counts versions from 0 again."""
+    """/picker/state, versioned: the ETag names the hub's version and that of what the
+    publisher feeds it (keep shares, each replica's speed and room), so a reader that has it
+    gets an empty 304 (optionally after waiting up to `wait_s` for a change) instead of the
+    whole fleet again. The ETag carries this process's instance id: a restarted control
+    plane counts versions from 0 again."""
 
     def __init__(self, state: State, *, keep: KeepSource | None = None,
                  min_interval_s: float = PICKER_STATE_MIN_INTERVAL_S,
@@ -204,8 +206,8 @@ class PickerFeed:
         self.waiting = 0
 
     def current(self) -> tuple[str, bytes]:
-        """(ETag, body) of the latest render, rendering again if the hub or the keep shares
-        changed since and the last render is at least `min_interval_s` old."""
+        """(ETag, body) of the latest render, rendering again if the hub or the publisher's
+        feed changed since and the last render is at least `min_interval_s` old."""
         etag = self._current_etag()
         now = self._clock()
         if etag != self._etag and now - self._at >= self._interval_s():
@@ -219,18 +221,18 @@ class PickerFeed:
         return self._etag, self._body
 
     def _current_etag(self) -> str:
-        keep = self._keep.keep_version if self._keep is not None else 0
+        keep = self._keep.feed_version if self._keep is not None else 0
         return f'"{self._instance}-{self._state.version}-{keep}"'
 
     def _interval_s(self) -> float:
         return max(self._min_interval_s, self._cost_s / PICKER_STATE_MAX_LOOP_SHARE)
 
     async def _changed(self, wait_s: float) -> bool:
-        """Whether the hub or the keep shares changed within `wait_s`."""
+        """Whether the hub or what the publisher feeds changed within `wait_s`."""
         waits = [asyncio.ensure_future(self._state.wait_change(self._state.version))]
         if self._keep is not None:
             waits.append(asyncio.ensure_future(
-                self._keep.wait_keep_change(self._keep.keep_version)))
+                self._keep.wait_feed_change(self._keep.feed_version)))
         try:
             done, _ = await asyncio.wait(waits, timeout=wait_s,
                                          return_when=asyncio.FIRST_COMPLETED)

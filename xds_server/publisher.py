@@ -133,9 +133,10 @@ class Publisher:
         self._memory: dict[str, Memory] = {}
         self._plan: Plan | None = None
         self.published = Published()
-        #: Bumped whenever the published keep shares change (the picker feed follows them).
-        self.keep_version = 0
-        self._keep_changed = asyncio.Event()
+        #: Bumped whenever what the picker feed reads from here changes: the keep shares, or
+        #: a replica's judgement it weighs waits by (relative speed, room per rank).
+        self.feed_version = 0
+        self._feed_changed = asyncio.Event()
         cache.set_source(self)
 
     async def run(self) -> None:
@@ -163,11 +164,11 @@ class Publisher:
                                                  views)
         return self._finish(decided, built, started, version)
 
-    async def wait_keep_change(self, seen_version: int) -> int:
-        """Return `keep_version` once it differs from `seen_version`."""
-        while self.keep_version == seen_version:
-            await self._keep_changed.wait()
-        return self.keep_version
+    async def wait_feed_change(self, seen_version: int) -> int:
+        """Return `feed_version` once it differs from `seen_version`."""
+        while self.feed_version == seen_version:
+            await self._feed_changed.wait()
+        return self.feed_version
 
     def publish_now(self) -> bool:
         """`publish` on the calling thread: at startup, before anything is served."""
@@ -219,6 +220,7 @@ class Publisher:
         started: float,
         state_version: int,
     ) -> bool:
+        before = self.published
         if built is None:
             # Explain the readings, but build and diff nothing.
             self.published = dataclasses.replace(
@@ -230,8 +232,16 @@ class Publisher:
                 at=decided.at,
             )
             self._export(decided.inputs, time.time())
-            return False
-        return self._swap(decided, built, started, state_version)
+            changed = False
+        else:
+            changed = self._swap(decided, built, started, state_version)
+        # The judgement too: a room learnt while the weights stand still must reach the feed.
+        if (self.published.keep != before.keep
+                or _judgement(self.published.explain) != _judgement(before.explain)):
+            self.feed_version += 1
+            self._feed_changed.set()
+            self._feed_changed = asyncio.Event()
+        return changed
 
     def _build(
         self, decided: _Decision, views: set[View]
@@ -262,7 +272,6 @@ class Publisher:
         self._plan = plan
         changed = self._cache.set_snapshots(plan.nodes, views)
         membership_changed = decided.pools != self.published.pools
-        keep_changed = decided.keep != self.published.keep
         elapsed = time.perf_counter() - started
         self.published = Published(
             state_version=state_version,
@@ -277,10 +286,6 @@ class Publisher:
             at=decided.at,
         )
         self._export(decided.inputs, time.time())
-        if keep_changed:
-            self.keep_version += 1
-            self._keep_changed.set()
-            self._keep_changed = asyncio.Event()
         if changed:
             self._metrics.snapshots.inc()
             self._metrics.snapshot_version.set(self._cache.version)
@@ -343,3 +348,10 @@ class Publisher:
 
 def _nodes(pools: Iterable[Pool]) -> frozenset[str]:
     return frozenset(n for p in pools for n in p.nodes)
+
+
+def _judgement(explain: Mapping[str, Mapping[str, Explanation]]
+               ) -> dict[tuple[str, str], tuple[float, float | None]]:
+    """What the picker reads of each replica's judgement (admin.picker_state)."""
+    return {(pool, address): (e.relative_speed, e.slots)
+            for pool, replicas in explain.items() for address, e in replicas.items()}

@@ -142,7 +142,7 @@ async def test_a_build_runs_off_the_event_loop(monkeypatch: pytest.MonkeyPatch) 
     assert saw_the_loop_run == [True]
 
 
-def test_the_keep_version_moves_with_the_keep_shares_not_with_every_snapshot() -> None:
+def test_the_feed_version_moves_with_the_keep_shares_not_with_every_snapshot() -> None:
     state, cache = State(), SnapshotCache()
     publisher = Publisher(state=state, cache=cache, metrics=Metrics(), settings=EnvoySettings(),
                           policy=PolicySettings(max_num_seqs=10, smoothing_s=0,
@@ -151,15 +151,34 @@ def test_the_keep_version_moves_with_the_keep_shares_not_with_every_snapshot() -
     state.set_loads({A.address: Load(running=0, waiting=0, read_at=time.time()),
                      B.address: Load(running=0, waiting=0, read_at=time.time())})
     assert publisher.publish_now()
-    assert (publisher.keep_version, publisher.published.keep) == (
+    assert (publisher.feed_version, publisher.published.keep) == (
         1, {"p": {"node-a": 1000, "node-b": 1000}})
     # Other weights, the same keep shares (node-a still has room).
     state.set_loads({A.address: Load(running=5, waiting=0, read_at=time.time())})
     assert publisher.publish_now()
-    assert publisher.keep_version == 1
+    assert publisher.feed_version == 1
     state.set_loads({A.address: Load(running=10, waiting=5, read_at=time.time())})
     assert publisher.publish_now()
-    assert publisher.keep_version == 2 and publisher.published.keep["p"]["node-a"] < 1000
+    assert publisher.feed_version == 2 and publisher.published.keep["p"]["node-a"] < 1000
+
+
+def test_the_feed_version_moves_with_a_judgement_the_picker_reads() -> None:
+    """A replica's room or speed can change while the keep shares do not; the picker feed
+    must still render it (its ETag follows this version and the hub's)."""
+    state, cache = State(), SnapshotCache()
+    publisher = Publisher(state=state, cache=cache, metrics=Metrics(), settings=EnvoySettings())
+    state.set_pools("test", [Pool("p", (A, B))])
+    state.set_loads({A.address: Load(running=1, waiting=0, read_at=time.time()),
+                     B.address: Load(running=1, waiting=0, read_at=time.time())})
+    assert publisher.publish_now()
+    seen, keep = publisher.feed_version, publisher.published.keep
+    # A full reading teaches the room; node-a still keeps everything.
+    state.set_loads({A.address: Load(running=4, waiting=1, read_at=time.time())})
+    publisher.publish_now()  # the weights are damped: Envoy may get no new snapshot
+    judged = publisher.published.judged("p", A.address)
+    assert judged is not None and judged.slots == 4
+    assert publisher.published.keep == keep
+    assert publisher.feed_version == seen + 1
 
 
 @pytest.mark.parametrize("local_first", [True, False])
